@@ -1,0 +1,162 @@
+"""Versatile Language Model: one GPT-2 from Hugging Face transformers, untouched, plus per-task
+residual adapters after every block and task embeddings (30 added special-token rows).
+
+The task is chosen per row: `task_ids` (batch,) holds a task id from utils.tasks or -1 (plain
+GPT-2), so one forward pass serves rows of different tasks. Adapters are attached with forward
+hooks, so the backbone's modules, parameter names and KV cache stay exactly Hugging Face's.
+"""
+import hashlib
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from models.adapters import AdapterStack
+from utils.errors import VLMError
+from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS
+
+VOCAB_SIZE = GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)  # 50,287
+TASK_ROW_SEED = 20200408  # fixed, so every run over one backbone starts from the same new rows
+
+
+def load_backbone(name_or_path, random_init=False, dtype=None):
+    """GPT-2 LM (any size, hub name or local folder) with the 30 special-token rows added."""
+    try:
+        if random_init:
+            gpt2 = GPT2LMHeadModel(GPT2Config.from_pretrained(name_or_path))
+        else:
+            gpt2 = GPT2LMHeadModel.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise VLMError(f"--model_checkpoint {name_or_path}: cannot load a GPT-2 model ({error})") from None
+    add_special_token_rows(gpt2)
+    return gpt2
+
+
+def add_special_token_rows(gpt2):
+    """Grow the (tied) token embedding from 50,257 to 50,287 rows.
+
+    New rows are drawn from N(0, initializer_range) with a fixed seed, as GPT-2's own init does,
+    but independent of the run's seed: every task trained on one backbone starts from the same
+    rows and trains only its own, so task checkpoints combine without conflicts."""
+    rows = gpt2.get_input_embeddings().weight.shape[0]
+    if rows == VOCAB_SIZE:
+        return
+    if rows != GPT2_VOCAB_SIZE:
+        raise VLMError(f"backbone has a vocabulary of {rows} tokens; expected GPT-2's {GPT2_VOCAB_SIZE} "
+                       f"(or {VOCAB_SIZE} with the special tokens)")
+    gpt2.resize_token_embeddings(VOCAB_SIZE, mean_resizing=False)
+    weight = gpt2.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(TASK_ROW_SEED)
+    new_rows = torch.randn(VOCAB_SIZE - GPT2_VOCAB_SIZE, weight.shape[1], generator=generator)
+    with torch.no_grad():
+        weight[GPT2_VOCAB_SIZE:] = (new_rows * gpt2.config.initializer_range).to(weight)
+
+
+def backbone_fingerprint(gpt2):
+    """sha256 over the backbone's weights (names, shapes, bytes), the 50,257 original rows only.
+
+    Adapter checkpoints record it, so they are never loaded onto another backbone."""
+    digest = hashlib.sha256()
+    wte = gpt2.get_input_embeddings().weight
+    for name, tensor in sorted(gpt2.state_dict().items()):
+        if name == "lm_head.weight":  # tied to wte
+            continue
+        if tensor.data_ptr() == wte.data_ptr():
+            tensor = tensor[:GPT2_VOCAB_SIZE]
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class VersatileLM(nn.Module):
+    def __init__(self, gpt2, adapter_bottlenecks=None):
+        super().__init__()
+        self.gpt2 = gpt2
+        self.adapters = nn.ModuleDict()  # task name -> AdapterStack (one adapter per block)
+        self._routing = None             # set for the duration of one forward pass
+        for index, block in enumerate(gpt2.transformer.h):
+            block.register_forward_hook(self._make_adapter_hook(index))
+        for task, bottleneck in (adapter_bottlenecks or {}).items():
+            self.add_adapter(task, bottleneck)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, adapter_bottlenecks=None, random_init=False):
+        return cls(load_backbone(name_or_path, random_init), adapter_bottlenecks)
+
+    @property
+    def config(self):
+        return self.gpt2.config
+
+    @property
+    def device(self):
+        return self.gpt2.device
+
+    def add_adapter(self, task, bottleneck):
+        if task not in TASKS:
+            raise VLMError(f"unknown task {task!r}")
+        if bottleneck <= 0:
+            raise VLMError(f"adapter bottleneck for {task} must be positive, got {bottleneck}")
+        cfg = self.gpt2.config
+        stack = AdapterStack(cfg.n_layer, cfg.n_embd, bottleneck, cfg.layer_norm_epsilon, cfg.initializer_range)
+        self.adapters[task] = stack.to(device=self.gpt2.device, dtype=self.gpt2.dtype)
+
+    def remove_adapter(self, task):
+        del self.adapters[task]
+
+    @property
+    def adapter_bottlenecks(self):
+        return {task: stack.bottleneck for task, stack in self.adapters.items()}
+
+    # --- routing: which rows go through which task's adapters -----------------------------
+    def _route(self, task_ids, batch_size):
+        """[(adapter stack, row indices or None for all rows)] for the tasks present in the batch."""
+        if task_ids is None:
+            return []
+        if isinstance(task_ids, int):
+            task_ids = [task_ids] * batch_size
+        elif torch.is_tensor(task_ids):
+            task_ids = task_ids.tolist()  # one host sync per forward, not one per layer
+        if len(task_ids) != batch_size:
+            raise ValueError(f"task_ids has {len(task_ids)} entries for a batch of {batch_size}")
+        rows_by_task = {}
+        for row, task_id in enumerate(task_ids):
+            if task_id != -1:
+                rows_by_task.setdefault(task_id, []).append(row)
+        routing = []
+        for task_id, rows in rows_by_task.items():
+            name = TASK_BY_ID[task_id].name if task_id in TASK_BY_ID else None
+            if name not in self.adapters:
+                raise VLMError(f"task id {task_id} ({name}) has no adapter in this model "
+                               f"(has: {', '.join(self.adapters) or 'none'})")
+            index = None if len(rows) == batch_size else torch.tensor(rows, device=self.gpt2.device)
+            routing.append((self.adapters[name], index))
+        return routing
+
+    def _make_adapter_hook(self, layer):
+        def hook(module, args, output):
+            if not self._routing:
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, d_model)
+            adapted = hidden
+            for stack, rows in self._routing:
+                if rows is None:  # the whole batch is one task: same arithmetic as a single-task model
+                    adapted = stack[layer](hidden)
+                else:
+                    adapted = adapted.index_copy(0, rows, stack[layer](hidden.index_select(0, rows)))
+            return (adapted,) + tuple(output[1:]) if isinstance(output, tuple) else adapted
+        return hook
+
+    def forward(self, input_ids, token_type_ids=None, task_ids=None, attention_mask=None,
+                position_ids=None, past_key_values=None, use_cache=False, labels=None,
+                logits_to_keep=0):
+        """input_ids, token_type_ids, attention_mask, position_ids, labels: (batch, seq);
+        task_ids: (batch,) task id per row or -1; returns Hugging Face's CausalLMOutputWithPast."""
+        self._routing = self._route(task_ids, input_ids.shape[0])
+        try:
+            return self.gpt2(input_ids=input_ids, token_type_ids=token_type_ids,
+                             attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=use_cache, labels=labels,
+                             logits_to_keep=logits_to_keep)
+        finally:
+            self._routing = None

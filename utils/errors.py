@@ -1,0 +1,21 @@
+"""One error type for everything a user can get wrong: scripts print its message on one line and exit 2."""
+import functools
+import sys
+
+
+class VLMError(Exception):
+    """A problem with user input (a file, a record, a flag); the message names it."""
+
+
+def exit_on_user_error(main):
+    """Decorate a script's main(): a VLMError becomes `error: <message>` on stderr and exit code 2, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except VLMError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
