@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from models.adapters import AdapterStack
+from models.adapters import AdapterStack, count_parameters, freeze_all, mask_embedding_rows
 from utils.errors import VLMError
-from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS
+from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS, task_token_ids
 
 VOCAB_SIZE = GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)  # 50,287
 TASK_ROW_SEED = 20200408  # fixed, so every run over one backbone starts from the same new rows
@@ -160,3 +160,44 @@ class VersatileLM(nn.Module):
                              logits_to_keep=logits_to_keep)
         finally:
             self._routing = None
+
+    # --- what trains -----------------------------------------------------------------------
+    def mark_trainable(self, mode, task=None):
+        """Set requires_grad for a training mode and return the trainable parameters.
+
+        full: everything. adapter: the task's adapters + its own special-token rows.
+        emb_only: only those rows. outputlayer_only: the whole (tied) embedding/output table.
+        Row restriction is a gradient mask on the tied table; with AdamW and no weight decay
+        the other rows, like the frozen backbone, stay bit-identical."""
+        for handle in getattr(self, "_row_mask_handles", []):
+            handle.remove()
+        self._row_mask_handles = []
+        wte = self.gpt2.get_input_embeddings().weight
+        if mode == "full":
+            for p in self.parameters():
+                p.requires_grad_(True)
+            return [p for p in self.parameters()]
+        freeze_all(self)
+        if mode in ("adapter", "emb_only"):
+            wte.requires_grad_(True)
+            self._row_mask_handles.append(mask_embedding_rows(wte, task_token_ids(TASKS[task])))
+            if mode == "adapter":
+                if task not in self.adapters:
+                    raise VLMError(f"no adapter for task {task}")
+                for p in self.adapters[task].parameters():
+                    p.requires_grad_(True)
+        elif mode == "outputlayer_only":
+            wte.requires_grad_(True)
+        else:
+            raise ValueError(f"unknown training mode {mode!r}")
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def count_trainable(self, mode, task=None):
+        """Parameters that actually change in this mode (masked rows not counted)."""
+        if mode == "full":
+            return count_parameters(self.parameters())
+        rows = len(TASKS[task].special_tokens) * self.gpt2.config.n_embd
+        if mode == "outputlayer_only":
+            return self.gpt2.get_input_embeddings().weight.numel()
+        adapters = count_parameters(self.adapters[task].parameters()) if mode == "adapter" else 0
+        return adapters + rows
