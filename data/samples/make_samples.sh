@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Regenerate data/samples/*.json from the raw public releases; see README.md for the slices.
+# Usage: data/samples/make_samples.sh --shared PATH   (PATH holds e2e/, multi30k/, convai2/, coqa/, cnndm/)
+set -euo pipefail
+
+if [ "$#" -ne 2 ] || [ "$1" != "--shared" ]; then
+    echo "usage: $0 --shared PATH" >&2
+    exit 2
+fi
+shared=$2
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/../.."  # repo root, where data/prepare.py runs
+prepare() { "${PYTHON:-python}" data/prepare.py "$@"; }
+
+m=$shared/multi30k
+prepare mt \
+    --train "$m/train.en.gz" "$m/train.de.gz" --slice train 0:300 \
+    --valid "$m/val.en.gz" "$m/val.de.gz" --slice valid 0:60 \
+    --test "$m/test_2016_flickr.en.gz" "$m/test_2016_flickr.de.gz" --slice test 0:60 \
+    --output data/samples/mt.json
+
+# nlg slices count MRs (all references of one MR); no two of trainset.csv's first 300 rows
+# share an MR, so 0:300 is exactly its first 300 rows.
+prepare nlg \
+    --train "$shared/e2e/trainset.csv" --slice train 0:300 \
+    --valid "$shared/e2e/devset.csv" --slice valid 0:20 \
+    --test "$shared/e2e/devset.csv" --slice test 20:40 \
+    --output data/samples/nlg.json
+
+c=$shared/convai2/valid_self_original_no_cands.txt
+prepare dialogue --train "$c" --slice train 0:20 --valid "$c" --slice valid 20:25 \
+    --output data/samples/dialogue.json
+
+q=$shared/coqa/coqa-dev-v1.0.json
+prepare qa --train "$q" --slice train 0:10 --valid "$q" --slice valid 10:13 \
+    --output data/samples/qa.json
+
+s=$shared/cnndm/test_sample.jsonl
+prepare summarization --train "$s" --slice train 0:40 --valid "$s" --slice valid 40:50 \
+    --test "$s" --slice test 50:60 --output data/samples/summarization.json

@@ -1,0 +1,174 @@
+"""Decoding: batched, with a key/value cache, left padding, attention mask and position ids.
+
+It yields exactly the tokens of the authors' method (batch of one, the whole sequence re-run for
+every new token, no cache), which `generate_uncached` keeps as the reference and the baseline.
+Rows may belong to different tasks; each stops at its own task's special tokens.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from utils.data import PAD_ID
+
+
+@dataclass
+class Prompt:
+    input_ids: list            # prompt tokens, ending with the reply's segment token
+    token_type_ids: list       # same length; the last one is the reply segment
+    task_id: int = -1          # adapter to use (-1: plain GPT-2)
+    stop_ids: tuple = ()       # generation stops at any of these (the task's special tokens)
+    banned_ids: tuple = ()     # never generated (other tasks' tokens in a combined model)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def reply_type(self):
+        return self.token_type_ids[-1]
+
+
+@dataclass
+class DecodingOptions:
+    max_length: int = 150
+    min_length: int = 1
+    no_sample: bool = False
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.9
+    seed: int = 42
+
+
+def filter_logits(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):
+    """Top-k and nucleus filtering, as the authors' top_filtering, for a (batch, vocab) tensor."""
+    if top_k > 0:
+        top_k = min(top_k, logits.size(-1))
+        kth = torch.topk(logits, top_k, dim=-1)[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, filter_value)
+    if top_p > 0.0:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the first token above the threshold
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, sorted_indices, remove), filter_value)
+    return logits
+
+
+class _Chooser:
+    """Picks the next token of each row; sampling uses one generator per prompt, so a prompt's
+    sample does not depend on which batch it shares."""
+
+    def __init__(self, prompts, options, device, vocab_size):
+        self.options = options
+        self.stop_mask = self._mask([p.stop_ids for p in prompts], device, vocab_size)
+        self.ban_mask = self._mask([p.banned_ids for p in prompts], device, vocab_size)
+        self.generators = None
+        if not options.no_sample:
+            self.generators = [torch.Generator(device=device).manual_seed(options.seed + p.meta.get("index", i))
+                               for i, p in enumerate(prompts)]
+
+    @staticmethod
+    def _mask(id_lists, device, vocab_size):
+        if not any(id_lists):
+            return None
+        mask = torch.zeros(len(id_lists), vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(id_lists):
+            mask[row, list(ids)] = True
+        return mask
+
+    def __call__(self, logits, rows, step):
+        """logits: (n, vocab) for the prompts `rows` (indices into the prompt list); -> (n,) ids."""
+        logits = logits.float()
+        if self.ban_mask is not None:
+            logits = logits.masked_fill(self.ban_mask[rows], -float("inf"))
+        if step < self.options.min_length and self.stop_mask is not None:
+            logits = logits.masked_fill(self.stop_mask[rows], -float("inf"))
+        if self.options.no_sample:
+            return logits.argmax(dim=-1)
+        logits = filter_logits(logits / self.options.temperature, self.options.top_k, self.options.top_p)
+        probs = F.softmax(logits, dim=-1)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[row])
+                          for i, row in enumerate(rows.tolist())])
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts, options):
+    """Decode a batch of prompts together; returns one list of generated ids per prompt."""
+    device = model.device
+    batch, width = len(prompts), max(len(p.input_ids) for p in prompts)
+    # Left padding: every prompt ends at the same column, so new tokens line up.
+    input_ids = torch.full((batch, width), PAD_ID, dtype=torch.long)
+    token_types = torch.full((batch, width), PAD_ID, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        n = len(p.input_ids)
+        input_ids[row, width - n:] = torch.tensor(p.input_ids)
+        token_types[row, width - n:] = torch.tensor(p.token_type_ids)
+        attention[row, width - n:] = 1
+    input_ids, token_types, attention = input_ids.to(device), token_types.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)                         # (batch, width)
+    task_ids = torch.tensor([p.task_id for p in prompts], device=device)
+    reply_types = torch.tensor([p.reply_type for p in prompts], device=device)
+    chooser = _Chooser(prompts, options, device, model.config.vocab_size)
+    stop_sets = [set(p.stop_ids) for p in prompts]
+
+    outputs = [[] for _ in prompts]
+    rows = torch.arange(batch, device=device)  # prompts still decoding, in cache order
+    past = None
+    for step in range(options.max_length):
+        out = model(input_ids, token_type_ids=token_types, task_ids=task_ids, attention_mask=attention,
+                    position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        next_ids = chooser(out.logits[:, -1, :], rows, step)
+        keep = []
+        for i, (row, token) in enumerate(zip(rows.tolist(), next_ids.tolist())):
+            if token in stop_sets[row]:
+                continue
+            outputs[row].append(token)
+            if len(outputs[row]) < options.max_length:
+                keep.append(i)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+            index = torch.tensor(keep, device=device)
+            past.batch_select_indices(index)
+            rows, next_ids, attention = rows[index], next_ids[index], attention[index]
+            positions, task_ids, reply_types = positions[index], task_ids[index], reply_types[index]
+        input_ids = next_ids[:, None]                                            # (n, 1)
+        token_types = reply_types[:, None]
+        positions = positions[:, -1:] + 1
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=-1)
+    return outputs
+
+
+def generate(model, prompts, options, batch_size=32, progress=True, desc="decoding"):
+    """Decode all prompts in batches of similar length; results in the prompts' order."""
+    for index, p in enumerate(prompts):
+        p.meta.setdefault("index", index)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].input_ids))
+    results = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="ex") as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, ids in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], options)):
+                results[i] = ids
+            bar.update(len(chunk))
+    return results
+
+
+@torch.inference_mode()
+def generate_uncached(model, prompt, options):
+    """The authors' decoding: batch of one, no cache, the whole sequence re-run for every token."""
+    device = model.device
+    chooser = _Chooser([prompt], options, device, model.config.vocab_size)
+    row = torch.tensor([0], device=device)
+    output = []
+    for step in range(options.max_length):
+        ids = torch.tensor([prompt.input_ids + output], device=device)
+        types = torch.tensor([prompt.token_type_ids + [prompt.reply_type] * len(output)], device=device)
+        logits = model(ids, token_type_ids=types, task_ids=torch.tensor([prompt.task_id], device=device)).logits
+        token = chooser(logits[:, -1, :], row, step).item()
+        if token in prompt.stop_ids:
+            break
+        output.append(token)
+    return output
