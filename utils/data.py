@@ -25,10 +25,12 @@ IGNORE_INDEX = -100
 # --- tokenizer -------------------------------------------------------------------------------
 def load_tokenizer(name_or_path=REPO_TOKENIZER):
     """GPT-2's tokenizer with the 30 special tokens at their stable ids 50257-50286."""
+    has_files = not os.path.isdir(name_or_path) or any(
+        os.path.isfile(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "vocab.json"))
     try:
-        tokenizer = GPT2TokenizerFast.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        logger.info("no tokenizer files in %s; using the GPT-2 tokenizer shipped in %s", name_or_path, REPO_TOKENIZER)
+        tokenizer = GPT2TokenizerFast.from_pretrained(name_or_path if has_files else REPO_TOKENIZER)
+    except (OSError, ValueError):  # a hub name while offline: GPT-2's tokenizer ships with us
+        logger.info("no tokenizer for %s; using the GPT-2 tokenizer shipped in %s", name_or_path, REPO_TOKENIZER)
         tokenizer = GPT2TokenizerFast.from_pretrained(REPO_TOKENIZER)
     missing = [t for t in ALL_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:

@@ -1,0 +1,130 @@
+"""Evaluate a single-task checkpoint: decode a dataset split, print and write the task's metrics.
+
+    python evaluate.py --task mt --no_sample --model_checkpoint runs/<checkpoint>
+    python evaluate.py --task nlg --no_sample --model_checkpoint runs/<checkpoint> --input "name[The Vaults], eatType[pub]"
+    echo '{"src": "a man is sleeping ."}' | python evaluate.py --task mt --no_sample --model_checkpoint runs/<ckpt> --input -
+"""
+import json
+import logging
+import random
+import sys
+from argparse import ArgumentParser
+
+import torch
+
+from models.checkpoint import load_checkpoint
+from utils.errors import VLMError, exit_on_user_error
+from utils.evaluation import decode_text, evaluate_task, format_metrics, user_prompt
+from utils.generate import DecodingOptions, generate
+from utils.tasks import get_task
+
+
+def decoding_arguments(parser):
+    """Flags shared by evaluate.py and evaluate_vlm.py (the authors' names and defaults)."""
+    parser.add_argument("--model_checkpoint", type=str, default="", help="checkpoint folder (or a GPT-2 name/folder)")
+    parser.add_argument("--model", type=str, default="gpt2", help="model type; only gpt2 (kept for compatibility)")
+    parser.add_argument("--dataset_path", type=str, default="", help="dataset JSON (default: the task's path)")
+    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache", help="prefix of the tokenization cache")
+    parser.add_argument("--max_history", type=int, default=None, help="previous turns kept (default: the task's)")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_sample", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--max_length", type=int, default=150, help="maximum length of an output")
+    parser.add_argument("--min_length", type=int, default=1, help="minimum length of an output")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling softmax temperature")
+    parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (<=0: off)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus filtering (<=0.0: off)")
+    parser.add_argument("--batch_size", type=int, default=32, help="prompts decoded together")
+    parser.add_argument("--output_dir", type=str, default=None, help="where outputs and metrics go")
+    parser.add_argument("--raw_text", action="store_true",
+                        help="keep decoded text as is (default: the space clean-up of the authors' tokenizer)")
+    parser.add_argument("--input", type=str, default=None,
+                        help="decode your own input instead of a dataset: text, or - for JSON lines on stdin")
+    return parser
+
+
+def check_decoding_arguments(args):
+    if args.model != "gpt2":
+        raise VLMError(f"--model {args.model}: only gpt2 is supported")
+    if not args.model_checkpoint:
+        raise VLMError("--model_checkpoint is required (a checkpoint folder written by train.py)")
+    for flag in ("max_length", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise VLMError(f"--{flag} must be at least 1")
+    if args.min_length < 0 or args.min_length > args.max_length:
+        raise VLMError("--min_length must be between 0 and --max_length")
+    if not args.no_sample and args.temperature <= 0:
+        raise VLMError("--temperature must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise VLMError(f"--device {args.device}: CUDA is not available on this machine")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return DecodingOptions(max_length=args.max_length, min_length=args.min_length, no_sample=args.no_sample,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def read_user_items(text):
+    """Items from --input: the text itself, or JSON lines (or plain lines) from stdin."""
+    if text != "-":
+        return [(text, "--input")]
+    items = []
+    for number, line in enumerate(sys.stdin, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            item = json.loads(line) if line[0] in "{[\"" else line
+        except json.JSONDecodeError as error:
+            raise VLMError(f"stdin line {number}: invalid JSON ({error.msg})") from None
+        items.append((item, f"stdin line {number}"))
+    if not items:
+        raise VLMError("--input -: no input lines on stdin")
+    return items
+
+
+def decode_user_input(model, tokenizer, task, args, options, task_id, banned_ids=()):
+    max_history = task.max_history if args.max_history is None else args.max_history
+    items = read_user_items(args.input)
+    prompts = [user_prompt(task, item, tokenizer, max_history, task_id, where) for item, where in items]
+    for prompt in prompts:
+        prompt.banned_ids = tuple(banned_ids)
+    outputs = generate(model, prompts, options, batch_size=args.batch_size, progress=False)
+    for (item, _), ids in zip(items, outputs):
+        text = decode_text(tokenizer, ids, cleanup=not args.raw_text)
+        print(json.dumps({"input": item, "output": text}, ensure_ascii=False) if args.input == "-" else text)
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = decoding_arguments(ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--task", type=str, default="dialogue", help="mt, summarization, dialogue, qa or nlg")
+    parser.add_argument("--adapter_bottleneck", type=int, default=0,
+                        help="accepted for compatibility; the bottleneck is read from the checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    task = get_task(args.task)
+    options = check_decoding_arguments(args)
+
+    model, tokenizer, config = load_checkpoint(args.model_checkpoint, args.device)
+    tasks = config.get("tasks", {})
+    if config["mode"] == "adapter" and task.name not in tasks:
+        raise VLMError(f"{args.model_checkpoint}: checkpoint holds {', '.join(tasks)}, not {task.name}")
+    stored = tasks.get(task.name, {}).get("bottleneck", 0)
+    if args.adapter_bottleneck and args.adapter_bottleneck != stored:
+        print(f"note: --adapter_bottleneck {args.adapter_bottleneck} ignored; the checkpoint's is {stored}",
+              file=sys.stderr)
+    task_id = task.task_id if task.name in model.adapters else -1
+
+    if args.input is not None:
+        decode_user_input(model, tokenizer, task, args, options, task_id)
+        return
+    output_dir = args.output_dir or ("results/adapter_result" if config["mode"] == "adapter" else "results/GPT2_result")
+    result = evaluate_task(model, tokenizer, task, args.dataset_path or task.default_dataset, options, task_id,
+                           max_history=args.max_history, batch_size=args.batch_size, output_dir=output_dir,
+                           dataset_cache=args.dataset_cache, cleanup=not args.raw_text)
+    print(format_metrics(result))
+    print(f"outputs, references and {task.name}_metrics.json written to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

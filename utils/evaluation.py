@@ -1,0 +1,198 @@
+"""Evaluation shared by evaluate.py and evaluate_vlm.py: prompts from a dataset split, decoding,
+the output and reference files the authors wrote, and each task's metrics."""
+import math
+import os
+import re
+
+import torch
+
+from utils import metrics
+from utils.data import build_inputs, collate, iter_contexts, load_task_data, training_examples
+from utils.generate import Prompt, generate
+from utils.io import write_json, write_lines
+from utils.errors import VLMError
+from utils.tasks import task_token_ids
+
+
+def clean_up_tokenization(text):
+    """The space clean-up pytorch-transformers 1.2 applied in decode(), which the authors' scores
+    include (transformers 5 no longer does it for GPT-2)."""
+    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                     (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(old, new)
+    return text
+
+
+def decode_text(tokenizer, ids, cleanup=True):
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return clean_up_tokenization(text) if cleanup else text
+
+
+def mr_key(slots):
+    """A meaning representation as text, in the E2E style: `name[The Vaults], eatType[pub]`."""
+    return ", ".join(f"{slot}[{value}]" for slot, value in slots)
+
+
+def make_prompt(task, context, task_id, banned_ids=(), meta=None):
+    example = build_inputs(task, context, [], with_eos=False)
+    return Prompt(example["input_ids"], example["token_type_ids"], task_id, tuple(task_token_ids(task)),
+                  tuple(banned_ids), dict(meta or {}))
+
+
+def dataset_prompts(task, records, max_history, tokenizer, task_id, banned_ids=()):
+    """One prompt per example of an evaluation split (per unique MR for nlg), with its reference.
+
+    As the authors' evaluate.py: sources cut, targets whole, persona not rotated."""
+    prompts, by_mr = [], {}
+    for context, target, record, utterance in iter_contexts(task, records, max_history,
+                                                            rotate_persona=False, for_training=False):
+        reference = decode_text(tokenizer, target)
+        if task.layout == "nlg":
+            key = mr_key((slot, tokenizer.decode(value)) for slot, value in context)
+            if key in by_mr:  # E2E: all references of one MR belong to one output
+                by_mr[key].meta["references"].append(reference)
+                continue
+            prompt = make_prompt(task, context, task_id, banned_ids, {"mr": key, "references": [reference]})
+            by_mr[key] = prompt
+        else:
+            meta = {"reference": reference}
+            if task.name == "qa":
+                meta.update(id=record["id"], turn_id=utterance.get("turn_id"))
+            elif task.name == "dialogue":
+                meta["persona"] = [decode_text(tokenizer, p) for p in context[0]]
+            prompt = make_prompt(task, context, task_id, banned_ids, meta)
+        prompts.append(prompt)
+    return prompts
+
+
+@torch.inference_mode()
+def teacher_forced_nll(model, task, records, max_history, task_id, batch_size, max_positions):
+    """Token-level mean NLL of the gold replies (for dialogue perplexity)."""
+    examples = training_examples(task, records, max_history, max_positions=max_positions, where=task.name)
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start:start + batch_size]], task_id)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                       task_ids=batch["task_ids"] if task_id >= 0 else None).logits
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += (labels != -100).sum().item()
+    return total / max(count, 1)
+
+
+def score_and_write(task, prompts, outputs, output_dir, extra=None):
+    """Metrics for one task, printed by the caller; files as the authors wrote them, plus
+    `<task>_metrics.json`. outputs: decoded strings, one per prompt."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = lambda name: os.path.join(output_dir, f"{task.name}_{name}")  # noqa: E731
+    result = {"task": task.name, "examples": len(prompts)}
+    if task.name == "qa":
+        predictions = [{"id": p.meta["id"], "turn_id": p.meta["turn_id"], "answer": out}
+                       for p, out in zip(prompts, outputs)]
+        gold = {(p.meta["id"], p.meta["turn_id"]): [p.meta["reference"]] for p in prompts}
+        write_json(path("output.txt"), predictions, indent=None)  # the authors' file name
+        write_json(path("predictions.json"), predictions)
+        result.update(metrics.coqa_scores(predictions, gold))
+    elif task.name == "nlg":
+        references = [p.meta["references"] for p in prompts]
+        write_lines(path("output.txt"), outputs)
+        # The official E2E scorer's multi-reference format: one block per MR, blank line between.
+        write_lines(path("ref.txt"), [line for refs in references for line in refs + [""]][:-1])
+        write_lines(path("mr.txt"), [p.meta["mr"] for p in prompts])
+        result.update(metrics.e2e_scores(outputs, references))
+    else:
+        references = [p.meta["reference"] for p in prompts]
+        write_lines(path("output.txt"), outputs)
+        write_lines(path("ref.txt"), references)
+        result["bleu"] = metrics.moses_bleu(outputs, references)
+        if task.name == "mt":
+            result["sacrebleu"] = metrics.sacre_bleu(outputs, references)
+        if task.name in ("mt", "summarization"):
+            result.update(metrics.rouge_scores(outputs, references))
+        if task.name == "dialogue":
+            write_lines(path("persona.txt"), ["\t".join(p.meta["persona"]) for p in prompts])
+            result["f1"] = metrics.unigram_f1(outputs, references)
+    result.update(extra or {})
+    write_json(path("metrics.json"), result)
+    return result
+
+
+def evaluate_task(model, tokenizer, task, dataset_path, options, task_id, max_history=None,
+                  batch_size=32, output_dir="results", dataset_cache=None, banned_ids=(), cleanup=True,
+                  progress=True):
+    """Decode a task's evaluation split, score it and write the files; returns the metrics."""
+    max_history = task.max_history if max_history is None else max_history
+    data = load_task_data(task, dataset_path, tokenizer, [task.test_split], dataset_cache)
+    records = data[task.test_split]
+    prompts = dataset_prompts(task, records, max_history, tokenizer, task_id, banned_ids)
+    generated = generate(model, prompts, options, batch_size=batch_size, progress=progress, desc=task.name)
+    outputs = [decode_text(tokenizer, ids, cleanup) for ids in generated]
+    extra = {}
+    if task.name == "dialogue":
+        nll = teacher_forced_nll(model, task, records, max_history, task_id, batch_size,
+                                 model.config.n_positions)
+        extra = {"nll": nll, "ppl": math.exp(nll)}
+    return score_and_write(task, prompts, outputs, output_dir, extra)
+
+
+def format_metrics(result):
+    return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+
+
+
+MR_SLOT = re.compile(r"\s*([^\[\],]+?)\s*\[([^\]]*)\]\s*")
+MR_TEXT = re.compile(rf"{MR_SLOT.pattern}(?:,{MR_SLOT.pattern})*")
+
+
+def parse_mr(text, task, where):
+    """`name[The Vaults], eatType[pub]` -> [(slot, value)] in order."""
+    if not MR_TEXT.fullmatch(text):
+        raise VLMError(f"{where}: cannot read a meaning representation like 'name[X], eatType[pub]'")
+    slots = [(m.group(1), m.group(2)) for m in MR_SLOT.finditer(text)]
+    for slot, _ in slots:
+        if slot not in task.slot_tokens:
+            raise VLMError(f"{where}: unknown NLG slot {slot!r} (known: {', '.join(task.slot_tokens)})")
+    return slots
+
+
+def user_prompt(task, item, tokenizer, max_history, task_id, where):
+    """A prompt from a user's own input: a string, or a JSON object with the task's fields
+    (mt/summarization {"src"}; nlg {"src": {slot: value}} or an MR string; dialogue
+    {"personality": [...], "history": [...]}; qa {"document", "history"})."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if isinstance(item, str):
+        item = ({"src": item} if task.layout in ("seq2seq", "nlg") else
+                {"history": [item]} if task.name == "dialogue" else None)
+        if item is None:
+            raise VLMError(f"{where}: qa needs a JSON object with 'document' and 'history'")
+    if not isinstance(item, dict):
+        raise VLMError(f"{where}: expected a string or a JSON object")
+
+    def field(key, kind):
+        value = item.get(key)
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+            raise VLMError(f"{where}: {key!r} must be a {'list of strings' if kind is list else kind.__name__}")
+        return value
+
+    if task.layout == "seq2seq":
+        source = encode(field("src", str))
+        context = source[:task.max_source_tokens] if task.max_source_tokens else source
+    elif task.layout == "nlg":
+        src = item.get("src")
+        slots = parse_mr(src, task, where) if isinstance(src, str) else list(field("src", dict).items())
+        for slot, value in slots:
+            if slot not in task.slot_tokens or not isinstance(value, str):
+                raise VLMError(f"{where}: bad NLG slot {slot!r}")
+        context = [(slot, encode(value)) for slot, value in slots]
+    else:
+        history = [encode(t) for t in field("history", list)][-(2 * max_history + 1):]
+        if task.name == "qa":
+            persona = [encode(field("document", str))[:task.max_source_tokens]]
+        else:
+            persona = [encode(p) for p in item.get("personality", [])] if "personality" in item else []
+        context = (persona, history)
+    return make_prompt(task, context, task_id)

@@ -1,0 +1,549 @@
+"""Evaluation metrics, each a pure-Python re-implementation of the scorer the paper's numbers came from.
+
+Official scorers reproduced here (their quirks are kept on purpose, so numbers stay comparable):
+
+- `moses_bleu`: Moses `multi-bleu.perl` (single reference).
+- `sacre_bleu`: sacrebleu's corpus BLEU (13a tokenization).
+- `rouge_scores`: the authors' copy of tf_seq2seq `seq2seq/metrics/rouge.py` (n-gram SETS, sentence ROUGE-L).
+- `unigram_f1`: ParlAI's unigram F1.
+- `coqa_scores`: the official CoQA `evaluate-v1.0.py`.
+- `e2e_scores`: the official E2E scorer (tuetschek/e2e-metrics `measure_scores.py`):
+  BLEU/NIST as its `pymteval.py`, ROUGE-L and CIDEr as its bundled pycocoevalcap.
+  METEOR and the Stanford PTB tokenization used for METEOR/ROUGE-L/CIDEr are approximations (no Java here).
+"""
+import math
+import re
+import string
+from collections import Counter
+
+import sacrebleu
+from nltk.stem.porter import PorterStemmer
+from nltk.tokenize import TreebankWordTokenizer
+
+from utils.errors import VLMError
+
+
+def _check_same_length(first, second, names=("hypotheses", "references")):
+    """Raise VLMError unless the two lists pair up one to one."""
+    if len(first) != len(second):
+        raise VLMError(f"{len(first)} {names[0]} but {len(second)} {names[1]}")
+
+
+def _ngram_counts(tokens, n):
+    """Counter of the n-grams (as tuples) in a token list."""
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists."""
+    previous = [0] * (len(b) + 1)
+    for token_a in a:
+        current = [0]
+        for j, token_b in enumerate(b, start=1):
+            if token_a == token_b:
+                current.append(previous[j - 1] + 1)
+            else:
+                current.append(max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def _mean(values):
+    """Arithmetic mean; 0.0 for an empty list (the scorers would crash or return nan)."""
+    return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------- Moses multi-bleu.perl
+
+# Perl's `split` on a byte string splits on ASCII whitespace only (\v included since perl 5.18);
+# Python's str.split() would also split on e.g. U+00A0, changing token counts.
+_PERL_WHITESPACE = re.compile(r"[ \t\n\v\f\r]+")
+_ASCII_UPPER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _moses_tokens(text, lowercase):
+    """Tokens as multi-bleu.perl sees them; its `lc` on bytes only lowercases A-Z."""
+    if lowercase:
+        text = text.translate(_ASCII_UPPER)
+    return [token for token in _PERL_WHITESPACE.split(text) if token]
+
+
+def moses_bleu(hypotheses, references, lowercase=False):
+    """Corpus BLEU*100 exactly as Moses multi-bleu.perl computes it (one reference per hypothesis).
+
+    Unrounded; `round(score, 2)` is what the script prints. 0.0 when some n-gram precision is zero,
+    when the hypotheses are empty (where the perl script would die), or when the lists are empty.
+    """
+    _check_same_length(hypotheses, references)
+    correct = [0] * 4
+    total = [0] * 4
+    hyp_length = ref_length = 0
+    for hypothesis, reference in zip(hypotheses, references):
+        hyp_tokens = _moses_tokens(hypothesis, lowercase)
+        ref_tokens = _moses_tokens(reference, lowercase)
+        hyp_length += len(hyp_tokens)
+        ref_length += len(ref_tokens)
+        for n in range(1, 5):
+            ref_counts = _ngram_counts(ref_tokens, n)
+            for ngram, count in _ngram_counts(hyp_tokens, n).items():
+                total[n - 1] += count
+                correct[n - 1] += min(count, ref_counts[ngram])
+    if hyp_length == 0 or ref_length == 0:
+        return 0.0
+    precisions = [c / t if t else 0 for c, t in zip(correct, total)]
+    if 0 in precisions:
+        # the script's my_log(0) is -9999999999, so exp() underflows to exactly 0
+        return 0.0
+    brevity_penalty = 1
+    if hyp_length < ref_length:
+        brevity_penalty = math.exp(1 - ref_length / hyp_length)
+    # same operation order as the perl script, so the float is bit-identical
+    log_sum = math.log(precisions[0]) + math.log(precisions[1]) + math.log(precisions[2]) + math.log(precisions[3])
+    bleu = brevity_penalty * math.exp(log_sum / 4)
+    return 100 * bleu
+
+
+def sacre_bleu(hypotheses, references):
+    """sacrebleu corpus BLEU (0..100), default settings: 13a tokenization, exp smoothing, one reference."""
+    _check_same_length(hypotheses, references)
+    if not hypotheses:
+        return 0.0
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+
+
+# ---------------------------------------------------------------- ROUGE (tf_seq2seq rouge.py)
+
+def _rouge_n_f(hyp_tokens, ref_tokens, n):
+    """F score over the SETS of n-grams, as tf_seq2seq computes it."""
+    hyp_ngrams = set(_ngram_counts(hyp_tokens, n))
+    ref_ngrams = set(_ngram_counts(ref_tokens, n))
+    overlap = len(hyp_ngrams & ref_ngrams)
+    precision = overlap / len(hyp_ngrams) if hyp_ngrams else 0.0
+    recall = overlap / len(ref_ngrams) if ref_ngrams else 0.0
+    return 2.0 * ((precision * recall) / (precision + recall + 1e-8))
+
+
+def _rouge_l_f(hyp_tokens, ref_tokens):
+    """Sentence-level ROUGE-L F with tf_seq2seq's beta = P/R and its 1e-12 guards."""
+    lcs = _lcs_length(hyp_tokens, ref_tokens)
+    recall = lcs / len(ref_tokens)
+    precision = lcs / len(hyp_tokens)
+    beta = precision / (recall + 1e-12)
+    numerator = (1 + beta ** 2) * recall * precision
+    denominator = recall + (beta ** 2) * precision
+    return numerator / (denominator + 1e-12)
+
+
+def rouge_scores(hypotheses, references):
+    """Mean per-example ROUGE-1/2/L F scores as FRACTIONS (0..1), plus `rouge_mean` of the three.
+
+    Tokens are `text.split(" ")`, exactly as the authors' tf_seq2seq copy does (so "" is one empty token).
+    """
+    _check_same_length(hypotheses, references)
+    pairs = [(hypothesis.split(" "), reference.split(" ")) for hypothesis, reference in zip(hypotheses, references)]
+    scores = {
+        "rouge1": _mean([_rouge_n_f(h, r, 1) for h, r in pairs]),
+        "rouge2": _mean([_rouge_n_f(h, r, 2) for h, r in pairs]),
+        "rougeL": _mean([_rouge_l_f(h, r) for h, r in pairs]),
+    }
+    scores["rouge_mean"] = (scores["rouge1"] + scores["rouge2"] + scores["rougeL"]) / 3
+    return scores
+
+
+# ---------------------------------------------------------------- ParlAI unigram F1
+
+_PARLAI_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PARLAI_PUNCTUATION = re.compile(r"[!\"#$%&()*+,\-./:;<=>?@\[\]\\^`{|}~_']")
+
+
+def _parlai_normalize(text):
+    """ParlAI's normalize_answer: punctuation becomes a space (unlike SQuAD/CoQA, which delete it)."""
+    text = _PARLAI_PUNCTUATION.sub(" ", text.lower())
+    text = _PARLAI_ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _token_f1(pred_tokens, gold_tokens):
+    """Bag-of-tokens F1; 0 when nothing overlaps."""
+    common = Counter(gold_tokens) & Counter(pred_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_tokens)
+    recall = num_same / len(gold_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def unigram_f1(hypotheses, references):
+    """Mean per-example ParlAI unigram F1, as a fraction (0..1)."""
+    _check_same_length(hypotheses, references)
+    return _mean([
+        _token_f1(_parlai_normalize(h).split(), _parlai_normalize(r).split())
+        for h, r in zip(hypotheses, references)
+    ])
+
+
+# ---------------------------------------------------------------- CoQA (official evaluate-v1.0.py)
+
+_COQA_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = set(string.punctuation)
+
+
+def coqa_normalize_answer(text):
+    """Lowercase, delete punctuation, replace articles by spaces, collapse whitespace (official order)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = _COQA_ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _coqa_tokens(text):
+    return coqa_normalize_answer(text).split() if text else []
+
+
+def coqa_exact(gold, prediction):
+    """1 if the normalized strings are equal, else 0."""
+    return int(coqa_normalize_answer(gold) == coqa_normalize_answer(prediction))
+
+
+def coqa_f1(gold, prediction):
+    """Official CoQA token F1; when either side normalizes to nothing, 1 only if both do."""
+    gold_tokens = _coqa_tokens(gold)
+    pred_tokens = _coqa_tokens(prediction)
+    if not gold_tokens or not pred_tokens:
+        return int(gold_tokens == pred_tokens)
+    return _token_f1(pred_tokens, gold_tokens)
+
+
+def _coqa_turn_scores(golds, prediction):
+    """(em, f1) of one turn: leave-one-out max over golds when there are several, as the official script."""
+    if len(golds) > 1:
+        others = [golds[:i] + golds[i + 1:] for i in range(len(golds))]
+    else:
+        others = [golds]
+    em = sum(max(coqa_exact(g, prediction) for g in rest) for rest in others)
+    f1 = sum(max(coqa_f1(g, prediction) for g in rest) for rest in others)
+    return em / len(golds), f1 / len(golds)
+
+
+def coqa_scores(predictions, gold):
+    """Official CoQA overall F1/EM as percentages, averaged over ALL gold turns.
+
+    `gold`: {(story_id, turn_id): [answer, ...]}; `predictions`: [{"id", "turn_id", "answer"}].
+    A turn without a prediction scores 0, which is what the official script's overall number does
+    (it warns and counts the turn). Keys are matched as given: use the same turn_id type on both sides.
+    """
+    predicted = {}
+    for prediction in predictions:
+        try:
+            predicted[(prediction["id"], prediction["turn_id"])] = prediction["answer"]
+        except (KeyError, TypeError) as error:
+            raise VLMError(f"CoQA prediction {prediction!r} lacks id/turn_id/answer") from error
+    em_total = f1_total = 0.0
+    for key, golds in gold.items():
+        if not golds:
+            raise VLMError(f"CoQA turn {key!r} has no gold answers")
+        if key in predicted:
+            em, f1 = _coqa_turn_scores(list(golds), predicted[key])
+            em_total += em
+            f1_total += f1
+    turns = len(gold)
+    return {
+        "f1": 100.0 * f1_total / turns if turns else 0.0,
+        "em": 100.0 * em_total / turns if turns else 0.0,
+        "turns": turns,
+    }
+
+
+# ---------------------------------------------------------------- E2E NLG (tuetschek/e2e-metrics)
+
+def e2e_group_references(mrs, refs):
+    """Group references by meaning representation: (unique MRs in first-seen order, their reference lists)."""
+    _check_same_length(mrs, refs, names=("MRs", "references"))
+    grouped = {}
+    for mr, ref in zip(mrs, refs):
+        grouped.setdefault(mr, []).append(ref)
+    return list(grouped), list(grouped.values())
+
+
+# mteval-v13a "western" tokenization, in the order pymteval applies it
+_MTEVAL_RULES = [
+    (re.compile(r"<skipped>"), ""),
+    (re.compile(r"-\n"), ""),
+    (re.compile(r"\n"), " "),
+    (re.compile(r"&quot;"), '"'),
+    (re.compile(r"&amp;"), "&"),
+    (re.compile(r"&lt;"), "<"),
+    (re.compile(r"&gt;"), ">"),
+]
+_MTEVAL_PUNCT_RULES = [
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # ASCII punctuation except . , - '
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period/comma not after a digit
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # period/comma not before a digit
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash after a digit
+]
+
+
+def _mteval_tokens(text):
+    """pymteval/mteval-v13a tokens, lowercased (the E2E scorer runs mteval case-insensitively)."""
+    for pattern, replacement in _MTEVAL_RULES:
+        text = pattern.sub(replacement, text)
+    text = " " + text + " "
+    for pattern, replacement in _MTEVAL_PUNCT_RULES:
+        text = pattern.sub(replacement, text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return [token.lower() for token in text.split(" ")]
+
+
+def _merged_max_counts(token_lists, n):
+    """For each n-gram, its highest count in any one reference (BLEU clipping)."""
+    merged = Counter()
+    for tokens in token_lists:
+        for ngram, count in _ngram_counts(tokens, n).items():
+            merged[ngram] = max(merged[ngram], count)
+    return merged
+
+
+def _clipped_hits(hyp_tokens, merged, n):
+    return {ngram: min(count, merged[ngram]) for ngram, count in _ngram_counts(hyp_tokens, n).items() if merged[ngram]}
+
+
+def _e2e_bleu(hyp_token_lists, ref_token_lists, max_n=4):
+    """pymteval BLEU (fraction): closest reference length (ties: shorter), tiny floor on zero counts."""
+    hits = [0] * max_n
+    cand_lengths = [0] * max_n
+    ref_length = 0
+    for hyp, refs in zip(hyp_token_lists, ref_token_lists):
+        for n in range(1, max_n + 1):
+            hits[n - 1] += sum(_clipped_hits(hyp, _merged_max_counts(refs, n), n).values())
+            # pymteval adds len-n+1 even when negative; mteval counts real n-grams; they agree for len >= max_n
+            cand_lengths[n - 1] += max(len(hyp) - n + 1, 0)
+        ref_length += len(min(refs, key=lambda ref: (abs(len(ref) - len(hyp)), len(ref))))
+    brevity_penalty = 1.0
+    if cand_lengths[0] <= ref_length:
+        brevity_penalty = math.exp(1.0 - ref_length / (cand_lengths[0] or 1e-5))
+    log_sum = sum(math.log(max(h, 1e-15) / max(c, 1e-9)) for h, c in zip(hits, cand_lengths))
+    return brevity_penalty * math.exp(log_sum / max_n)
+
+
+def _e2e_nist(hyp_token_lists, ref_token_lists, max_n=5):
+    """pymteval NIST: information weights from all references of the corpus, NIST length penalty."""
+    # ref_ngram_counts[k] counts k-grams over every reference; the 0-gram count is the total word count
+    ref_ngram_counts = [Counter() for _ in range(max_n + 1)]
+    hit_ngrams = [Counter() for _ in range(max_n)]
+    cand_lengths = [0] * max_n
+    avg_ref_length = 0.0
+    for hyp, refs in zip(hyp_token_lists, ref_token_lists):
+        for n in range(1, max_n + 1):
+            cand_lengths[n - 1] += max(len(hyp) - n + 1, 0)
+            hit_ngrams[n - 1].update(_clipped_hits(hyp, _merged_max_counts(refs, n), n))
+            for ref in refs:
+                ref_ngram_counts[n].update(_ngram_counts(ref, n))
+        ref_words = sum(len(ref) for ref in refs)
+        ref_ngram_counts[0][()] += ref_words
+        avg_ref_length += ref_words / len(refs)
+
+    def info(ngram):
+        return math.log2(ref_ngram_counts[len(ngram) - 1][ngram[:-1]] / ref_ngram_counts[len(ngram)][ngram])
+
+    score = 0.0
+    for n in range(max_n):
+        if cand_lengths[n]:
+            score += sum(info(ngram) * hits for ngram, hits in hit_ngrams[n].items()) / cand_lengths[n]
+    return _nist_length_penalty(cand_lengths[0], avg_ref_length) * score
+
+
+def _nist_length_penalty(hyp_length, avg_ref_length):
+    """exp(-beta * log^2(ratio)), beta chosen so that a length ratio of 2/3 gives 0.5 (mteval)."""
+    ratio = hyp_length / avg_ref_length if avg_ref_length else 1.0
+    if ratio >= 1:
+        return 1.0
+    if ratio <= 0:
+        return 0.0
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    return math.exp(-beta * math.log(ratio) ** 2)
+
+
+# pycocoevalcap drops these tokens after Stanford PTB tokenization (brackets come out as -LRB- etc.)
+_COCO_PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", "(", ")", "{", "}",
+                     ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_TREEBANK = TreebankWordTokenizer()
+# Rewrites that make nltk's Treebank tokenizer behave like Stanford's PTBTokenizer on E2E-style text
+# (checked against stanford-corenlp-3.4.1 on the E2E dev references):
+_PTB_REWRITES = [
+    (re.compile(r"£"), " # "),  # PTB3 escaping maps the pound sign to "#" and splits it off the number
+    (re.compile(r"([€¥])"), r" \1 "),  # other currency signs are split off too
+    (re.compile(r"(?<=[^\s.])(\.+)(?=\s|$)"), r" \1"),  # Treebank splits a period only at the end of its input
+    (re.compile(r"(?<=\w)-(?=\s|$)"), " -"),  # a trailing hyphen ("Cambridge- a") is its own token
+    (re.compile(r"(^|\s)'(?=\w)"), r"\1' "),  # an opening single quote is split off
+    (re.compile(r"(^|\s)([.\-]+)(?=[a-z])"), r"\1\2 "),  # so are leading periods/hyphens (".price", "-friendly")
+]
+
+
+def _coco_tokens(text):
+    """Approximation of pycocoevalcap's Stanford PTBTokenizer (-lowerCase) + punctuation removal."""
+    text = text.lower()
+    for pattern, replacement in _PTB_REWRITES:
+        text = pattern.sub(replacement, text)
+    return [token for token in _TREEBANK.tokenize(text)
+            if token not in _COCO_PUNCTUATION and token.strip(".")]  # runs of periods are punctuation too
+
+
+def _coco_rouge_l(hyp_tokens, ref_token_lists, beta=1.2):
+    """pycocoevalcap ROUGE-L of one segment: max precision and max recall over references, F with beta 1.2."""
+    # pycocoevalcap re-splits the joined tokens on " ", so an empty caption is one empty token
+    hyp_tokens = hyp_tokens or [""]
+    precisions, recalls = [], []
+    for ref_tokens in ref_token_lists:
+        ref_tokens = ref_tokens or [""]
+        lcs = _lcs_length(ref_tokens, hyp_tokens)
+        precisions.append(lcs / len(hyp_tokens))
+        recalls.append(lcs / len(ref_tokens))
+    precision, recall = max(precisions), max(recalls)
+    if precision == 0 or recall == 0:
+        return 0.0
+    return ((1 + beta ** 2) * precision * recall) / (recall + beta ** 2 * precision)
+
+
+def _cider_vector(counts, doc_frequency, log_num_docs, max_n):
+    """TF-IDF vectors per n, their norms, and the CIDEr 'length' (pycocoevalcap counts BIGRAMS here)."""
+    vectors = [{} for _ in range(max_n)]
+    norms = [0.0] * max_n
+    length = 0
+    for ngram, term_freq in counts.items():
+        n = len(ngram) - 1
+        weight = term_freq * (log_num_docs - math.log(max(1.0, doc_frequency[ngram])))
+        vectors[n][ngram] = weight
+        norms[n] += weight ** 2
+        if n == 1:  # sic: pycocoevalcap's length is the bigram count, kept for comparable numbers
+            length += term_freq
+    return vectors, [math.sqrt(norm) for norm in norms], length
+
+
+def _cider_similarity(hyp, ref, max_n, sigma):
+    """Clipped cosine similarity per n with the Gaussian length penalty (CIDEr-D)."""
+    hyp_vectors, hyp_norms, hyp_length = hyp
+    ref_vectors, ref_norms, ref_length = ref
+    penalty = math.e ** (-((hyp_length - ref_length) ** 2) / (2 * sigma ** 2))
+    values = []
+    for n in range(max_n):
+        value = sum(min(weight, ref_vectors[n].get(ngram, 0.0)) * ref_vectors[n].get(ngram, 0.0)
+                    for ngram, weight in hyp_vectors[n].items())
+        if hyp_norms[n] != 0 and ref_norms[n] != 0:
+            value /= hyp_norms[n] * ref_norms[n]
+        values.append(value * penalty)
+    return values
+
+
+def _cider_d(hyp_token_lists, ref_token_lists, max_n=4, sigma=6.0):
+    """pycocoevalcap CIDEr-D: corpus mean of 10 * mean_n(clipped cosine), averaged over references."""
+    def all_ngrams(tokens):
+        counts = Counter()
+        for n in range(1, max_n + 1):
+            counts.update(_ngram_counts(tokens, n))
+        return counts
+
+    hyp_counts = [all_ngrams(hyp) for hyp in hyp_token_lists]
+    ref_counts = [[all_ngrams(ref) for ref in refs] for refs in ref_token_lists]
+    # document frequency: in how many segments' reference sets an n-gram occurs
+    doc_frequency = Counter()
+    for refs in ref_counts:
+        doc_frequency.update(set().union(*refs))
+    log_num_docs = math.log(len(ref_counts))
+    scores = []
+    for hyp, refs in zip(hyp_counts, ref_counts):
+        hyp_vector = _cider_vector(hyp, doc_frequency, log_num_docs, max_n)
+        total = [0.0] * max_n
+        for ref in refs:
+            similarity = _cider_similarity(hyp_vector, _cider_vector(ref, doc_frequency, log_num_docs, max_n),
+                                           max_n, sigma)
+            total = [t + s for t, s in zip(total, similarity)]
+        scores.append(sum(total) / max_n / len(refs) * 10.0)
+    return _mean(scores)
+
+
+_STEMMER = PorterStemmer()
+
+
+def _match_positions(hyp_words, ref_words):
+    """Greedy one-to-one matching, right to left as nltk does; returns ([(hyp_i, ref_j)], unmatched hyp, ref)."""
+    ref_positions = {}
+    for j, (_, word) in enumerate(ref_words):
+        ref_positions.setdefault(word, []).append(j)
+    matches, used_hyp, used_ref = [], set(), set()
+    for i in range(len(hyp_words) - 1, -1, -1):
+        positions = ref_positions.get(hyp_words[i][1])
+        if positions:
+            j = positions.pop()
+            used_hyp.add(i)
+            used_ref.add(j)
+            matches.append((hyp_words[i][0], ref_words[j][0]))
+    rest_hyp = [pair for i, pair in enumerate(hyp_words) if i not in used_hyp]
+    rest_ref = [pair for j, pair in enumerate(ref_words) if j not in used_ref]
+    return matches, rest_hyp, rest_ref
+
+
+def _count_chunks(matches):
+    """Number of runs of matches adjacent in both hypothesis and reference."""
+    chunks = 1
+    for (i, j), (next_i, next_j) in zip(matches, matches[1:]):
+        if not (next_i == i + 1 and next_j == j + 1):
+            chunks += 1
+    return chunks
+
+
+def _meteor_single(hyp_tokens, ref_tokens, alpha=0.9, beta=3.0, gamma=0.5):
+    """nltk-style METEOR for one pair: exact, then Porter-stem matches (no WordNet synonyms)."""
+    hyp_words = list(enumerate(hyp_tokens))
+    ref_words = list(enumerate(ref_tokens))
+    exact, hyp_rest, ref_rest = _match_positions(hyp_words, ref_words)
+    stemmed, _, _ = _match_positions([(i, _STEMMER.stem(w)) for i, w in hyp_rest],
+                                     [(j, _STEMMER.stem(w)) for j, w in ref_rest])
+    matches = sorted(exact + stemmed)
+    if not matches:
+        return 0.0
+    precision = len(matches) / len(hyp_tokens)
+    recall = len(matches) / len(ref_tokens)
+    fmean = (precision * recall) / (alpha * precision + (1 - alpha) * recall)
+    fragmentation = _count_chunks(matches) / len(matches)
+    return (1 - gamma * fragmentation ** beta) * fmean
+
+
+def _meteor_approx(hyp_token_lists, ref_token_lists):
+    """Mean over segments of the best single-reference METEOR score."""
+    return _mean([max(_meteor_single(hyp, ref) for ref in refs)
+                  for hyp, refs in zip(hyp_token_lists, ref_token_lists)])
+
+
+def e2e_scores(hypotheses, references):
+    """E2E challenge metrics; `references[i]` lists every reference of the i-th MR.
+
+    Returns BLEU (fraction, e.g. 0.6619), NIST, METEOR (0..1), ROUGE_L (0..1), CIDEr, as measure_scores.py does.
+    Faithful: BLEU and NIST (pymteval, case-insensitive mteval-v13a tokens), ROUGE-L (beta 1.2, max P and R
+    over references) and CIDEr-D (n=4, sigma=6, idf from the reference corpus, clipping, x10).
+    APPROXIMATE: the Stanford PTBTokenizer (Java) used before ROUGE-L/CIDEr/METEOR is emulated with nltk's
+    Treebank tokenizer; METEOR is NOT the official Java METEOR 1.5 (no paraphrases, no WordNet, different
+    parameters and corpus aggregation) but nltk-style exact + Porter-stem matching with alpha=0.9,
+    beta=3, gamma=0.5, best reference per segment, averaged over segments.
+    """
+    _check_same_length(hypotheses, references)
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise VLMError(f"E2E item {i}: references must be a non-empty list of strings")
+    if not hypotheses:
+        return {"BLEU": 0.0, "NIST": 0.0, "METEOR": 0.0, "ROUGE_L": 0.0, "CIDEr": 0.0}
+    mteval_hyps = [_mteval_tokens(h) for h in hypotheses]
+    mteval_refs = [[_mteval_tokens(r) for r in refs] for refs in references]
+    coco_hyps = [_coco_tokens(h) for h in hypotheses]
+    coco_refs = [[_coco_tokens(r) for r in refs] for refs in references]
+    return {
+        "BLEU": _e2e_bleu(mteval_hyps, mteval_refs),
+        "NIST": _e2e_nist(mteval_hyps, mteval_refs),
+        "METEOR": _meteor_approx(coco_hyps, coco_refs),
+        "ROUGE_L": _mean([_coco_rouge_l(h, refs) for h, refs in zip(coco_hyps, coco_refs)]),
+        "CIDEr": _cider_d(coco_hyps, coco_refs),
+    }
+
+
+def perplexity(mean_nll):
+    """exp of the mean per-token negative log-likelihood (natural log)."""
+    return math.exp(mean_nll)
