@@ -1,0 +1,167 @@
+"""VersatileLM: plain-GPT-2 equality, per-row task routing, what trains, checkpoints."""
+import os
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+
+from models.adapters import Adapter, AdapterStack
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.vlm import VOCAB_SIZE, VersatileLM, add_special_token_rows, backbone_fingerprint
+from utils.errors import VLMError
+from utils.tasks import ALL_SPECIAL_TOKENS, TASKS, special_token_id, task_token_ids
+
+
+def make_model(adapters=None, seed=0):
+    gpt2 = tiny_gpt2(seed)
+    add_special_token_rows(gpt2)
+    return VersatileLM(gpt2, adapters).eval()
+
+
+def test_special_tokens_have_the_reference_ids(tokenizer):
+    assert len(ALL_SPECIAL_TOKENS) == 30 and VOCAB_SIZE == 50287
+    expected = {"<pad>": 50257, "<bos_dial>": 50258, "<persona>": 50262, "<bos_qa>": 50263, "<document>": 50267,
+                "<bos_mt>": 50268, "<target_mt>": 50271, "<bos_sm>": 50272, "<target_sm>": 50275,
+                "<bos_nlg>": 50276, "<customerRating>": 50285, "<response>": 50286}
+    for token, token_id in expected.items():
+        assert special_token_id(token) == token_id
+        assert tokenizer.convert_tokens_to_ids(token) == token_id
+    assert len(tokenizer) == 50287
+
+
+def test_all_ids_minus_one_equals_plain_gpt2_exactly():
+    model = make_model({"mt": 16, "nlg": 4})
+    plain = tiny_gpt2()
+    add_special_token_rows(plain)
+    ids = torch.randint(0, VOCAB_SIZE, (3, 11))
+    types = torch.randint(0, VOCAB_SIZE, (3, 11))
+    with torch.no_grad():
+        expected = plain(ids, token_type_ids=types).logits
+        assert torch.equal(model(ids, token_type_ids=types, task_ids=torch.tensor([-1, -1, -1])).logits, expected)
+        assert torch.equal(model(ids, token_type_ids=types).logits, expected)
+        # and the adapters really change the output when selected
+        assert not torch.allclose(model(ids, token_type_ids=types, task_ids=TASKS["mt"].task_id).logits, expected)
+
+
+def test_mixed_batch_rows_equal_single_task_rows():
+    model = make_model({"mt": 16, "nlg": 4, "qa": 8})
+    ids = torch.randint(0, VOCAB_SIZE, (4, 9))
+    task_ids = torch.tensor([TASKS["mt"].task_id, TASKS["nlg"].task_id, -1, TASKS["qa"].task_id])
+    with torch.no_grad():
+        mixed = model(ids, token_type_ids=ids, task_ids=task_ids).logits
+        for row, task_id in enumerate(task_ids.tolist()):
+            single = model(ids[row:row + 1], token_type_ids=ids[row:row + 1], task_ids=task_id).logits[0]
+            torch.testing.assert_close(mixed[row], single, rtol=0, atol=1e-5)
+            assert torch.equal(mixed[row].argmax(-1), single.argmax(-1))
+
+
+def test_unknown_task_id_is_refused():
+    model = make_model({"mt": 4})
+    with pytest.raises(VLMError, match="no adapter"):
+        model(torch.zeros(1, 3, dtype=torch.long), task_ids=TASKS["nlg"].task_id)
+
+
+def test_adapter_shapes_and_parameter_count():
+    # LayerNorm (2d) + down (d*b + b) + up (b*d + d), as the authors' Adapter.
+    d, b = 768, 300
+    assert sum(p.numel() for p in Adapter(d, b).parameters()) == 2 * d + d * b + b + b * d + d == 463_404
+    stack = AdapterStack(12, d, 10)
+    assert len(stack) == 12 and stack.bottleneck == 10
+    adapter = Adapter(8, 3)
+    h = torch.randn(2, 5, 8)
+    expected = h + adapter.project_up(torch.relu(adapter.project_down(adapter.ln(h))))
+    assert torch.equal(adapter(h), expected)
+
+
+def train_steps(model, mode, task, steps=3):
+    params = model.mark_trainable(mode, task)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    model.train()
+    task_id = TASKS[task].task_id if task in model.adapters else None
+    for _ in range(steps):
+        ids = torch.randint(0, VOCAB_SIZE, (2, 12))
+        model(ids, token_type_ids=ids, task_ids=task_id, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_adapter_training_keeps_backbone_and_other_rows_bit_identical():
+    model = make_model({"mt": 8, "nlg": 4})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, "adapter", "mt")
+    after = model.state_dict()
+    own = task_token_ids(TASKS["mt"])
+    for name, tensor in before.items():
+        if name.startswith("adapters.mt."):
+            assert not torch.equal(tensor, after[name]), name
+        elif name in ("gpt2.transformer.wte.weight", "gpt2.lm_head.weight"):
+            others = [i for i in range(VOCAB_SIZE) if i not in own]
+            assert torch.equal(tensor[others], after[name][others])
+            assert not torch.equal(tensor[own], after[name][own])
+        else:
+            assert torch.equal(tensor, after[name]), name  # backbone and other tasks' adapters
+    assert model.count_trainable("adapter", "mt") == sum(
+        p.numel() for p in model.adapters["mt"].parameters()) + 4 * 64
+
+
+def test_emb_only_trains_only_the_task_rows():
+    model = make_model()
+    before = model.gpt2.transformer.wte.weight.clone()
+    train_steps(model, "emb_only", "nlg")
+    after = model.gpt2.transformer.wte.weight
+    own = task_token_ids(TASKS["nlg"])
+    changed = (before != after).any(-1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(own)
+
+
+def test_new_rows_are_the_same_for_every_run():
+    a, b = make_model(seed=0), make_model(seed=0)
+    torch.manual_seed(123)  # the run's seed must not matter
+    c = tiny_gpt2(0)
+    add_special_token_rows(c)
+    assert torch.equal(a.gpt2.transformer.wte.weight, b.gpt2.transformer.wte.weight)
+    assert torch.equal(a.gpt2.transformer.wte.weight, c.transformer.wte.weight)
+
+
+def test_adapter_checkpoint_reloads_to_identical_logits(tmp_path, tiny_base, tokenizer):
+    model = VersatileLM.from_pretrained(tiny_base, {"nlg": 4})
+    train_steps(model, "adapter", "nlg")
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", "adapter", ["nlg"], tiny_base)
+    weights = tmp_path / "ckpt" / "adapters.safetensors"
+    assert weights.stat().st_size < 100_000  # adapters and rows only, not the backbone
+    loaded, _, config = load_checkpoint(str(tmp_path / "ckpt"))
+    assert config["tasks"] == {"nlg": {"bottleneck": 4, "task_id": TASKS["nlg"].task_id}}
+    assert config["base_fingerprint"] == backbone_fingerprint(model.gpt2)
+    ids = torch.randint(0, VOCAB_SIZE, (2, 10))
+    with torch.no_grad():
+        expected = model(ids, token_type_ids=ids, task_ids=TASKS["nlg"].task_id).logits
+        assert torch.equal(loaded(ids, token_type_ids=ids, task_ids=TASKS["nlg"].task_id).logits, expected)
+
+
+def test_full_checkpoint_reloads_to_identical_logits(tmp_path, tiny_base, tokenizer):
+    model = VersatileLM.from_pretrained(tiny_base)
+    train_steps(model, "full", "mt")
+    save_checkpoint(model, tokenizer, tmp_path / "full", "full", ["mt"], tiny_base)
+    loaded, _, config = load_checkpoint(str(tmp_path / "full"))
+    assert config["mode"] == "full"
+    ids = torch.randint(0, VOCAB_SIZE, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, token_type_ids=ids).logits, model(ids, token_type_ids=ids).logits)
+
+
+def test_checkpoint_refuses_another_backbone_and_corrupt_files(tmp_path, tiny_base, tokenizer):
+    model = VersatileLM.from_pretrained(tiny_base, {"mt": 4})
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", "adapter", ["mt"], tiny_base)
+    other = tmp_path / "other_base"
+    tiny_gpt2(seed=1).save_pretrained(other)
+    with pytest.raises(VLMError, match="another backbone"):
+        load_checkpoint(str(tmp_path / "ckpt"), base_model=str(other))
+    weights = tmp_path / "ckpt" / "adapters.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VLMError, match="adapters.safetensors: corrupted or truncated"):
+        load_checkpoint(str(tmp_path / "ckpt"))
+    os.remove(weights)
+    with pytest.raises(VLMError, match="not found"):
+        load_checkpoint(str(tmp_path / "ckpt"))
