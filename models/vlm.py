@@ -10,12 +10,14 @@ import hashlib
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 from models.adapters import AdapterStack, count_parameters, freeze_all, mask_embedding_rows
 from utils.errors import VLMError
 from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS, task_token_ids
 
 VOCAB_SIZE = GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)  # 50,287
+hf_logging.disable_progress_bar()  # our scripts show their own progress; keep stderr for errors
 TASK_ROW_SEED = 20200408  # fixed, so every run over one backbone starts from the same new rows
 
 
