@@ -198,8 +198,8 @@ class VersatileLM(nn.Module):
         """Parameters that actually change in this mode (masked rows not counted)."""
         if mode == "full":
             return count_parameters(self.parameters())
-        rows = len(TASKS[task].special_tokens) * self.gpt2.config.n_embd
         if mode == "outputlayer_only":
             return self.gpt2.get_input_embeddings().weight.numel()
+        rows = len(TASKS[task].special_tokens) * self.gpt2.config.n_embd
         adapters = count_parameters(self.adapters[task].parameters()) if mode == "adapter" else 0
         return adapters + rows

@@ -25,24 +25,27 @@ IGNORE_INDEX = -100
 # --- tokenizer -------------------------------------------------------------------------------
 def load_tokenizer(name_or_path=REPO_TOKENIZER):
     """GPT-2's tokenizer with the 30 special tokens at their stable ids 50257-50286."""
-    has_files = not os.path.isdir(name_or_path) or any(
+    # Every GPT-2 size shares one BPE vocabulary, shipped in the repo: a hub name needs no download.
+    has_files = os.path.isdir(name_or_path) and any(
         os.path.isfile(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "vocab.json"))
     try:
         tokenizer = GPT2TokenizerFast.from_pretrained(name_or_path if has_files else REPO_TOKENIZER)
-    except (OSError, ValueError):  # a hub name while offline: GPT-2's tokenizer ships with us
-        logger.info("no tokenizer for %s; using the GPT-2 tokenizer shipped in %s", name_or_path, REPO_TOKENIZER)
-        tokenizer = GPT2TokenizerFast.from_pretrained(REPO_TOKENIZER)
-    missing = [t for t in ALL_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    except (OSError, ValueError) as error:
+        raise VLMError(f"{name_or_path}: cannot load the tokenizer ({error})") from None
+    if len(tokenizer) < GPT2_VOCAB_SIZE:
+        raise VLMError(f"{name_or_path}: tokenizer has {len(tokenizer)} tokens; expected GPT-2's {GPT2_VOCAB_SIZE}")
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in ALL_SPECIAL_TOKENS if t not in vocab]
     if missing:
         if len(tokenizer) != GPT2_VOCAB_SIZE:
-            raise VLMError(f"tokenizer {name_or_path} has {len(tokenizer)} tokens; expected GPT-2's {GPT2_VOCAB_SIZE}")
+            raise VLMError(f"{name_or_path}: tokenizer has {len(tokenizer)} tokens and lacks {missing[0]}")
         for token in ALL_SPECIAL_TOKENS:  # one at a time, so the ids follow our order
             tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
         tokenizer.pad_token = PAD_TOKEN
-    for token in ALL_SPECIAL_TOKENS:
-        if tokenizer.convert_tokens_to_ids(token) != special_token_id(token):
-            raise VLMError(f"tokenizer {name_or_path}: {token} has id {tokenizer.convert_tokens_to_ids(token)}, "
-                           f"expected {special_token_id(token)}")
+    ids = tokenizer.convert_tokens_to_ids(list(ALL_SPECIAL_TOKENS))
+    for token, token_id in zip(ALL_SPECIAL_TOKENS, ids):
+        if token_id != special_token_id(token):
+            raise VLMError(f"tokenizer {name_or_path}: {token} has id {token_id}, expected {special_token_id(token)}")
     return tokenizer
 
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Train one task of the Versatile Language Model: full fine-tuning of GPT-2 or, with
+--adapter_bottleneck B, only the task's residual adapters and task embeddings on a frozen GPT-2.
+
+    python train.py --task nlg --adapter_bottleneck 10 --dataset_path data/NLG/data.json
+    torchrun --nproc_per_node 2 train.py --task mt ...       (distributed data parallel)
+
+Flags left out take the task table's values (utils/tasks.py: the authors' run.sh). The output
+folder holds the final model (load it with evaluate.py --model_checkpoint <output_dir>), the last
+three checkpoint_epoch<N>/ folders, metrics.jsonl and training_args.json."""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from utils.errors import VLMError, exit_on_user_error  # noqa: E402
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are VLMErrors: one `error:` line and exit 2, like every other user error."""
+
+    def error(self, message):
+        raise VLMError(message)
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset_path", type=str, default=None,
+                        help="dataset JSON (default: the task's path from the authors' run.sh)")
+    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
+                        help="prefix of the tokenized-dataset cache files")
+    parser.add_argument("--model_checkpoint", type=str, default="gpt2", help="GPT-2 hub name or local folder")
+    parser.add_argument("--task", type=str, default="dialogue", help="dialogue, qa, mt, summarization or nlg")
+    parser.add_argument("--max_history", type=int, default=None, help="previous exchanges kept (dialogue, qa)")
+    parser.add_argument("--train_batch_size", type=int, default=None, help="batch size for training")
+    parser.add_argument("--valid_batch_size", type=int, default=None,
+                        help="batch size for validation (default: the training batch size)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                        help="batches accumulated per optimizer step")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (falls linearly to 0)")
+    parser.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping norm")
+    parser.add_argument("--n_epochs", type=int, default=None, help="training epochs")
+    parser.add_argument("--eval_before_start", action="store_true", help="validate before training")
+    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--adapter_bottleneck", type=int, default=0,
+                        help="adapter bottleneck size; 0: full fine-tuning")
+    parser.add_argument("--emb_only", action="store_true", help="train only the task's special-token embeddings")
+    parser.add_argument("--outputlayer_only", action="store_true",
+                        help="train only the (tied) embedding / output layer")
+    parser.add_argument("--random_init", action="store_true", help="start GPT-2 from random weights")
+    parser.add_argument("--distillation", action="store_true", help="train on the distilled targets")
+    parser.add_argument("--fp16", type=str, default="",
+                        help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
+    parser.add_argument("--local_rank", type=int, default=-1,
+                        help="accepted for torch.distributed.launch; torchrun's environment is what is used")
+    parser.add_argument("--output_dir", type=str, default=None,
+                        help="run folder (default: runs/<date>_<model>_<task>_<mode>_lr<lr>_ep<n>)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of python and torch")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.getLogger("ignite").setLevel(logging.WARNING)
+    from utils.training import run_training
+    run_training(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,560 @@
+"""The reusable pieces of training with pytorch-ignite: settings checks, devices and seeds, data
+loaders, the trainer and evaluator engines, the learning-rate schedule, per-epoch checkpoints,
+the metrics file and the run of one task (`run_training`, what train.py calls).
+
+The trainer follows the authors' train.py: AdamW (no weight decay) over the trainable parameters,
+the learning rate falling linearly from --lr to 0 over all iterations, the loss divided by the
+accumulation steps, gradients clipped to --max_norm, a step every --gradient_accumulation_steps
+iterations. Validation is the exact token-level mean NLL over the whole validation split."""
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import ignite.distributed as idist
+from ignite.engine import Engine, Events
+from ignite.handlers import PiecewiseLinear, ProgressBar
+from ignite.metrics import Metric, RunningAverage
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+
+from models.adapters import count_parameters
+from models.checkpoint import save_checkpoint
+from models.vlm import VersatileLM, backbone_fingerprint
+from utils.data import (IGNORE_INDEX, LengthGroupedBatchSampler, collate, distilled_key, load_task_data,
+                        load_tokenizer, training_examples)
+from utils.errors import VLMError
+from utils.io import write_json, write_text
+from utils.tasks import GPT2_VOCAB_SIZE, get_task
+
+logger = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 3
+CHECKPOINT_PREFIX = "checkpoint_epoch"
+METRICS_FILE = "metrics.jsonl"
+ARGS_FILE = "training_args.json"
+FP16_LEVELS = ("O0", "O1", "O2", "O3")  # apex opt levels, accepted as the authors' --fp16 values
+
+
+# --- settings --------------------------------------------------------------------------------
+def training_mode(args):
+    """full | adapter | emb_only | outputlayer_only, after checking the flags combine."""
+    if args.adapter_bottleneck is None or args.adapter_bottleneck < 0:
+        raise VLMError(f"--adapter_bottleneck must be 0 (full fine-tuning) or positive, got {args.adapter_bottleneck}")
+    if args.emb_only and args.outputlayer_only:
+        raise VLMError("--emb_only and --outputlayer_only exclude each other; choose one")
+    if args.adapter_bottleneck > 0 and (args.emb_only or args.outputlayer_only):
+        flag = "--emb_only" if args.emb_only else "--outputlayer_only"
+        raise VLMError(f"{flag} trains no adapters; drop --adapter_bottleneck {args.adapter_bottleneck}")
+    mode = ("adapter" if args.adapter_bottleneck > 0 else "emb_only" if args.emb_only
+            else "outputlayer_only" if args.outputlayer_only else "full")
+    if args.random_init and mode in ("adapter", "emb_only"):
+        raise VLMError(f"--random_init trains a backbone from scratch; it cannot be combined with "
+                       f"{'--adapter_bottleneck' if mode == 'adapter' else '--emb_only'}, which keep the backbone frozen")
+    return mode
+
+
+def fill_task_defaults(args, task, mode):
+    """Flags left at None take the task table's values (the authors' run.sh)."""
+    hyper = task.adapter if mode in ("adapter", "emb_only") else task.full_finetune
+    defaults = {"dataset_path": task.default_dataset, "max_history": task.max_history,
+                "train_batch_size": hyper.train_batch_size,
+                "gradient_accumulation_steps": hyper.gradient_accumulation_steps,
+                "n_epochs": hyper.n_epochs, "lr": hyper.lr}
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if getattr(args, "valid_batch_size", None) is None:
+        args.valid_batch_size = args.train_batch_size
+
+
+def check_numbers(args):
+    checks = [("n_epochs", args.n_epochs >= 0, "must be 0 or more"),
+              ("train_batch_size", args.train_batch_size >= 1, "must be at least 1"),
+              ("valid_batch_size", args.valid_batch_size >= 1, "must be at least 1"),
+              ("gradient_accumulation_steps", args.gradient_accumulation_steps >= 1, "must be at least 1"),
+              ("max_history", args.max_history >= 0, "must be 0 or more"),
+              ("lr", math.isfinite(args.lr) and args.lr > 0, "must be a positive number"),
+              ("max_norm", math.isfinite(args.max_norm) and args.max_norm > 0, "must be a positive number")]
+    for name, ok, message in checks:
+        if not ok:
+            raise VLMError(f"--{name} {message}, got {getattr(args, name)}")
+
+
+def mode_tag(args, mode):
+    tag = {"adapter": f"adapter{args.adapter_bottleneck}", "emb_only": "emb_only",
+           "outputlayer_only": "outputlayer_only", "full": "full"}[mode]
+    return ("random_" + tag) if args.random_init else tag
+
+
+def default_output_dir(args, mode, now=None):
+    """runs/<MonDD_HH-MM-SS>_<model>_<task>_<adapterB|full|...>_lr<lr>_ep<n>, like the authors' log dirs."""
+    stamp = (now or datetime.now()).strftime("%b%d_%H-%M-%S")
+    model = os.path.basename(os.path.normpath(args.model_checkpoint)) or "model"
+    return os.path.join("runs", f"{stamp}_{model}_{args.task}_{mode_tag(args, mode)}_lr{args.lr:g}_ep{args.n_epochs}")
+
+
+def check_output_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise VLMError(f"--output_dir {path}: exists and is not a folder")
+    if os.path.isdir(path) and os.listdir(path):
+        raise VLMError(f"--output_dir {path}: folder is not empty; choose a new one")
+
+
+def prepare_args(args):
+    """Check and complete parsed arguments in place; returns (task, mode). No file is written."""
+    task = get_task(args.task)
+    mode = training_mode(args)
+    fill_task_defaults(args, task, mode)
+    check_numbers(args)
+    parse_fp16(args.fp16)
+    if not args.device:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.output_dir:
+        args.output_dir = default_output_dir(args, mode)
+    check_output_dir(args.output_dir)
+    if not os.path.isfile(args.dataset_path):
+        raise VLMError(f"--dataset_path {args.dataset_path}: dataset file not found")
+    return task, mode
+
+
+def parse_fp16(value):
+    """The authors' --fp16 took an apex opt level ('' = off). O0 is apex's pure fp32; O1-O3 -> autocast."""
+    if value in ("", None, "O0"):
+        return False
+    if value not in FP16_LEVELS:
+        raise VLMError(f"--fp16: expected '' (off) or an apex opt level {'/'.join(FP16_LEVELS)}, got {value!r}")
+    return True
+
+
+def resolve_device(name, fp16=False, local_rank=None):
+    """torch.device for --device; with several processes on CUDA each takes cuda:<local rank>."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise VLMError(f"--device {name}: not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise VLMError(f"--device {name}: only cpu and cuda devices are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VLMError(f"--device {name}: CUDA is not available on this machine")
+        if local_rank is not None:
+            device = torch.device("cuda", local_rank)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VLMError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if fp16 and device.type != "cuda":
+        raise VLMError("--fp16 needs a CUDA device")
+    return device
+
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy
+        numpy.random.seed(seed % 2 ** 32)
+
+
+def distributed_world():
+    """World size from the launcher's environment (torchrun sets WORLD_SIZE)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise VLMError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+# --- model -----------------------------------------------------------------------------------
+def backbone_parameter_count(model):
+    """GPT-2's own parameters: without the 30 added special-token rows or any adapter."""
+    gpt2 = model.gpt2
+    added = (gpt2.get_input_embeddings().weight.shape[0] - GPT2_VOCAB_SIZE) * gpt2.config.n_embd
+    return count_parameters(gpt2.parameters()) - added
+
+
+def trainable_line(model, mode, task_name):
+    trainable = model.count_trainable(mode, task_name)
+    backbone = backbone_parameter_count(model)
+    share = 100.0 * trainable / backbone
+    share_text = f"{share:.1f}" if share >= 0.1 or share == 0 else f"{share:.2g}"
+    return f"trainable parameters: {trainable:,} ({share_text}% of the {backbone:,}-parameter backbone)"
+
+
+def build_model(args, task, mode):
+    bottlenecks = {task.name: args.adapter_bottleneck} if mode == "adapter" else None
+    return VersatileLM.from_pretrained(args.model_checkpoint, adapter_bottlenecks=bottlenecks,
+                                       random_init=args.random_init)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# --- data ------------------------------------------------------------------------------------
+def check_distilled(task, records, path, split):
+    """--distillation reads the distilled targets; say which record lacks them (not a KeyError)."""
+    key = distilled_key(task)
+    for index, record in enumerate(records):
+        holders = record["utterances"] if task.layout == "dialogue" else [record]
+        for holder in holders:
+            if key not in holder:
+                raise VLMError(f"{path}: split {split!r} record {index}: --distillation needs {key!r}, "
+                               f"which this record lacks")
+            if task.layout == "dialogue" and not holder[key]:
+                raise VLMError(f"{path}: split {split!r} record {index}: {key!r} is empty")
+
+
+def load_splits(args, task, tokenizer):
+    """{split: tokenized records} of the task's training and validation splits (checked, cached)."""
+    train_split, valid_split = task.splits
+    splits = list(dict.fromkeys([train_split, valid_split]))
+    data = load_task_data(task, args.dataset_path, tokenizer, splits=splits, cache_prefix=args.dataset_cache)
+    if args.distillation:
+        check_distilled(task, data[train_split], args.dataset_path, train_split)
+    return data
+
+
+def split_examples(args, task, data, max_positions):
+    """(train examples, validation examples): train from 'train' (distilled targets with
+    --distillation), validation from the task's validation split, always gold."""
+    train_split, valid_split = task.splits
+    train = training_examples(task, data[train_split], args.max_history, distillation=args.distillation,
+                              max_positions=max_positions, where=f"{args.dataset_path} split {train_split!r}")
+    valid = training_examples(task, data[valid_split], args.max_history, distillation=False,
+                              max_positions=max_positions, where=f"{args.dataset_path} split {valid_split!r}")
+    return train, valid
+
+
+def make_loader(examples, task_id, batch_size, shuffle, seed=0, num_replicas=1, rank=0):
+    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], batch_size, shuffle=shuffle,
+                                        seed=seed, num_replicas=num_replicas, rank=rank)
+    return DataLoader(examples, batch_sampler=sampler, collate_fn=functools.partial(collate, task_id=task_id))
+
+
+def make_loaders(train_examples, valid_examples, task_id, args, world_size=1, rank=0):
+    """Training: length-grouped shuffled batches, every world_size-th batch per process.
+    Validation: each process takes every world_size-th example, so the summed NLL covers all."""
+    train_loader = make_loader(train_examples, task_id, args.train_batch_size, shuffle=True, seed=args.seed,
+                               num_replicas=world_size, rank=rank)
+    if len(train_loader) == 0:
+        raise VLMError(f"{args.dataset_path}: {len(train_examples)} training examples make no batch of "
+                       f"{args.train_batch_size} for each of {world_size} processes")
+    if len(valid_examples) < world_size:
+        raise VLMError(f"{args.dataset_path}: {len(valid_examples)} validation examples for {world_size} processes")
+    valid_loader = make_loader(valid_examples[rank::world_size], task_id, args.valid_batch_size, shuffle=False)
+    return train_loader, valid_loader
+
+
+# --- engines ---------------------------------------------------------------------------------
+def _autocast(device, enabled):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.float16)
+
+
+def _model_inputs(batch, device, use_task_ids):
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    task_ids = batch["task_ids"] if use_task_ids else None
+    return batch, task_ids
+
+
+def create_trainer(model, optimizer, parameters, device, gradient_accumulation_steps=1, max_norm=1.0,
+                   fp16=False, use_task_ids=True):
+    """Engine whose output is the batch's mean token loss (before division by the accumulation).
+
+    A step is taken after every `gradient_accumulation_steps` iterations of an epoch and, at the
+    end of an epoch, for a pending remainder (its gradient rescaled to the mean of its batches).
+    Gradients are clipped once per step, just before it."""
+    parameters = [p for p in parameters if p.requires_grad]
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    accumulation = {"pending": 0}
+
+    def step():
+        pending = accumulation["pending"]
+        if pending == 0:
+            return
+        if pending < gradient_accumulation_steps:
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.mul_(gradient_accumulation_steps / pending)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        accumulation["pending"] = 0
+
+    def update(engine, batch):
+        model.train()
+        batch, task_ids = _model_inputs(batch, device, use_task_ids)
+        with _autocast(device, fp16):
+            loss = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], task_ids=task_ids,
+                         labels=batch["labels"]).loss
+        scaled = loss / gradient_accumulation_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        accumulation["pending"] += 1
+        if accumulation["pending"] == gradient_accumulation_steps:
+            step()
+        return loss.item()
+
+    trainer = Engine(update)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: step())  # flush a remainder
+    return trainer
+
+
+def token_nll_sums(model, batch, device, use_task_ids=True, fp16=False):
+    """(sum of the NLL of every label token, number of label tokens) for one batch."""
+    batch, task_ids = _model_inputs(batch, device, use_task_ids)
+    with torch.no_grad(), _autocast(device, fp16):
+        logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], task_ids=task_ids).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll.double(), (labels != IGNORE_INDEX).sum()
+
+
+class TokenNLL(Metric):
+    """Exact token-level mean NLL: summed over all label tokens (all processes), then divided."""
+
+    @reinit__is_reduced
+    def reset(self):
+        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._count = torch.tensor(0, dtype=torch.long, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output):
+        nll_sum, count = output
+        self._sum += nll_sum.detach().to(self._device)
+        self._count += count.detach().to(self._device)
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self):
+        if self._count.item() == 0:
+            raise VLMError("validation has no label tokens")
+        return (self._sum / self._count).item()
+
+
+def perplexity(nll):
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return float("inf")
+
+
+def create_evaluator(model, device, fp16=False, use_task_ids=True):
+    """Engine over the validation loader; state.metrics: nll (token mean), ppl = exp(nll)."""
+    def inference(engine, batch):
+        model.eval()
+        return token_nll_sums(model, batch, device, use_task_ids, fp16)
+
+    evaluator = Engine(inference)
+    TokenNLL(device=device).attach(evaluator, "nll")
+    evaluator.add_event_handler(Events.COMPLETED, lambda e: e.state.metrics.__setitem__(
+        "ppl", perplexity(e.state.metrics["nll"])))
+    return evaluator
+
+
+def attach_lr_schedule(trainer, optimizer, lr, total_iterations):
+    """lr from `lr` at the first iteration down to 0 at `total_iterations` (the authors' schedule)."""
+    if total_iterations <= 0:
+        return None
+    scheduler = PiecewiseLinear(optimizer, "lr", [(0, lr), (total_iterations, 0.0)])
+    trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
+    return scheduler
+
+
+# --- files -----------------------------------------------------------------------------------
+class CheckpointKeeper:
+    """Writes `<output_dir>/checkpoint_epoch<N>/` and deletes all but the newest `keep`."""
+
+    def __init__(self, output_dir, save, keep=KEEP_CHECKPOINTS):
+        self.output_dir, self.save, self.keep = output_dir, save, keep
+
+    def existing(self):
+        found = []
+        for name in os.listdir(self.output_dir) if os.path.isdir(self.output_dir) else []:
+            match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", name)
+            if match and os.path.isdir(os.path.join(self.output_dir, name)):
+                found.append((int(match.group(1)), os.path.join(self.output_dir, name)))
+        return [path for _, path in sorted(found)]
+
+    def __call__(self, epoch):
+        path = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{epoch}")
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        self.save(path)
+        for old in self.existing()[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old)
+        return path
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per validation, the whole file rewritten atomically."""
+
+    def __init__(self, path):
+        self.path, self.records = path, []
+
+    def add(self, record):
+        self.records.append(record)
+        write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
+
+
+def attach_tensorboard(output_dir, trainer, evaluator, optimizer):
+    """TensorBoard logs in <output_dir>/tensorboard when tensorboard (or tensorboardX) is installed."""
+    try:
+        from ignite.handlers import TensorboardLogger, global_step_from_engine
+        tb_logger = TensorboardLogger(log_dir=os.path.join(output_dir, "tensorboard"))
+    except ImportError:
+        logger.info("tensorboard is not installed: no TensorBoard logs (metrics.jsonl has the numbers)")
+        return None
+    tb_logger.attach_output_handler(trainer, Events.ITERATION_COMPLETED, tag="training", metric_names=["loss"])
+    tb_logger.attach_opt_params_handler(trainer, Events.ITERATION_STARTED, optimizer, param_name="lr")
+    tb_logger.attach_output_handler(evaluator, Events.COMPLETED, tag="validation", metric_names=["nll", "ppl"],
+                                    global_step_transform=global_step_from_engine(trainer))
+    return tb_logger
+
+
+def json_ready(args):
+    return {k: v for k, v in sorted(vars(args).items())}
+
+
+# --- one task, end to end --------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: VersatileLM      # the trained model, in memory (unwrapped from DistributedDataParallel)
+    tokenizer: object
+    output_dir: str
+    metrics: list           # the records of metrics.jsonl (rank 0; empty on other ranks)
+    mode: str
+
+
+def run_training(args):
+    """Train one task as train.py's flags say; returns a TrainResult (the in-memory model, unwrapped).
+
+    Launched by torchrun (WORLD_SIZE > 1) it joins the process group (gloo on CPU, nccl on CUDA),
+    wraps the model in DistributedDataParallel and only rank 0 writes files or shows progress."""
+    task, mode = prepare_args(args)
+    fp16 = parse_fp16(args.fp16)
+    if distributed_world() <= 1:
+        return _run(args, task, mode, resolve_device(args.device, fp16), fp16)
+    device = resolve_device(args.device, fp16, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if idist.get_world_size() > 1:  # the caller already joined the process group
+        return _run(args, task, mode, device, fp16)
+    idist.initialize("nccl" if device.type == "cuda" else "gloo")
+    try:
+        result = _run(args, task, mode, device, fp16)
+        idist.barrier()  # rank 0 has written its files before anyone leaves
+        return result
+    finally:
+        idist.finalize()
+
+
+def _run(args, task, mode, device, fp16):
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    main_process = rank == 0
+    set_seed(args.seed)
+
+    tokenizer = load_tokenizer(args.model_checkpoint)
+    data = load_splits(args, task, tokenizer)  # bad data files stop here, before the model loads
+    model = build_model(args, task, mode)
+    fingerprint = backbone_fingerprint(model.gpt2) if mode in ("adapter", "emb_only") else None
+    train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions)
+    train_loader, valid_loader = make_loaders(train_examples, valid_examples, task.task_id, args, world_size, rank)
+
+    model.to(device)
+    parameters = model.mark_trainable(mode, task.name)
+    if main_process:
+        print(trainable_line(model, mode, task.name))
+        logger.info("%s: %d training examples, %d batches per epoch and process, %d validation examples; mode %s on %s%s",
+                    task.name, len(train_examples), len(train_loader), len(valid_examples), mode, device,
+                    f" x {world_size} processes" if world_size > 1 else "")
+    use_task_ids = task.name in model.adapters
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    trainer = create_trainer(train_model, optimizer, parameters, device, args.gradient_accumulation_steps,
+                             args.max_norm, fp16, use_task_ids)
+    evaluator = create_evaluator(model, device, fp16, use_task_ids)
+    attach_lr_schedule(trainer, optimizer, args.lr, args.n_epochs * len(train_loader))
+    RunningAverage(output_transform=lambda loss: loss).attach(trainer, "loss")
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: train_loader.batch_sampler.set_epoch(e.state.epoch))
+
+    output_dir = args.output_dir
+    metrics_log = MetricsLog(os.path.join(output_dir, METRICS_FILE))
+    checkpoint_mode = "adapter" if mode in ("adapter", "emb_only") else "full"
+    extra = {"training_args": json_ready(args)}
+
+    def save(path):
+        # Adapter checkpoints record the backbone's fingerprint taken now, from the trained model,
+        # so loading one also proves the frozen backbone did not move; a moved one stops here.
+        now = backbone_fingerprint(model.gpt2) if fingerprint else None
+        if now != fingerprint:
+            raise RuntimeError(f"the frozen backbone changed during {mode} training (fingerprint "
+                               f"{fingerprint[:12]} -> {now[:12]}); not writing {path}")
+        save_checkpoint(model, tokenizer, path, checkpoint_mode, [task.name], args.model_checkpoint,
+                        base_fingerprint=now, extra=extra)
+
+    keeper = CheckpointKeeper(output_dir, save)
+    pbar = None
+    tb_logger = None
+    start = time.time()
+
+    def validate(engine):
+        state = evaluator.run(valid_loader)
+        nll, ppl = state.metrics["nll"], state.metrics["ppl"]
+        if not main_process:
+            return
+        loss = engine.state.metrics.get("loss")
+        record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
+                  "train_loss": None if loss is None else float(loss), "val_nll": nll,
+                  "val_ppl": ppl if math.isfinite(ppl) else None, "lr": optimizer.param_groups[0]["lr"],
+                  "elapsed": round(time.time() - start, 3)}
+        metrics_log.add(record)
+        message = f"validation after epoch {engine.state.epoch}: nll {nll:.4f}, ppl {ppl:.3f}"
+        (pbar.log_message if pbar is not None else logger.info)(message)
+
+    if main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        write_json(os.path.join(output_dir, ARGS_FILE), json_ready(args))
+        pbar = ProgressBar(persist=True)
+        pbar.attach(trainer, metric_names=["loss"])
+        tb_logger = attach_tensorboard(output_dir, trainer, evaluator, optimizer)
+    if args.eval_before_start:
+        trainer.add_event_handler(Events.STARTED, validate)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
+    if main_process:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: keeper(e.state.epoch))
+
+    try:
+        if args.n_epochs > 0:
+            trainer.run(train_loader, max_epochs=args.n_epochs)
+        else:  # no training: validate the starting model once, as the authors did with n_epochs < 1
+            trainer.state.epoch = trainer.state.iteration = 0
+            validate(trainer)
+    finally:
+        if tb_logger is not None:
+            tb_logger.close()
+    if main_process:
+        save(output_dir)
+        print(f"model saved to {output_dir}")
+    return TrainResult(model, tokenizer, output_dir, metrics_log.records, mode)
