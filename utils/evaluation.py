@@ -84,40 +84,60 @@ def teacher_forced_nll(model, task, records, max_history, task_id, batch_size, m
     return total / max(count, 1)
 
 
-def score_and_write(task, prompts, outputs, output_dir, extra=None):
-    """Metrics for one task, printed by the caller; files as the authors wrote them, plus
-    `<task>_metrics.json`. outputs: decoded strings, one per prompt."""
-    os.makedirs(output_dir, exist_ok=True)
+def _references(prompts):
+    return [p.meta["reference"] for p in prompts]
+
+
+def _coqa(outputs, prompts):
+    predictions = [{"id": p.meta["id"], "turn_id": p.meta["turn_id"], "answer": out} for p, out in zip(prompts, outputs)]
+    gold = {(p.meta["id"], p.meta["turn_id"]): [p.meta["reference"]] for p in prompts}
+    return metrics.coqa_scores(predictions, gold)
+
+
+# Metric name in the task table -> scorer(outputs, prompts) -> {name: value}.
+SCORERS = {
+    "bleu": lambda outputs, prompts: {"bleu": metrics.moses_bleu(outputs, _references(prompts))},
+    "sacrebleu": lambda outputs, prompts: {"sacrebleu": metrics.sacre_bleu(outputs, _references(prompts))},
+    "rouge": lambda outputs, prompts: metrics.rouge_scores(outputs, _references(prompts)),
+    "f1": lambda outputs, prompts: {"f1": metrics.unigram_f1(outputs, _references(prompts))},
+    "coqa": _coqa,
+    "e2e": lambda outputs, prompts: metrics.e2e_scores(outputs, [p.meta["references"] for p in prompts]),
+}
+
+
+def write_outputs(task, prompts, outputs, output_dir):
+    """The files the authors wrote (`<task>_output.txt`, `<task>_ref.txt`, ...), in the formats the
+    official scorers read."""
     path = lambda name: os.path.join(output_dir, f"{task.name}_{name}")  # noqa: E731
-    result = {"task": task.name, "examples": len(prompts)}
     if task.name == "qa":
         predictions = [{"id": p.meta["id"], "turn_id": p.meta["turn_id"], "answer": out}
                        for p, out in zip(prompts, outputs)]
-        gold = {(p.meta["id"], p.meta["turn_id"]): [p.meta["reference"]] for p in prompts}
-        write_json(path("output.txt"), predictions, indent=None)  # the authors' file name
-        write_json(path("predictions.json"), predictions)
-        result.update(metrics.coqa_scores(predictions, gold))
-    elif task.name == "nlg":
-        references = [p.meta["references"] for p in prompts]
-        write_lines(path("output.txt"), outputs)
-        # The official E2E scorer's multi-reference format: one block per MR, blank line between.
-        write_lines(path("ref.txt"), [line for refs in references for line in refs + [""]][:-1])
+        write_json(path("output.txt"), predictions, indent=None)  # the authors' name for it
+        write_json(path("predictions.json"), predictions)         # for the official CoQA scorer
+        return
+    write_lines(path("output.txt"), outputs)
+    if task.layout == "nlg":
+        # The official E2E scorer's multi-reference format: one block per MR, a blank line between.
+        blocks = [p.meta["references"] for p in prompts]
+        write_lines(path("ref.txt"), [line for refs in blocks for line in refs + [""]][:-1])
         write_lines(path("mr.txt"), [p.meta["mr"] for p in prompts])
-        result.update(metrics.e2e_scores(outputs, references))
     else:
-        references = [p.meta["reference"] for p in prompts]
-        write_lines(path("output.txt"), outputs)
-        write_lines(path("ref.txt"), references)
-        result["bleu"] = metrics.moses_bleu(outputs, references)
-        if task.name == "mt":
-            result["sacrebleu"] = metrics.sacre_bleu(outputs, references)
-        if task.name in ("mt", "summarization"):
-            result.update(metrics.rouge_scores(outputs, references))
-        if task.name == "dialogue":
-            write_lines(path("persona.txt"), ["\t".join(p.meta["persona"]) for p in prompts])
-            result["f1"] = metrics.unigram_f1(outputs, references)
+        write_lines(path("ref.txt"), _references(prompts))
+    if task.name == "dialogue":
+        write_lines(path("persona.txt"), ["\t".join(p.meta["persona"]) for p in prompts])
+
+
+def score_and_write(task, prompts, outputs, output_dir, extra=None):
+    """The task's metrics (from the task table) and files, plus `<task>_metrics.json`.
+    outputs: decoded strings, one per prompt."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_outputs(task, prompts, outputs, output_dir)
+    result = {"task": task.name, "examples": len(prompts)}
+    for name in task.metrics:
+        if name in SCORERS:
+            result.update(SCORERS[name](outputs, prompts))
     result.update(extra or {})
-    write_json(path("metrics.json"), result)
+    write_json(os.path.join(output_dir, f"{task.name}_metrics.json"), result)
     return result
 
 
@@ -132,7 +152,7 @@ def evaluate_task(model, tokenizer, task, dataset_path, options, task_id, max_hi
     generated = generate(model, prompts, options, batch_size=batch_size, progress=progress, desc=task.name)
     outputs = [decode_text(tokenizer, ids, cleanup) for ids in generated]
     extra = {}
-    if task.name == "dialogue":
+    if "ppl" in task.metrics:
         nll = teacher_forced_nll(model, task, records, max_history, task_id, batch_size,
                                  model.config.n_positions)
         extra = {"nll": nll, "ppl": math.exp(nll)}

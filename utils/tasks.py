@@ -36,7 +36,7 @@ class Task:
     max_source_tokens: int = 0   # 0: no cut
     max_target_tokens: int = 0
     min_tokens: int = 0          # drop pairs with fewer tokens on either side (seq2seq only)
-    metrics: tuple = ()
+    metrics: tuple = ()          # names in utils.evaluation.SCORERS (+ "ppl": teacher-forced)
     slot_tokens: dict = field(default_factory=dict)  # nlg: MR slot name -> special token
 
     @property
@@ -64,7 +64,7 @@ TASKS = {
         default_dataset="data/CoQA/data.json", bottleneck=300,
         full_finetune=Hyper(2, 8, 3, 6.25e-5), adapter=Hyper(2, 8, 5, 5e-4),
         max_history=1, max_source_tokens=400,  # the story is cut to 400 tokens
-        metrics=("coqa_f1", "coqa_em"),
+        metrics=("coqa",),
     ),
     "mt": Task(
         name="mt", task_id=2, layout="seq2seq",
