@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 OUT=${1:-runs/demo}
 export TOKENIZERS_PARALLELISM=false
+rm -rf "$OUT/tiny-gpt2" "$OUT/nlg_adapter" "$OUT/mt_adapter" "$OUT/results"  # a re-run starts afresh
 
 $PYTHON -m models.tiny_gpt2 "$OUT/tiny-gpt2" --n_layer 2 --n_embd 128 --n_head 4
 for task in nlg mt; do
