@@ -82,12 +82,10 @@ def read_user_items(text):
     return items
 
 
-def decode_user_input(model, tokenizer, task, args, options, task_id, banned_ids=()):
+def decode_user_input(model, tokenizer, task, args, options, task_id):
     max_history = task.max_history if args.max_history is None else args.max_history
     items = read_user_items(args.input)
     prompts = [user_prompt(task, item, tokenizer, max_history, task_id, where) for item, where in items]
-    for prompt in prompts:
-        prompt.banned_ids = tuple(banned_ids)
     outputs = generate(model, prompts, options, batch_size=args.batch_size, progress=False)
     for (item, _), ids in zip(items, outputs):
         text = decode_text(tokenizer, ids, cleanup=not args.raw_text)

@@ -167,7 +167,8 @@ class VersatileLM(nn.Module):
     def mark_trainable(self, mode, task=None):
         """Set requires_grad for a training mode and return the trainable parameters.
 
-        full: everything. adapter: the task's adapters + its own special-token rows.
+        `task` is one task name or a list of them (multi-task training).
+        full: everything. adapter: the tasks' adapters + their own special-token rows.
         emb_only: only those rows. outputlayer_only: the whole (tied) embedding/output table.
         Row restriction is a gradient mask on the tied table; with AdamW and no weight decay
         the other rows, like the frozen backbone, stay bit-identical."""
@@ -180,14 +181,17 @@ class VersatileLM(nn.Module):
                 p.requires_grad_(True)
             return [p for p in self.parameters()]
         freeze_all(self)
+        tasks = _task_list(task)
         if mode in ("adapter", "emb_only"):
             wte.requires_grad_(True)
-            self._row_mask_handles.append(mask_embedding_rows(wte, task_token_ids(TASKS[task])))
+            rows = [i for t in tasks for i in task_token_ids(TASKS[t])]
+            self._row_mask_handles.append(mask_embedding_rows(wte, rows))
             if mode == "adapter":
-                if task not in self.adapters:
-                    raise VLMError(f"no adapter for task {task}")
-                for p in self.adapters[task].parameters():
-                    p.requires_grad_(True)
+                for t in tasks:
+                    if t not in self.adapters:
+                        raise VLMError(f"no adapter for task {t}")
+                    for p in self.adapters[t].parameters():
+                        p.requires_grad_(True)
         elif mode == "outputlayer_only":
             wte.requires_grad_(True)
         else:
@@ -200,6 +204,11 @@ class VersatileLM(nn.Module):
             return count_parameters(self.parameters())
         if mode == "outputlayer_only":
             return self.gpt2.get_input_embeddings().weight.numel()
-        rows = len(TASKS[task].special_tokens) * self.gpt2.config.n_embd
-        adapters = count_parameters(self.adapters[task].parameters()) if mode == "adapter" else 0
+        tasks = _task_list(task)
+        rows = sum(len(TASKS[t].special_tokens) for t in tasks) * self.gpt2.config.n_embd
+        adapters = sum(count_parameters(self.adapters[t].parameters()) for t in tasks) if mode == "adapter" else 0
         return adapters + rows
+
+
+def _task_list(task):
+    return [task] if isinstance(task, str) else list(task)

@@ -183,3 +183,10 @@ def test_training_examples_drop_too_long_inputs(caplog):
     with pytest.raises(VLMError, match="no usable examples"):
         training_examples(mt, records[:1], 2, max_positions=20, where="mt.json train")
     assert torch.tensor(examples[0]["input_ids"]).shape == (8,)
+
+
+def test_banned_tokens_are_pad_and_other_tasks_tokens():
+    from utils.tasks import banned_token_ids
+    banned = banned_token_ids(TASKS["nlg"])
+    assert banned == tuple(range(50257, 50276))  # <pad> .. <target_sm>; nlg's own 50276-50286 allowed
+    assert 50268 not in banned_token_ids(TASKS["mt"]) and 50257 in banned_token_ids(TASKS["mt"])

@@ -11,7 +11,7 @@ from utils.data import build_inputs, collate, iter_contexts, load_task_data, tra
 from utils.generate import Prompt, generate
 from utils.io import write_json, write_lines
 from utils.errors import VLMError
-from utils.tasks import task_token_ids
+from utils.tasks import banned_token_ids, task_token_ids
 
 
 def clean_up_tokenization(text):
@@ -33,13 +33,15 @@ def mr_key(slots):
     return ", ".join(f"{slot}[{value}]" for slot, value in slots)
 
 
-def make_prompt(task, context, task_id, banned_ids=(), meta=None):
+def make_prompt(task, context, task_id, meta=None):
+    """The decoding prompt of one example: its input with an empty reply; the task's special
+    tokens stop it and other tasks' special tokens are never generated."""
     example = build_inputs(task, context, [], with_eos=False)
     return Prompt(example["input_ids"], example["token_type_ids"], task_id, tuple(task_token_ids(task)),
-                  tuple(banned_ids), dict(meta or {}))
+                  banned_token_ids(task), dict(meta or {}))
 
 
-def dataset_prompts(task, records, max_history, tokenizer, task_id, banned_ids=()):
+def dataset_prompts(task, records, max_history, tokenizer, task_id):
     """One prompt per example of an evaluation split (per unique MR for nlg), with its reference.
 
     As the authors' evaluate.py: sources cut, targets whole, persona not rotated."""
@@ -52,7 +54,7 @@ def dataset_prompts(task, records, max_history, tokenizer, task_id, banned_ids=(
             if key in by_mr:  # E2E: all references of one MR belong to one output
                 by_mr[key].meta["references"].append(reference)
                 continue
-            prompt = make_prompt(task, context, task_id, banned_ids, {"mr": key, "references": [reference]})
+            prompt = make_prompt(task, context, task_id, {"mr": key, "references": [reference]})
             by_mr[key] = prompt
         else:
             meta = {"reference": reference}
@@ -60,7 +62,7 @@ def dataset_prompts(task, records, max_history, tokenizer, task_id, banned_ids=(
                 meta.update(id=record["id"], turn_id=utterance.get("turn_id"))
             elif task.name == "dialogue":
                 meta["persona"] = [decode_text(tokenizer, p) for p in context[0]]
-            prompt = make_prompt(task, context, task_id, banned_ids, meta)
+            prompt = make_prompt(task, context, task_id, meta)
         prompts.append(prompt)
     return prompts
 
@@ -142,13 +144,12 @@ def score_and_write(task, prompts, outputs, output_dir, extra=None):
 
 
 def evaluate_task(model, tokenizer, task, dataset_path, options, task_id, max_history=None,
-                  batch_size=32, output_dir="results", dataset_cache=None, banned_ids=(), cleanup=True,
-                  progress=True):
+                  batch_size=32, output_dir="results", dataset_cache=None, cleanup=True, progress=True):
     """Decode a task's evaluation split, score it and write the files; returns the metrics."""
     max_history = task.max_history if max_history is None else max_history
     data = load_task_data(task, dataset_path, tokenizer, [task.test_split], dataset_cache)
     records = data[task.test_split]
-    prompts = dataset_prompts(task, records, max_history, tokenizer, task_id, banned_ids)
+    prompts = dataset_prompts(task, records, max_history, tokenizer, task_id)
     generated = generate(model, prompts, options, batch_size=batch_size, progress=progress, desc=task.name)
     outputs = [decode_text(tokenizer, ids, cleanup) for ids in generated]
     extra = {}

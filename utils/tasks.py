@@ -117,3 +117,12 @@ def special_token_id(token):
 def task_token_ids(task):
     """Ids of the task's own special tokens, in table order (bos, eos, ...)."""
     return [special_token_id(t) for t in task.special_tokens]
+
+
+def banned_token_ids(task):
+    """Added tokens a task never generates: `<pad>` and every other task's special tokens.
+
+    The authors masked other tasks' tokens when decoding with the combined model; evaluate.py
+    applies the same mask, so a single-task checkpoint and the combined model decode alike."""
+    own = set(task_token_ids(task))
+    return tuple(i for i in range(GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)) if i not in own)
