@@ -415,7 +415,9 @@ class MetricsLog:
 
 
 def attach_tensorboard(output_dir, trainer, evaluator, optimizer):
-    """TensorBoard logs in <output_dir>/tensorboard when tensorboard (or tensorboardX) is installed."""
+    """TensorBoard logs in <output_dir>/tensorboard when tensorboard (or tensorboardX) is installed.
+
+    `evaluator`: one Engine (tag "validation") or {name: Engine} (tags "validation/<name>")."""
     try:
         from ignite.handlers import TensorboardLogger, global_step_from_engine
         tb_logger = TensorboardLogger(log_dir=os.path.join(output_dir, "tensorboard"))
@@ -424,9 +426,28 @@ def attach_tensorboard(output_dir, trainer, evaluator, optimizer):
         return None
     tb_logger.attach_output_handler(trainer, Events.ITERATION_COMPLETED, tag="training", metric_names=["loss"])
     tb_logger.attach_opt_params_handler(trainer, Events.ITERATION_STARTED, optimizer, param_name="lr")
-    tb_logger.attach_output_handler(evaluator, Events.COMPLETED, tag="validation", metric_names=["nll", "ppl"],
-                                    global_step_transform=global_step_from_engine(trainer))
+    evaluators = evaluator if isinstance(evaluator, dict) else {None: evaluator}
+    for name, engine in evaluators.items():
+        tb_logger.attach_output_handler(engine, Events.COMPLETED,
+                                        tag="validation" if name is None else f"validation/{name}",
+                                        metric_names=["nll", "ppl"],
+                                        global_step_transform=global_step_from_engine(trainer))
     return tb_logger
+
+
+def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, fingerprint, extra, mode):
+    """save(path): writes the checkpoint of `tasks`. `fingerprint` (the frozen backbone's, taken
+    before training; None when the backbone trains) is checked again at every save."""
+    def save(path):
+        # Adapter checkpoints record the backbone's fingerprint taken now, from the trained model,
+        # so loading one also proves the frozen backbone did not move; a moved one stops here.
+        now = backbone_fingerprint(model.gpt2) if fingerprint else None
+        if now != fingerprint:
+            raise RuntimeError(f"the frozen backbone changed during {mode} training (fingerprint "
+                               f"{fingerprint[:12]} -> {now[:12]}); not writing {path}")
+        save_checkpoint(model, tokenizer, path, checkpoint_mode, list(tasks), base_model,
+                        base_fingerprint=now, extra=extra)
+    return save
 
 
 def json_ready(args):
@@ -450,16 +471,22 @@ def run_training(args):
     wraps the model in DistributedDataParallel and only rank 0 writes files or shows progress."""
     task, mode = prepare_args(args)
     fp16 = parse_fp16(args.fp16)
+    return run_distributed(args.device, fp16, lambda device: _run(args, task, mode, device, fp16))
+
+
+def run_distributed(device_name, fp16, body):
+    """body(device) in this process or, launched by torchrun (WORLD_SIZE > 1), inside the process
+    group (gloo on CPU, nccl on CUDA; each process on cuda:<local rank>); returns body's result."""
     if distributed_world() <= 1:
-        return _run(args, task, mode, resolve_device(args.device, fp16), fp16)
-    device = resolve_device(args.device, fp16, int(os.environ.get("LOCAL_RANK", "0")))
+        return body(resolve_device(device_name, fp16))
+    device = resolve_device(device_name, fp16, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if idist.get_world_size() > 1:  # the caller already joined the process group
-        return _run(args, task, mode, device, fp16)
+        return body(device)
     idist.initialize("nccl" if device.type == "cuda" else "gloo")
     try:
-        result = _run(args, task, mode, device, fp16)
+        result = body(device)
         idist.barrier()  # rank 0 has written its files before anyone leaves
         return result
     finally:
@@ -504,16 +531,8 @@ def _run(args, task, mode, device, fp16):
     checkpoint_mode = "adapter" if mode in ("adapter", "emb_only") else "full"
     extra = {"training_args": json_ready(args)}
 
-    def save(path):
-        # Adapter checkpoints record the backbone's fingerprint taken now, from the trained model,
-        # so loading one also proves the frozen backbone did not move; a moved one stops here.
-        now = backbone_fingerprint(model.gpt2) if fingerprint else None
-        if now != fingerprint:
-            raise RuntimeError(f"the frozen backbone changed during {mode} training (fingerprint "
-                               f"{fingerprint[:12]} -> {now[:12]}); not writing {path}")
-        save_checkpoint(model, tokenizer, path, checkpoint_mode, [task.name], args.model_checkpoint,
-                        base_fingerprint=now, extra=extra)
-
+    save = checkpoint_saver(model, tokenizer, checkpoint_mode, [task.name], args.model_checkpoint, fingerprint,
+                            extra, mode)
     keeper = CheckpointKeeper(output_dir, save)
     pbar = None
     tb_logger = None

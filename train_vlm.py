@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Multi-task training of the Versatile Language Model on several tasks' data at once: by default
+every task's residual adapters and task embeddings on one frozen GPT-2 (one multi-task adapter
+checkpoint); with --no_adapter, full fine-tuning of GPT-2 on the mixed data (a full checkpoint,
+decoded with task id -1 since it has no adapters).
+
+    python train_vlm.py --gradient_accumulation_steps=16 --train_batch_size=1 --valid_batch_size=1 --n_epochs 3
+    python train_vlm.py --tasks mt nlg --dataset_paths mt=data/NMT/data_en_ge.json nlg=data/NLG/data.json
+    torchrun --nproc_per_node 2 train_vlm.py ...             (distributed data parallel)
+
+Each epoch draws from task t a share proportional to n_t^(1/T) of all training examples
+(--temperature T; 1 = every example once, larger = closer to uniform over tasks). Batches mix
+tasks (--mix_tasks, the default) or hold one task each (--no-mix_tasks). Validation reports the
+token-level NLL and perplexity of every task after each epoch (metrics.jsonl)."""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train import ArgumentParser  # noqa: E402  (argparse errors as one `error:` line, exit 2)
+from utils.errors import exit_on_user_error  # noqa: E402
+from utils.multitask import DEFAULTS, run_multitask  # noqa: E402
+from utils.tasks import TASKS  # noqa: E402
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
+                        help=f"tasks trained together ({', '.join(TASKS)})")
+    parser.add_argument("--dataset_paths", nargs="+", default=[], metavar="TASK=PATH",
+                        help="dataset JSON per task; a task not named here reads its path from the authors' run.sh")
+    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
+                        help="prefix of the tokenized-dataset cache files")
+    parser.add_argument("--model_checkpoint", type=str, default="gpt2", help="GPT-2 hub name or local folder")
+    parser.add_argument("--no_adapter", action="store_true",
+                        help="full fine-tuning of GPT-2 on all tasks, no adapters (default: adapters, frozen GPT-2)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="task sampling temperature: p_t ~ n_t^(1/T); 1 = proportional, inf = uniform")
+    parser.add_argument("--mix_tasks", action=argparse.BooleanOptionalAction, default=True,
+                        help="batches mix tasks (--no-mix_tasks: every batch holds one task)")
+    parser.add_argument("--max_history", type=int, default=None,
+                        help="previous exchanges kept for dialogue and qa (None: each task's own, 2 and 1)")
+    parser.add_argument("--train_batch_size", type=int, default=DEFAULTS["train_batch_size"],
+                        help="batch size for training")
+    parser.add_argument("--valid_batch_size", type=int, default=DEFAULTS["valid_batch_size"],
+                        help="batch size for validation")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=DEFAULTS["gradient_accumulation_steps"],
+                        help="batches accumulated per optimizer step")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate, falling linearly to 0 (None: 5e-4; 6.25e-5 with --no_adapter)")
+    parser.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping norm")
+    parser.add_argument("--n_epochs", type=int, default=DEFAULTS["n_epochs"], help="training epochs")
+    parser.add_argument("--eval_before_start", action="store_true", help="validate before training")
+    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (None: cuda if available)")
+    parser.add_argument("--fp16", type=str, default="",
+                        help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
+    parser.add_argument("--local_rank", type=int, default=-1,
+                        help="accepted for torch.distributed.launch; torchrun's environment is what is used")
+    parser.add_argument("--output_dir", type=str, default=None,
+                        help="run folder (None: runs/<date>_VLM_multitask_<adapter|full>_<model>_T<T>_lr<lr>_ep<n>)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of python, torch and the task sampler")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.getLogger("ignite").setLevel(logging.WARNING)
+    run_multitask(args)
+
+
+if __name__ == "__main__":
+    main()
