@@ -17,7 +17,7 @@ from models.vlm import VOCAB_SIZE, VersatileLM, add_special_token_rows, backbone
 from utils.data import load_tokenizer, read_json_file
 from utils.errors import VLMError
 from utils.io import atomic_path, write_json
-from utils.tasks import TASKS, task_token_ids
+from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
 
 CONFIG_NAME = "vlm_config.json"
 FULL_WEIGHTS = "model.safetensors"
@@ -30,8 +30,11 @@ def resolve_base_name(name_or_path):
     return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
 
 
-def adapter_state_dict(model, tasks):
-    """Adapter weights and own special-token rows of `tasks`: the only trained tensors."""
+def adapter_state_dict(model, tasks, all_special_rows=False):
+    """Adapter weights and own special-token rows of `tasks`: the only trained tensors.
+
+    all_special_rows: also store all 30 added rows as `special_token_rows` (converted authors'
+    checkpoints: their training moved every added row, not only the task's own)."""
     tensors = {}
     for task in tasks:
         if task in model.adapters:
@@ -39,6 +42,8 @@ def adapter_state_dict(model, tasks):
                 tensors[f"adapters.{task}.{name}"] = tensor
         rows = model.gpt2.get_input_embeddings().weight[task_token_ids(TASKS[task])]
         tensors[f"task_embeddings.{task}"] = rows
+    if all_special_rows:
+        tensors["special_token_rows"] = model.gpt2.get_input_embeddings().weight[GPT2_VOCAB_SIZE:]
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -48,7 +53,7 @@ def save_safetensors(path, tensors, metadata=None):
 
 
 def save_checkpoint(model, tokenizer, output_dir, mode, tasks, base_model, base_fingerprint=None,
-                    extra=None, weights_name=None):
+                    extra=None, weights_name=None, all_special_rows=False):
     """Write a checkpoint folder; every file goes through a temporary name and a rename."""
     os.makedirs(output_dir, exist_ok=True)
     tokenizer.save_pretrained(output_dir)
@@ -62,9 +67,12 @@ def save_checkpoint(model, tokenizer, output_dir, mode, tasks, base_model, base_
         save_safetensors(os.path.join(output_dir, weights_name or FULL_WEIGHTS), state, {"format": "pt"})
         write_json(os.path.join(output_dir, "config.json"), model.gpt2.config.to_dict())
         config["base_model"] = base_model
+        adapters = {k: v for k, v in adapter_state_dict(model, tasks).items() if k.startswith("adapters.")}
+        if adapters:  # a full GPT-2 with adapters (e.g. converted from adapters over another backbone)
+            save_safetensors(os.path.join(output_dir, ADAPTER_WEIGHTS), adapters, {"format": "pt"})
     elif mode == "adapter":
         save_safetensors(os.path.join(output_dir, weights_name or ADAPTER_WEIGHTS),
-                         adapter_state_dict(model, tasks), {"format": "pt"})
+                         adapter_state_dict(model, tasks, all_special_rows), {"format": "pt"})
         config["base_model"] = resolve_base_name(base_model)
         config["base_fingerprint"] = base_fingerprint or backbone_fingerprint(model.gpt2)
     else:
@@ -107,7 +115,9 @@ def load_checkpoint(path, device="cpu", base_model=None, weights_name=None):
             raise VLMError(f"{path}: weights do not match the GPT-2 config "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         gpt2.tie_weights()
-        model = VersatileLM(gpt2)
+        model = VersatileLM(gpt2, {t: s["bottleneck"] for t, s in config["tasks"].items() if s["bottleneck"] > 0})
+        if model.adapters:
+            load_adapter_tensors(model, _load_tensors(os.path.join(path, ADAPTER_WEIGHTS)), path)
     else:
         base = base_model or config["base_model"]
         gpt2 = load_backbone(base)
@@ -125,7 +135,16 @@ def load_adapter_tensors(model, tensors, where):
     wte = model.gpt2.get_input_embeddings().weight
     seen = set()
     with torch.no_grad():
+        if "special_token_rows" in tensors:  # all 30 added rows; first, so task_embeddings.* win
+            rows = tensors["special_token_rows"]
+            if tuple(rows.shape) != (VOCAB_SIZE - GPT2_VOCAB_SIZE, wte.shape[1]):
+                raise VLMError(f"{where}: special_token_rows has shape {tuple(rows.shape)}, "
+                               f"expected {(VOCAB_SIZE - GPT2_VOCAB_SIZE, wte.shape[1])}")
+            wte[GPT2_VOCAB_SIZE:] = rows.to(wte)
+            seen.add("special_token_rows")
         for key, tensor in tensors.items():
+            if key == "special_token_rows":
+                continue
             kind, _, rest = key.partition(".")
             if kind == "task_embeddings" and rest in TASKS:
                 rows = task_token_ids(TASKS[rest])
