@@ -143,14 +143,15 @@ def score_and_write(task, prompts, outputs, output_dir, extra=None):
     return result
 
 
-def evaluate_task(model, tokenizer, task, dataset_path, options, task_id, max_history=None,
-                  batch_size=32, output_dir="results", dataset_cache=None, cleanup=True, progress=True):
-    """Decode a task's evaluation split, score it and write the files; returns the metrics."""
-    max_history = task.max_history if max_history is None else max_history
-    data = load_task_data(task, dataset_path, tokenizer, [task.test_split], dataset_cache)
-    records = data[task.test_split]
-    prompts = dataset_prompts(task, records, max_history, tokenizer, task_id)
-    generated = generate(model, prompts, options, batch_size=batch_size, progress=progress, desc=task.name)
+def evaluation_records(task, dataset_path, tokenizer, dataset_cache=None):
+    """The records of a task's evaluation split (the split evaluate.py decodes)."""
+    return load_task_data(task, dataset_path, tokenizer, [task.test_split], dataset_cache)[task.test_split]
+
+
+def finish_task(model, tokenizer, task, records, prompts, generated, task_id, max_history, batch_size=32,
+                output_dir="results", cleanup=True):
+    """Decoded ids -> text, plus the teacher-forced perplexity for tasks that report it (dialogue);
+    scores and writes the task's files and returns its metrics. `max_history`: as resolved for prompts."""
     outputs = [decode_text(tokenizer, ids, cleanup) for ids in generated]
     extra = {}
     if "ppl" in task.metrics:
@@ -158,6 +159,17 @@ def evaluate_task(model, tokenizer, task, dataset_path, options, task_id, max_hi
                                  model.config.n_positions)
         extra = {"nll": nll, "ppl": math.exp(nll)}
     return score_and_write(task, prompts, outputs, output_dir, extra)
+
+
+def evaluate_task(model, tokenizer, task, dataset_path, options, task_id, max_history=None,
+                  batch_size=32, output_dir="results", dataset_cache=None, cleanup=True, progress=True):
+    """Decode a task's evaluation split, score it and write the files; returns the metrics."""
+    max_history = task.max_history if max_history is None else max_history
+    records = evaluation_records(task, dataset_path, tokenizer, dataset_cache)
+    prompts = dataset_prompts(task, records, max_history, tokenizer, task_id)
+    generated = generate(model, prompts, options, batch_size=batch_size, progress=progress, desc=task.name)
+    return finish_task(model, tokenizer, task, records, prompts, generated, task_id, max_history, batch_size,
+                       output_dir, cleanup)
 
 
 def format_metrics(result):

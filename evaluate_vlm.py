@@ -1,0 +1,156 @@
+"""Evaluate a combined VLM checkpoint (several tasks' adapters over one GPT-2): one task, or all its tasks.
+
+    python evaluate_vlm.py --task mt --no_sample --model_checkpoint runs/VLM
+    python evaluate_vlm.py --task all --no_sample --model_checkpoint runs/VLM \\
+        --dataset_paths mt=data/NMT/data_en_ge.json nlg=data/NLG/data.json
+    python evaluate_vlm.py --task nlg --no_sample --model_checkpoint runs/VLM --input "name[The Vaults], eatType[pub]"
+
+Each task decodes exactly as evaluate.py does on that task's own checkpoint (other tasks' special
+tokens are never generated). `--task all` puts every task's prompts in one list, so rows of different
+tasks share batches and forward passes (the model picks each row's adapters), then scores each task
+and writes `summary.json` and `summary.md` beside the per-task files.
+"""
+import logging
+import os
+from argparse import ArgumentParser
+from dataclasses import asdict
+
+from evaluate import check_decoding_arguments, decode_user_input, decoding_arguments
+from models.checkpoint import CONFIG_NAME, load_checkpoint, read_config
+from utils.errors import VLMError, exit_on_user_error
+from utils.evaluation import dataset_prompts, evaluation_records, finish_task, format_metrics
+from utils.generate import generate
+from utils.io import write_json, write_text
+from utils.tasks import TASKS, get_task
+
+DEFAULT_OUTPUT_DIR = "results/VLM_result"  # the authors' folder
+
+
+def parse_dataset_paths(entries):
+    """`--dataset_paths mt=PATH nlg=PATH` -> {task: path}."""
+    paths = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise VLMError(f"--dataset_paths {entry}: expected TASK=PATH, e.g. mt=data/NMT/data_en_ge.json")
+        if name not in TASKS:
+            raise VLMError(f"--dataset_paths {entry}: unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        if name in paths:
+            raise VLMError(f"--dataset_paths: {name} is given twice")
+        paths[name] = path
+    return paths
+
+
+def checkpoint_tasks(path):
+    """{task: settings} of a checkpoint, read from its config before the (large) model is loaded."""
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        where = "not found" if not os.path.exists(path) else f"no {CONFIG_NAME}: not a VLM checkpoint"
+        raise VLMError(f"--model_checkpoint {path}: {where} (a plain GPT-2 is evaluated with evaluate.py)")
+    tasks = read_config(path).get("tasks") or {}
+    if not isinstance(tasks, dict) or not tasks:
+        raise VLMError(f"{os.path.join(path, CONFIG_NAME)}: the checkpoint holds no tasks")
+    unknown = [name for name in tasks if name not in TASKS]
+    if unknown:
+        raise VLMError(f"{os.path.join(path, CONFIG_NAME)}: unknown task {unknown[0]!r} in the checkpoint config")
+    return tasks
+
+
+def select_tasks(args, held):
+    """Task names to evaluate (checkpoint order for `all`) and each one's dataset file."""
+    names = list(held) if args.task == "all" else [get_task(args.task).name]
+    for name in names:
+        if name not in held:
+            raise VLMError(f"--task {name}: {args.model_checkpoint} holds {', '.join(held)}, not {name}")
+    paths = parse_dataset_paths(args.dataset_paths)
+    for name, path in paths.items():
+        if name not in held:
+            raise VLMError(f"--dataset_paths {name}={path}: {args.model_checkpoint} holds "
+                           f"{', '.join(held)}, not {name}")
+    if args.dataset_path:
+        if len(names) > 1:
+            raise VLMError("--dataset_path names one task's file; with --task all use --dataset_paths TASK=PATH ...")
+        if names[0] in paths:
+            raise VLMError(f"--dataset_path and --dataset_paths both give the {names[0]} file; keep one")
+        paths[names[0]] = args.dataset_path
+    return {name: paths.get(name, TASKS[name].default_dataset) for name in names}
+
+
+def adapter_task_id(model, task):
+    """The task's adapters if the model has them; -1 (plain GPT-2 rows) for a full-model checkpoint."""
+    return task.task_id if task.name in model.adapters else -1
+
+
+def evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir):
+    """Decode the evaluation splits of all tasks together and score each; returns {task: metrics}.
+
+    All prompts go to ONE generate() call, so its length-sorted batches mix tasks and each forward
+    pass routes every row through its own task's adapters. A row's output does not depend on the
+    other rows of its batch, so every task gets the outputs of a single-task run."""
+    parts, prompts = [], []
+    for name, path in dataset_paths.items():
+        task = TASKS[name]
+        task_id = adapter_task_id(model, task)
+        max_history = task.max_history if args.max_history is None else args.max_history
+        records = evaluation_records(task, path, tokenizer, args.dataset_cache)
+        task_prompts = dataset_prompts(task, records, max_history, tokenizer, task_id)
+        for index, prompt in enumerate(task_prompts):
+            # A sampled row's generator is seeded by this index: the task's own numbering, as in
+            # a single-task run, not the position in the combined list.
+            prompt.meta["index"] = index
+        parts.append((task, task_id, max_history, records, slice(len(prompts), len(prompts) + len(task_prompts))))
+        prompts.extend(task_prompts)
+
+    generated = generate(model, prompts, options, batch_size=args.batch_size,
+                         desc="+".join(dataset_paths) if len(dataset_paths) > 1 else next(iter(dataset_paths)))
+    return {task.name: finish_task(model, tokenizer, task, records, prompts[span], generated[span], task_id,
+                                   max_history, args.batch_size, output_dir, cleanup=not args.raw_text)
+            for task, task_id, max_history, records, span in parts}
+
+
+def write_summary(output_dir, checkpoint, options, results):
+    """`summary.json` (all tasks' metrics and the decoding settings) and a markdown table of it."""
+    write_json(os.path.join(output_dir, "summary.json"),
+               {"model_checkpoint": checkpoint, "decoding": asdict(options), "tasks": results})
+    lines = ["| task | examples | metrics |", "|---|---:|---|"]
+    for name, result in results.items():
+        scores = ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                           for key, value in result.items() if key not in ("task", "examples"))
+        lines.append(f"| {name} | {result['examples']} | {scores} |")
+    write_text(os.path.join(output_dir, "summary.md"), "\n".join(lines) + "\n")
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = decoding_arguments(ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--task", type=str, default="dialogue",
+                        help="a task of the checkpoint (mt, summarization, dialogue, qa, nlg) or all")
+    parser.add_argument("--dataset_paths", nargs="*", default=[], metavar="TASK=PATH",
+                        help="dataset file per task (default: each task's path in the task table)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.task != "all":
+        get_task(args.task)
+    if args.task == "all" and args.input is not None:
+        raise VLMError("--input decodes one task: give --task TASK, not all")
+    options = check_decoding_arguments(args)
+    held = checkpoint_tasks(args.model_checkpoint)
+    dataset_paths = select_tasks(args, held)
+
+    model, tokenizer, _ = load_checkpoint(args.model_checkpoint, args.device)
+    if args.input is not None:
+        task = TASKS[args.task]
+        decode_user_input(model, tokenizer, task, args, options, adapter_task_id(model, task))
+        return
+    output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
+    results = evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir)
+    for result in results.values():
+        print(format_metrics(result))
+    if args.task == "all":
+        write_summary(output_dir, args.model_checkpoint, options, results)
+        print(f"outputs, references, per-task metrics, summary.json and summary.md written to {output_dir}")
+    else:
+        print(f"outputs, references and {args.task}_metrics.json written to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()
