@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Offline end-to-end demo on the shipped samples: build a small random GPT-2 from a config,
-# train adapters and task embeddings briefly for two tasks (nlg, mt), evaluate both and print
-# their metrics. No download; a few minutes on a laptop CPU.
+# Offline end-to-end demo on the shipped samples: build a small random GPT-2 from a config, train
+# adapters and task embeddings briefly for two tasks (nlg, mt), evaluate each, combine both into one
+# VLM, evaluate every task of the VLM in mixed batches, and print the metrics side by side.
+# No download; a few minutes on a laptop CPU.
 #   bash demo.sh [OUTPUT_DIR]            (default runs/demo)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 OUT=${1:-runs/demo}
 export TOKENIZERS_PARALLELISM=false
-rm -rf "$OUT/tiny-gpt2" "$OUT/nlg_adapter" "$OUT/mt_adapter" "$OUT/results"  # a re-run starts afresh
+# a re-run starts afresh
+rm -rf "$OUT/tiny-gpt2" "$OUT/nlg_adapter" "$OUT/mt_adapter" "$OUT/VLM" "$OUT/results" "$OUT/results_vlm"
 
 $PYTHON -m models.tiny_gpt2 "$OUT/tiny-gpt2" --n_layer 2 --n_embd 128 --n_head 4
 for task in nlg mt; do
@@ -20,22 +22,32 @@ for task in nlg mt; do
     $PYTHON train.py --task "$task" --dataset_path "data/samples/$task.json" --dataset_cache "$OUT/dataset_cache" \
         --model_checkpoint "$OUT/tiny-gpt2" "${flags[@]}" --n_epochs 3 --train_batch_size 16 \
         --valid_batch_size 16 --gradient_accumulation_steps 1 --device cpu --output_dir "$OUT/${task}_adapter"
-    echo "== $task: decoding the evaluation split"
+    echo "== $task: decoding the evaluation split with the single-task checkpoint"
     $PYTHON evaluate.py --task "$task" --no_sample --model_checkpoint "$OUT/${task}_adapter" \
         --dataset_path "data/samples/$task.json" --dataset_cache "$OUT/dataset_cache" --max_length 40 \
         --device cpu --output_dir "$OUT/results"
 done
 
+echo "== combining both tasks into one model"
+$PYTHON combine_all.py "$OUT/nlg_adapter" "$OUT/mt_adapter" --output_dir "$OUT/VLM"
+echo "== decoding both tasks with the combined model, rows of both tasks in the same batches"
+$PYTHON evaluate_vlm.py --task all --no_sample --model_checkpoint "$OUT/VLM" --max_length 40 --device cpu \
+    --dataset_paths nlg=data/samples/nlg.json mt=data/samples/mt.json --dataset_cache "$OUT/dataset_cache" \
+    --output_dir "$OUT/results_vlm"
+
 echo
-echo "== summary ($OUT/results/*_metrics.json; training curves in $OUT/*_adapter/metrics.jsonl)"
+echo "== summary (metric files in $OUT/results*/; training curves in $OUT/*_adapter/metrics.jsonl)"
 $PYTHON - "$OUT" <<'PY'
-import json, sys
+import filecmp, json, sys
 out = sys.argv[1]
 for task in ("nlg", "mt"):
     curve = [json.loads(line) for line in open(f"{out}/{task}_adapter/metrics.jsonl")]
-    scores = json.load(open(f"{out}/results/{task}_metrics.json"))
+    single = json.load(open(f"{out}/results/{task}_metrics.json"))
+    combined = json.load(open(f"{out}/results_vlm/{task}_metrics.json"))
+    same = filecmp.cmp(f"{out}/results/{task}_output.txt", f"{out}/results_vlm/{task}_output.txt", shallow=False)
     ppl = " -> ".join(f"{row['val_ppl']:.0f}" for row in curve)
-    shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}
-    print(f"{task:4s} validation ppl by epoch: {ppl}")
-    print(f"     test metrics: {shown}")
+    print(f"{task}: validation ppl by epoch {ppl}")
+    print(f"     single-task: {({k: round(v, 4) for k, v in single.items() if isinstance(v, float)})}")
+    print(f"     combined:    {({k: round(v, 4) for k, v in combined.items() if isinstance(v, float)})}")
+    print(f"     combined model's outputs identical to the single-task model's: {same}")
 PY
