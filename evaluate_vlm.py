@@ -21,24 +21,9 @@ from utils.errors import VLMError, exit_on_user_error
 from utils.evaluation import dataset_prompts, evaluation_records, finish_task, format_metrics
 from utils.generate import generate
 from utils.io import write_json, write_text
-from utils.tasks import TASKS, get_task
+from utils.tasks import TASKS, get_task, parse_dataset_paths
 
 DEFAULT_OUTPUT_DIR = "results/VLM_result"  # the authors' folder
-
-
-def parse_dataset_paths(entries):
-    """`--dataset_paths mt=PATH nlg=PATH` -> {task: path}."""
-    paths = {}
-    for entry in entries:
-        name, sep, path = entry.partition("=")
-        if not sep or not name or not path:
-            raise VLMError(f"--dataset_paths {entry}: expected TASK=PATH, e.g. mt=data/NMT/data_en_ge.json")
-        if name not in TASKS:
-            raise VLMError(f"--dataset_paths {entry}: unknown task {name!r}; choose one of {', '.join(TASKS)}")
-        if name in paths:
-            raise VLMError(f"--dataset_paths: {name} is given twice")
-        paths[name] = path
-    return paths
 
 
 def checkpoint_tasks(path):

@@ -33,7 +33,7 @@ from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import collate, load_task_data, load_tokenizer, training_examples
 from utils.errors import VLMError
 from utils.io import write_json
-from utils.tasks import TASKS
+from utils.tasks import TASKS, parse_dataset_paths
 from utils.training import (ARGS_FILE, METRICS_FILE, CheckpointKeeper, MetricsLog, TrainResult, attach_lr_schedule,
                             attach_tensorboard, check_numbers, check_output_dir, checkpoint_saver, create_evaluator,
                             create_trainer, json_ready, make_loader, parse_fp16, run_distributed, set_seed,
@@ -63,21 +63,13 @@ def parse_tasks(names):
     return [name for name in TASKS if name in names]
 
 
-def parse_dataset_paths(items, tasks):
+def task_dataset_paths(items, tasks):
     """--dataset_paths task=PATH ... -> {task: path} for every task in `tasks` (table default
-    for those not given). Malformed items, unknown tasks and tasks not trained fail."""
-    given = {}
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise VLMError(f"--dataset_paths: expected TASK=PATH, got {item!r}")
-        if name not in TASKS:
-            raise VLMError(f"--dataset_paths {item}: unknown task {name!r}; choose from {', '.join(TASKS)}")
-        if name in given:
-            raise VLMError(f"--dataset_paths: {name} is given twice")
+    for those not given); a path for a task that is not trained fails."""
+    given = parse_dataset_paths(items)
+    for name in given:
         if name not in tasks:
-            raise VLMError(f"--dataset_paths {item}: {name} is not in --tasks ({' '.join(tasks)})")
-        given[name] = path
+            raise VLMError(f"--dataset_paths {name}={given[name]}: {name} is not in --tasks ({' '.join(tasks)})")
     return {task: given.get(task, TASKS[task].default_dataset) for task in tasks}
 
 
@@ -101,7 +93,7 @@ def prepare_multitask_args(args):
     'full'). Nothing is written. args.tasks becomes a list in table order, args.dataset_paths a dict."""
     mode = "full" if args.no_adapter else "adapter"
     args.tasks = parse_tasks(args.tasks)
-    args.dataset_paths = parse_dataset_paths(args.dataset_paths, args.tasks)
+    args.dataset_paths = task_dataset_paths(args.dataset_paths, args.tasks)
     check_temperature(args.temperature)
     for name, value in DEFAULTS.items():
         if getattr(args, name, None) is None:

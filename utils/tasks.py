@@ -126,3 +126,18 @@ def banned_token_ids(task):
     applies the same mask, so a single-task checkpoint and the combined model decode alike."""
     own = set(task_token_ids(task))
     return tuple(i for i in range(GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)) if i not in own)
+
+
+def parse_dataset_paths(items):
+    """`--dataset_paths mt=PATH nlg=PATH` -> {task: path}; malformed, unknown or repeated tasks fail."""
+    paths = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise VLMError(f"--dataset_paths {item}: expected TASK=PATH, e.g. mt=data/NMT/data_en_ge.json")
+        if name not in TASKS:
+            raise VLMError(f"--dataset_paths {item}: unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        if name in paths:
+            raise VLMError(f"--dataset_paths: {name} is given twice")
+        paths[name] = path
+    return paths
