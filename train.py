@@ -7,7 +7,9 @@
 
 Flags left out take the task table's values (utils/tasks.py: the authors' run.sh). The output
 folder holds the final model (load it with evaluate.py --model_checkpoint <output_dir>), the last
-three checkpoint_epoch<N>/ folders, metrics.jsonl and training_args.json."""
+three checkpoint_epoch<N>/ folders, metrics.jsonl and training_args.json. Each checkpoint also holds
+the training state (training_state.safetensors + training_state.json): after a crash, the same
+command with --resume continues from the last complete checkpoint and ends with the same weights."""
 import argparse
 import logging
 import os
@@ -59,6 +61,9 @@ def build_parser():
     parser.add_argument("--output_dir", type=str, default=None,
                         help="run folder (default: runs/<date>_<model>_<task>_<mode>_lr<lr>_ep<n>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of python and torch")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_dir from its last complete checkpoint "
+                             "(give the run's own flags again)")
     return parser
 
 
@@ -72,6 +77,9 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0") or 0)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     logging.getLogger("ignite").setLevel(logging.WARNING)
+    # The engine logs every exception it passes on at ERROR level; each is reported anyway (one
+    # `error:` line for user errors such as a NaN loss, a traceback for bugs).
+    logging.getLogger("ignite.engine.engine.Engine").setLevel(logging.CRITICAL)
     from utils.training import run_training
     run_training(args)
 

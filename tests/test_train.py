@@ -122,7 +122,8 @@ def test_adapter_cli_trains_adapters_and_own_rows_only(tmp_path, tiny_base, trai
     assert config["mode"] == "adapter" and config["tasks"]["nlg"]["bottleneck"] == 8
     assert config["training_args"]["adapter_bottleneck"] == 8
     assert sorted(os.listdir(out / "checkpoint_epoch2")) == sorted(
-        ["adapters.safetensors", "tokenizer.json", "tokenizer_config.json", "vlm_config.json"])
+        ["adapters.safetensors", "tokenizer.json", "tokenizer_config.json", "vlm_config.json",
+         "training_state.json", "training_state.safetensors"])  # the state --resume continues from
     wte, base_wte = model.gpt2.get_input_embeddings().weight, base.gpt2.get_input_embeddings().weight
     own = task_token_ids(TASKS["nlg"])
     used = [own[i] for i in (0, 1, 2, 3, 10)]  # <bos_nlg> <eos_nlg> <name> <eatType> <response>

@@ -1,6 +1,7 @@
 """The reusable pieces of training with pytorch-ignite: settings checks, devices and seeds, data
-loaders, the trainer and evaluator engines, the learning-rate schedule, per-epoch checkpoints,
-the metrics file and the run of one task (`run_training`, what train.py calls).
+loaders, the trainer and evaluator engines, the learning-rate schedule, per-epoch checkpoints
+(written whole or not at all, with the training state --resume continues from), the metrics file
+and the run of one task (`run_training`, what train.py calls).
 
 The trainer follows the authors' train.py: AdamW (no weight decay) over the trainable parameters,
 the learning rate falling linearly from --lr to 0 over all iterations, the loss divided by the
@@ -21,6 +22,8 @@ from datetime import datetime
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import ignite.distributed as idist
@@ -30,12 +33,13 @@ from ignite.metrics import Metric, RunningAverage
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from models.adapters import count_parameters
-from models.checkpoint import save_checkpoint
+from models.checkpoint import (ADAPTER_WEIGHTS, FULL_WEIGHTS, load_adapter_tensors, read_config,
+                               save_checkpoint)
 from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import (IGNORE_INDEX, LengthGroupedBatchSampler, collate, distilled_key, load_task_data,
                         load_tokenizer, training_examples)
 from utils.errors import VLMError
-from utils.io import write_json, write_text
+from utils.io import atomic_path, write_json, write_text
 from utils.tasks import GPT2_VOCAB_SIZE, get_task
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,14 @@ CHECKPOINT_PREFIX = "checkpoint_epoch"
 METRICS_FILE = "metrics.jsonl"
 ARGS_FILE = "training_args.json"
 FP16_LEVELS = ("O0", "O1", "O2", "O3")  # apex opt levels, accepted as the authors' --fp16 values
+# A checkpoint folder also holds what --resume needs: tensors (optimizer moments, torch random
+# states) in safetensors, everything else in JSON; nothing is pickled. The JSON file is written last.
+TRAINING_TENSORS = "training_state.safetensors"
+TRAINING_STATE = "training_state.json"
+# The flags that decide the course of training: --resume refuses a run started with other values.
+RESUME_SETTINGS = ("task", "model_checkpoint", "dataset_path", "adapter_bottleneck", "emb_only",
+                   "outputlayer_only", "random_init", "distillation", "max_history", "train_batch_size",
+                   "gradient_accumulation_steps", "lr", "max_norm", "n_epochs", "seed", "fp16")
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -121,9 +133,17 @@ def prepare_args(args):
     parse_fp16(args.fp16)
     if not args.device:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    resume = getattr(args, "resume", False)
     if not args.output_dir:
+        if resume:
+            raise VLMError("--resume needs --output_dir: the folder of the run to continue")
         args.output_dir = default_output_dir(args, mode)
-    check_output_dir(args.output_dir)
+    if resume:
+        if latest_complete_checkpoint(args.output_dir) is None:
+            raise VLMError(f"--resume: no complete {CHECKPOINT_PREFIX}<N>/ checkpoint (with {TRAINING_STATE}) "
+                           f"in --output_dir {args.output_dir}")
+    else:
+        check_output_dir(args.output_dir)
     if not os.path.isfile(args.dataset_path):
         raise VLMError(f"--dataset_path {args.dataset_path}: dataset file not found")
     return task, mode
@@ -220,7 +240,19 @@ def load_splits(args, task, tokenizer):
     splits = list(dict.fromkeys([train_split, valid_split]))
     data = load_task_data(task, args.dataset_path, tokenizer, splits=splits, cache_prefix=args.dataset_cache)
     if args.distillation:
-        check_distilled(task, data[train_split], args.dataset_path, train_split)
+        try:
+            check_distilled(task, data[train_split], args.dataset_path, train_split)
+        except VLMError:
+            # The distiller writes a copy beside the dataset (never the dataset itself): use it.
+            from utils.distill import distilled_path
+            fallback = distilled_path(args.dataset_path)
+            if not os.path.isfile(fallback):
+                raise
+            args.dataset_path = fallback
+            data = load_task_data(task, args.dataset_path, tokenizer, splits=splits, cache_prefix=args.dataset_cache)
+            check_distilled(task, data[train_split], args.dataset_path, train_split)
+        if idist.get_rank() == 0:
+            print(f"--distillation: training on the distilled targets of {args.dataset_path}")
     return data
 
 
@@ -268,6 +300,10 @@ def _model_inputs(batch, device, use_task_ids):
     return batch, task_ids
 
 
+class NonFiniteLoss(VLMError):
+    """A NaN or infinite training loss: training stops (exit 2 through exit_on_user_error)."""
+
+
 def create_trainer(model, optimizer, parameters, device, gradient_accumulation_steps=1, max_norm=1.0,
                    fp16=False, use_task_ids=True):
     """Engine whose output is the batch's mean token loss (before division by the accumulation).
@@ -304,14 +340,19 @@ def create_trainer(model, optimizer, parameters, device, gradient_accumulation_s
         with _autocast(device, fp16):
             loss = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], task_ids=task_ids,
                          labels=batch["labels"]).loss
+        value = loss.item()
+        if not math.isfinite(value):  # stop before the bad gradient reaches any weight or checkpoint
+            raise NonFiniteLoss(f"training loss is {value} at epoch {engine.state.epoch}, "
+                                f"iteration {engine.state.iteration}")
         scaled = loss / gradient_accumulation_steps
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         accumulation["pending"] += 1
         if accumulation["pending"] == gradient_accumulation_steps:
             step()
-        return loss.item()
+        return value
 
     trainer = Engine(update)
+    trainer.grad_scaler = scaler  # saved and restored with the training state
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: step())  # flush a remainder
     return trainer
 
@@ -380,10 +421,14 @@ def attach_lr_schedule(trainer, optimizer, lr, total_iterations):
 
 # --- files -----------------------------------------------------------------------------------
 class CheckpointKeeper:
-    """Writes `<output_dir>/checkpoint_epoch<N>/` and deletes all but the newest `keep`."""
+    """Writes `<output_dir>/checkpoint_epoch<N>/` and deletes all but the newest `keep`.
 
-    def __init__(self, output_dir, save, keep=KEEP_CHECKPOINTS):
-        self.output_dir, self.save, self.keep = output_dir, save, keep
+    Crash safety: the folder is written as `.checkpoint_epoch<N>.partial/` (model files by `save`,
+    then the training state by `save_state`, its JSON file last), flushed to disk and only then
+    renamed to its final name, so a checkpoint_epoch<N>/ folder is always complete."""
+
+    def __init__(self, output_dir, save, keep=KEEP_CHECKPOINTS, save_state=None):
+        self.output_dir, self.save, self.keep, self.save_state = output_dir, save, keep, save_state
 
     def existing(self):
         found = []
@@ -394,13 +439,208 @@ class CheckpointKeeper:
         return [path for _, path in sorted(found)]
 
     def __call__(self, epoch):
-        path = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{epoch}")
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        self.save(path)
+        name = f"{CHECKPOINT_PREFIX}{epoch}"
+        path = os.path.join(self.output_dir, name)
+        partial = os.path.join(self.output_dir, f".{name}.partial")
+        if os.path.isdir(partial):  # left by a killed run
+            shutil.rmtree(partial)
+        self.save(partial)
+        if self.save_state is not None:
+            self.save_state(partial)
+        sync_folder(partial)
+        if os.path.isdir(path):  # a stale one (a run resumed before it): swap it out, then replace
+            stale = os.path.join(self.output_dir, f".{name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(path, stale)
+            shutil.rmtree(stale)
+        os.replace(partial, path)
+        sync_folder(self.output_dir, files=False)
         for old in self.existing()[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old)
         return path
+
+
+def sync_folder(path, files=True):
+    """fsync a folder's files and the folder itself (so a rename after it cannot precede the data)."""
+    if files:
+        for name in os.listdir(path):
+            full = os.path.join(path, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    os.fsync(f.fileno())
+    with contextlib.suppress(OSError):  # folders cannot be opened for fsync on every platform
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- resumable training state ------------------------------------------------------------------
+def complete_checkpoints(output_dir):
+    """[(epoch, path)] of the checkpoint folders --resume can continue from, oldest first."""
+    found = []
+    for path in CheckpointKeeper(output_dir, None).existing():
+        if os.path.isfile(os.path.join(path, TRAINING_STATE)):
+            found.append((int(os.path.basename(path)[len(CHECKPOINT_PREFIX):]), path))
+    return found
+
+
+def latest_complete_checkpoint(output_dir):
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def random_states():
+    """(JSON-ready dict, tensors) of the python, numpy, torch and CUDA random generators."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss]}
+    with contextlib.suppress(ImportError):
+        import numpy
+        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = cuda_state
+    return state, tensors
+
+
+def restore_random_states(state, tensors):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        import numpy
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def optimizer_state(optimizer):
+    """(JSON-ready dict, tensors) of optimizer.state_dict(): tensors keyed optimizer.<param>.<name>.
+
+    Matrices that are mostly zero rows are stored as their nonzero rows (`.rows` indices and
+    `.values`): in adapter and emb_only training the whole embedding table is a parameter but only
+    the task's rows get gradients, and storing its full Adam moments would cost 2 x the table."""
+    full = optimizer.state_dict()
+    tensors, scalars, sparse = {}, {}, {}
+    for index, values in full["state"].items():
+        for name, value in values.items():
+            key = f"optimizer.{index}.{name}"
+            if not torch.is_tensor(value):
+                scalars.setdefault(str(index), {})[name] = value
+                continue
+            value = value.detach().to("cpu").contiguous()
+            if value.dim() >= 2:
+                rows = value.reshape(value.shape[0], -1).ne(0).any(dim=1).nonzero().flatten()
+                if 2 * len(rows) < value.shape[0]:
+                    tensors[key + ".rows"], tensors[key + ".values"] = rows, value[rows].contiguous()
+                    sparse[key] = list(value.shape)
+                    continue
+            tensors[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()} for group in full["param_groups"]]
+    return {"param_groups": groups, "scalars": scalars, "sparse": sparse}, tensors
+
+
+def restore_optimizer(optimizer, state, tensors, where):
+    tensors, values = dict(tensors), {}
+    for key, shape in state["sparse"].items():  # rebuilt first: their .rows/.values keys are skipped below
+        rows, kept = tensors[key + ".rows"], tensors[key + ".values"]
+        tensors[key] = torch.zeros(shape, dtype=kept.dtype).index_copy_(0, rows, kept)
+    for key, tensor in tensors.items():
+        if key.startswith("optimizer.") and key.rsplit(".", 1)[0] not in state["sparse"]:
+            _, index, name = key.split(".", 2)
+            values.setdefault(int(index), {})[name] = tensor
+    for index, scalars in state["scalars"].items():
+        values.setdefault(int(index), {}).update(scalars)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in state["param_groups"]]
+    try:
+        optimizer.load_state_dict({"state": values, "param_groups": groups})
+    except (ValueError, KeyError) as error:
+        raise VLMError(f"{where}: optimizer state does not fit this model ({error})") from None
+
+
+def write_training_state(path, trainer, optimizer, scheduler, sampler, args):
+    """The training-state files of a checkpoint folder; TRAINING_STATE (the JSON) comes last."""
+    optimizer_json, tensors = optimizer_state(optimizer)
+    random_json, random_tensors = random_states()
+    tensors.update(random_tensors)
+    with atomic_path(os.path.join(path, TRAINING_TENSORS)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    scaler = getattr(trainer, "grad_scaler", None)
+    state = {"engine": {"iteration": trainer.state.iteration, "epoch_length": trainer.state.epoch_length,
+                        "max_epochs": trainer.state.max_epochs},
+             "epoch": trainer.state.epoch, "sampler_epoch": sampler.epoch,
+             "lr_scheduler": dict(scheduler.state_dict()) if scheduler is not None else None,
+             "grad_scaler": dict(scaler.state_dict()) if scaler is not None else None,
+             "optimizer": optimizer_json, "random": random_json,
+             "settings": {name: getattr(args, name) for name in RESUME_SETTINGS}}
+    write_json(os.path.join(path, TRAINING_STATE), state)
+
+
+def read_training_state(path):
+    """(state dict, tensors) of a complete checkpoint folder."""
+    state_file, tensor_file = os.path.join(path, TRAINING_STATE), os.path.join(path, TRAINING_TENSORS)
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+        tensors = load_file(tensor_file)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise VLMError(f"{path}: unreadable training state ({error})") from None
+    return state, tensors
+
+
+def check_resume_settings(state, args, path):
+    for name in RESUME_SETTINGS:
+        saved, now = state["settings"].get(name), getattr(args, name)
+        if saved != now:
+            raise VLMError(f"--resume: {path} was trained with --{name} {saved}, not {now}; "
+                           f"resume with the run's own settings")
+
+
+def load_trained_weights(model, path):
+    """Copy a checkpoint folder's weights into the freshly built model (same mode and backbone)."""
+    config = read_config(path)
+    if config["mode"] == "full":
+        state = _safetensors(os.path.join(path, FULL_WEIGHTS))
+        missing, unexpected = model.gpt2.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the input embeddings
+        if missing or unexpected:
+            raise VLMError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if model.adapters:
+            load_adapter_tensors(model, _safetensors(os.path.join(path, ADAPTER_WEIGHTS)), path)
+    else:
+        if config.get("base_fingerprint") != backbone_fingerprint(model.gpt2):
+            raise VLMError(f"{path}: adapters were trained on another backbone than --model_checkpoint")
+        load_adapter_tensors(model, _safetensors(os.path.join(path, ADAPTER_WEIGHTS)), path)
+
+
+def _safetensors(path):
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as error:
+        raise VLMError(f"{path}: unreadable weights ({error})") from None
+
+
+def read_metrics(path, last_iteration):
+    """The records of an earlier run's metrics.jsonl up to `last_iteration` (for a resumed run)."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise VLMError(f"{path}: line {number} is not JSON") from None
+            if record.get("iteration", 0) <= last_iteration:
+                records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -502,6 +742,11 @@ def _run(args, task, mode, device, fp16):
     data = load_splits(args, task, tokenizer)  # bad data files stop here, before the model loads
     model = build_model(args, task, mode)
     fingerprint = backbone_fingerprint(model.gpt2) if mode in ("adapter", "emb_only") else None
+    resume_path = latest_complete_checkpoint(args.output_dir) if getattr(args, "resume", False) else None
+    if resume_path is not None:
+        resume_state, resume_tensors = read_training_state(resume_path)
+        check_resume_settings(resume_state, args, resume_path)
+        load_trained_weights(model, resume_path)
     train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions)
     train_loader, valid_loader = make_loaders(train_examples, valid_examples, task.task_id, args, world_size, rank)
 
@@ -522,18 +767,31 @@ def _run(args, task, mode, device, fp16):
     trainer = create_trainer(train_model, optimizer, parameters, device, args.gradient_accumulation_steps,
                              args.max_norm, fp16, use_task_ids)
     evaluator = create_evaluator(model, device, fp16, use_task_ids)
-    attach_lr_schedule(trainer, optimizer, args.lr, args.n_epochs * len(train_loader))
+    scheduler = attach_lr_schedule(trainer, optimizer, args.lr, args.n_epochs * len(train_loader))
     RunningAverage(output_transform=lambda loss: loss).attach(trainer, "loss")
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: train_loader.batch_sampler.set_epoch(e.state.epoch))
+    # The batch order of an epoch depends only on (seed, epoch): a resumed epoch replays it exactly.
+    sampler = train_loader.batch_sampler
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
 
     output_dir = args.output_dir
     metrics_log = MetricsLog(os.path.join(output_dir, METRICS_FILE))
+    if resume_path is not None:
+        restore_optimizer(optimizer, resume_state["optimizer"], resume_tensors, resume_path)
+        if scheduler is not None and resume_state["lr_scheduler"] is not None:
+            scheduler.load_state_dict(resume_state["lr_scheduler"])
+        if trainer.grad_scaler is not None and resume_state["grad_scaler"] is not None:
+            trainer.grad_scaler.load_state_dict(resume_state["grad_scaler"])
+        trainer.load_state_dict(resume_state["engine"])
+        sampler.set_epoch(resume_state["sampler_epoch"])
+        metrics_log.records = read_metrics(os.path.join(output_dir, METRICS_FILE),
+                                           resume_state["engine"]["iteration"])
     checkpoint_mode = "adapter" if mode in ("adapter", "emb_only") else "full"
     extra = {"training_args": json_ready(args)}
 
     save = checkpoint_saver(model, tokenizer, checkpoint_mode, [task.name], args.model_checkpoint, fingerprint,
                             extra, mode)
-    keeper = CheckpointKeeper(output_dir, save)
+    keeper = CheckpointKeeper(output_dir, save, save_state=lambda path: write_training_state(
+        path, trainer, optimizer, scheduler, sampler, args))
     pbar = None
     tb_logger = None
     start = time.time()
@@ -558,18 +816,33 @@ def _run(args, task, mode, device, fp16):
         pbar = ProgressBar(persist=True)
         pbar.attach(trainer, metric_names=["loss"])
         tb_logger = attach_tensorboard(output_dir, trainer, evaluator, optimizer)
-    if args.eval_before_start:
+    if args.eval_before_start and resume_path is None:  # a resumed run has that record already
         trainer.add_event_handler(Events.STARTED, validate)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
     if main_process:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: keeper(e.state.epoch))
 
+    if resume_path is not None:
+        if main_process:
+            logger.info("resuming from %s (epoch %d, iteration %d)", resume_path, resume_state["epoch"],
+                        resume_state["engine"]["iteration"])
+        # Last, after everything that draws random numbers while setting up: the generators then
+        # continue exactly where the checkpointed run left them (dropout masks included).
+        restore_random_states(resume_state["random"], resume_tensors)
     try:
-        if args.n_epochs > 0:
+        if resume_path is not None and resume_state["epoch"] >= args.n_epochs:
+            pass  # every epoch was done before the crash; only the final model is (re)written below
+        elif args.n_epochs > 0:
             trainer.run(train_loader, max_epochs=args.n_epochs)
         else:  # no training: validate the starting model once, as the authors did with n_epochs < 1
             trainer.state.epoch = trainer.state.iteration = 0
             validate(trainer)
+    except NonFiniteLoss as error:
+        if pbar is not None and pbar.pbar is not None:  # end the bar where it stopped: the error gets its own line
+            pbar.pbar.close()
+        last = latest_complete_checkpoint(output_dir)
+        raise VLMError(f"{error}: training stopped; last complete checkpoint: "
+                       f"{last or 'none (no epoch was completed)'}") from None
     finally:
         if tb_logger is not None:
             tb_logger.close()
