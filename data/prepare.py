@@ -80,6 +80,8 @@ def read_json(path):
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise VLMError(f"{path}, line {error.lineno}: bad JSON: {error.msg}") from None
+    except RecursionError:
+        raise VLMError(f"{path}: bad JSON: nested too deeply") from None
 
 
 def require(record, key, kind, where):
@@ -238,6 +240,8 @@ def read_summary_jsonl(files, split):
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise VLMError(f"{where}: bad JSON: {error.msg}") from None
+        except RecursionError:
+            raise VLMError(f"{where}: bad JSON: nested too deeply") from None
         article = require(record, "article", str, where)
         highlights = require(record, "highlights", str, where)
         # The article is already one flattened text (often cut mid-sentence), so it is copied,

@@ -68,9 +68,30 @@ def read_json_file(path, what="dataset"):
     except UnicodeDecodeError as error:
         raise VLMError(f"{path}: not UTF-8 text (byte {error.start})") from None
     try:
-        return json.loads(text), raw
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise VLMError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    except RecursionError:
+        raise VLMError(f"{path}: JSON nested too deeply") from None
+    return value, raw
+
+
+def _check_unicode(obj, path):
+    """JSON's \\u escapes can spell lone surrogates (\\ud800), which no tokenizer can encode."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise VLMError(f"{path}: the string {value[:40]!r} holds a lone surrogate escape "
+                               f"(such as \\ud800): not valid Unicode text") from None
 
 
 def _fail(path, split, index, message):
@@ -191,6 +212,11 @@ def load_task_data(task, path, tokenizer, splits, cache_prefix=None):
     for split, rows in records.items():
         for index, record in enumerate(rows):
             _check_record(task, record, path, split, index)
+        if task.layout in ("seq2seq", "nlg"):
+            # Kept (the authors' loaders kept them too), but said: such a record teaches only eos.
+            empty = sum(not record["tgt"].strip() for record in rows)
+            if empty:
+                logger.warning("%s: split %r: %d of %d records have an empty 'tgt'", path, split, empty, len(rows))
     key = hashlib.sha256(raw + tokenizer_fingerprint(tokenizer).encode()
                          + json.dumps([CACHE_VERSION, sorted(splits)]).encode()).hexdigest()[:20]
     cache_path = f"{cache_prefix}_{task.name}_{key}.json" if cache_prefix else None
@@ -198,10 +224,14 @@ def load_task_data(task, path, tokenizer, splits, cache_prefix=None):
         logger.info("tokenized %s from cache %s", path, cache_path)
         cached, _ = read_json_file(cache_path, "cache")
         return cached
-    tokenized = tokenize_structure({s: [_keep_gold_candidates(r) for r in rows] for s, rows in records.items()},
-                                   tokenizer)
-    if cache_path:
-        write_json(cache_path, tokenized, indent=None)
+    _check_unicode(records, path)
+    try:  # both walk the records recursively: extra keys nested near JSON's own limit overflow them
+        tokenized = tokenize_structure({s: [_keep_gold_candidates(r) for r in rows] for s, rows in records.items()},
+                                       tokenizer)
+        if cache_path:
+            write_json(cache_path, tokenized, indent=None)
+    except RecursionError:
+        raise VLMError(f"{path}: JSON nested too deeply") from None
     return tokenized
 
 

@@ -196,7 +196,13 @@ def user_prompt(task, item, tokenizer, max_history, task_id, where):
     """A prompt from a user's own input: a string, or a JSON object with the task's fields
     (mt/summarization {"src"}; nlg {"src": {slot: value}} or an MR string; dialogue
     {"personality": [...], "history": [...]}; qa {"document", "history"})."""
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    def encode(text):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON \\u escape: no tokenizer takes it
+            raise VLMError(f"{where}: {text[:40]!r} is not valid Unicode text") from None
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     if isinstance(item, str):
         item = ({"src": item} if task.layout in ("seq2seq", "nlg") else
                 {"history": [item]} if task.name == "dialogue" else None)
@@ -226,6 +232,6 @@ def user_prompt(task, item, tokenizer, max_history, task_id, where):
         if task.name == "qa":
             persona = [encode(field("document", str))[:task.max_source_tokens]]
         else:
-            persona = [encode(p) for p in item.get("personality", [])] if "personality" in item else []
+            persona = [encode(p) for p in field("personality", list)] if "personality" in item else []
         context = (persona, history)
-    return make_prompt(task, context, task_id)
+    return make_prompt(task, context, task_id, {"input": where})  # `where` names it in decoding errors

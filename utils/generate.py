@@ -4,6 +4,7 @@ It yields exactly the tokens of the authors' method (batch of one, the whole seq
 every new token, no cache), which `generate_uncached` keeps as the reference and the baseline.
 Rows may belong to different tasks; each stops at its own task's special tokens.
 """
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils.data import PAD_ID
+from utils.errors import VLMError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,6 +116,7 @@ def generate_batch(model, prompts, options):
     chooser = _Chooser(prompts, options, device, model.config.vocab_size)
     stop_sets = [set(p.stop_ids) for p in prompts]
 
+    limits = [reply_room(model, p, options) for p in prompts]
     outputs = [[] for _ in prompts]
     rows = torch.arange(batch, device=device)  # prompts still decoding, in cache order
     past = None
@@ -125,7 +130,7 @@ def generate_batch(model, prompts, options):
             if token in stop_sets[row]:
                 continue
             outputs[row].append(token)
-            if len(outputs[row]) < options.max_length:
+            if len(outputs[row]) < limits[row]:
                 keep.append(i)
         if not keep:
             break
@@ -141,10 +146,31 @@ def generate_batch(model, prompts, options):
     return outputs
 
 
+def reply_room(model, prompt, options):
+    """Tokens a reply may have: --max_length, or fewer where prompt and reply would not fit in the
+    model's positions together (GPT-2's position table has no row past n_positions)."""
+    return min(options.max_length, model.config.n_positions - len(prompt.input_ids))
+
+
+def check_prompt_lengths(model, prompts, options, desc):
+    """A prompt that fills the model's positions is an error; replies cut short are counted."""
+    positions = model.config.n_positions
+    for p in prompts:
+        if len(p.input_ids) >= positions:
+            what = ", ".join(f"{k} {str(p.meta[k])[:50]!r}" for k in ("input", "id", "mr") if k in p.meta)
+            raise VLMError(f"{desc}: prompt {p.meta['index']}{f' ({what})' if what else ''} has "
+                           f"{len(p.input_ids)} tokens; the model has only {positions} positions")
+    cut = sum(reply_room(model, p, options) < options.max_length for p in prompts)
+    if cut:
+        logger.warning("%s: %d of %d replies limited to fewer than --max_length %d tokens by the model's "
+                       "%d positions", desc, cut, len(prompts), options.max_length, positions)
+
+
 def generate(model, prompts, options, batch_size=32, progress=True, desc="decoding"):
     """Decode all prompts in batches of similar length; results in the prompts' order."""
     for index, p in enumerate(prompts):
         p.meta.setdefault("index", index)
+    check_prompt_lengths(model, prompts, options, desc)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].input_ids))
     results = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="ex") as bar:
@@ -163,7 +189,7 @@ def generate_uncached(model, prompt, options):
     chooser = _Chooser([prompt], options, device, model.config.vocab_size)
     row = torch.tensor([0], device=device)
     output = []
-    for step in range(options.max_length):
+    for step in range(reply_room(model, prompt, options)):
         ids = torch.tensor([prompt.input_ids + output], device=device)
         types = torch.tensor([prompt.token_type_ids + [prompt.reply_type] * len(output)], device=device)
         logits = model(ids, token_type_ids=types, task_ids=torch.tensor([prompt.task_id], device=device)).logits
