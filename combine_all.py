@@ -9,10 +9,9 @@ every task's adapters and task embeddings (an adapter checkpoint that load_check
 Before writing, every task's logits in the combined model are checked to equal its source
 checkpoint's exactly; DIR/manifest.json records the tasks, their sizes and the backbone.
 """
-from argparse import ArgumentParser
 
 from models.combine import check_output_dir, combine, load_task_checkpoint, load_task_checkpoints, size_report, write_vlm
-from utils.errors import exit_on_user_error
+from utils.errors import ArgumentParser, exit_on_user_error
 
 
 def parse_args(argv=None):

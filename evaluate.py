@@ -8,12 +8,11 @@ import json
 import logging
 import random
 import sys
-from argparse import ArgumentParser
 
 import torch
 
 from models.checkpoint import load_checkpoint
-from utils.errors import VLMError, exit_on_user_error
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error
 from utils.evaluation import decode_text, evaluate_task, format_metrics, user_prompt
 from utils.generate import DecodingOptions, generate
 from utils.tasks import get_task

@@ -12,12 +12,11 @@ and writes `summary.json` and `summary.md` beside the per-task files.
 """
 import logging
 import os
-from argparse import ArgumentParser
 from dataclasses import asdict
 
 from evaluate import check_decoding_arguments, decode_user_input, decoding_arguments
 from models.checkpoint import CONFIG_NAME, load_checkpoint, read_config
-from utils.errors import VLMError, exit_on_user_error
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error
 from utils.evaluation import dataset_prompts, evaluation_records, finish_task, format_metrics
 from utils.generate import generate
 from utils.io import write_json, write_text

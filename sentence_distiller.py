@@ -10,7 +10,6 @@ dataset, `<dataset stem>.distilled.json`). Train records get `distillated_tgt` (
 summarization, nlg) or, per utterance, `distillated_candidates` (dialogue, qa); the other splits
 are copied unchanged. An interrupted run continues from `<output>.partial.jsonl` when rerun
 with the same arguments."""
-import argparse
 import logging
 import os
 import sys
@@ -20,15 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evaluate import check_decoding_arguments, decoding_arguments  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from utils.distill import check_paths, distill_dataset, distilled_path  # noqa: E402
-from utils.errors import VLMError, exit_on_user_error  # noqa: E402
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 from utils.tasks import get_task  # noqa: E402
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are VLMErrors: one `error:` line and exit 2, like every other user error."""
-
-    def error(self, message):
-        raise VLMError(message)
 
 
 def build_parser():

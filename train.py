@@ -17,14 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from utils.errors import VLMError, exit_on_user_error  # noqa: E402
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are VLMErrors: one `error:` line and exit 2, like every other user error."""
-
-    def error(self, message):
-        raise VLMError(message)
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 
 
 def build_parser():

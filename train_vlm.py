@@ -19,8 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train import ArgumentParser  # noqa: E402  (argparse errors as one `error:` line, exit 2)
-from utils.errors import exit_on_user_error  # noqa: E402
+from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from utils.multitask import DEFAULTS, run_multitask  # noqa: E402
 from utils.tasks import TASKS  # noqa: E402
 

@@ -37,7 +37,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import VLMError, exit_on_user_error  # noqa: E402
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 from utils.io import write_json  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
@@ -515,7 +515,7 @@ def slice_window(text):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=list(TASKS))
     for split in SPLITS:

@@ -18,7 +18,6 @@ Their adapter is ours: x + project_up(relu(project_down(ln(x)))) after each bloc
 Files are read with torch.load(weights_only=True) (never unpickling code) or as safetensors.
 Usage: python -m models.authors FILE --base_model gpt2|FOLDER [--task mt] --output_dir DIR
 """
-import argparse
 import math
 import os
 import pickle
@@ -32,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from models.vlm import VOCAB_SIZE, VersatileLM, backbone_fingerprint, load_backbone
-from utils.errors import VLMError, exit_on_user_error
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error
 from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASKS, get_task, special_token_id
 
 # Index K of `mixadapter.K` -> task: their COMMAND2ID / ID2COMMAND (combine_all.py, evaluate_vlm.py).
@@ -364,7 +363,7 @@ def check_added_tokens(path):
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert an authors' (zlinao/VGLM) checkpoint into ours.")
+    parser = ArgumentParser(description="Convert an authors' (zlinao/VGLM) checkpoint into ours.")
     parser.add_argument("file", help="their pytorch_model.bin (or .pt/.pth/.safetensors with the same names)")
     parser.add_argument("--base_model", required=True, help="GPT-2 they started from: hub name or local folder")
     parser.add_argument("--task", default=None,

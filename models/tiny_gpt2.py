@@ -5,7 +5,6 @@ tokenizer to a folder, to use as --model_checkpoint for demos and smoke runs.
 """
 import os
 import sys
-from argparse import ArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -13,7 +12,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from utils.data import load_tokenizer  # noqa: E402
-from utils.errors import exit_on_user_error  # noqa: E402
+from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 
 
 def build(n_layer=2, n_embd=128, n_head=4, n_positions=1024, seed=0):

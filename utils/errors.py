@@ -1,4 +1,5 @@
 """One error type for everything a user can get wrong: scripts print its message on one line and exit 2."""
+import argparse
 import functools
 import sys
 
@@ -19,3 +20,10 @@ def exit_on_user_error(main):
             sys.exit(2)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are VLMErrors: one `error:` line and exit 2, like every other user error."""
+
+    def error(self, message):
+        raise VLMError(message)

@@ -25,11 +25,10 @@ import json
 import math
 import os
 import sys
-from argparse import ArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import VLMError, exit_on_user_error  # noqa: E402
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 from utils.io import atomic_path, write_text  # noqa: E402
 from utils.tasks import GPT2_VOCAB_SIZE, TASKS  # noqa: E402
 
