@@ -7,6 +7,7 @@
 Nothing here unpickles: weights are safetensors, settings JSON.
 """
 import os
+import tempfile
 
 import torch
 from safetensors import SafetensorError
@@ -52,11 +53,19 @@ def save_safetensors(path, tensors, metadata=None):
         save_file(tensors, tmp, metadata=metadata)
 
 
+def save_tokenizer(tokenizer, output_dir):
+    """Tokenizer files written beside the folder, then each renamed into it (never half-written)."""
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tokenizer.") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+
+
 def save_checkpoint(model, tokenizer, output_dir, mode, tasks, base_model, base_fingerprint=None,
                     extra=None, weights_name=None, all_special_rows=False):
     """Write a checkpoint folder; every file goes through a temporary name and a rename."""
     os.makedirs(output_dir, exist_ok=True)
-    tokenizer.save_pretrained(output_dir)
+    save_tokenizer(tokenizer, output_dir)
     config = {"format": "vlm", "version": FORMAT_VERSION, "mode": mode,
               "tasks": {t: {"bottleneck": model.adapters[t].bottleneck if t in model.adapters else 0,
                             "task_id": TASKS[t].task_id} for t in tasks},
