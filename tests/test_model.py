@@ -165,3 +165,24 @@ def test_checkpoint_refuses_another_backbone_and_corrupt_files(tmp_path, tiny_ba
     os.remove(weights)
     with pytest.raises(VLMError, match="not found"):
         load_checkpoint(str(tmp_path / "ckpt"))
+
+
+def test_a_backbone_with_another_vocabulary_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=1000)).save_pretrained(tmp_path)
+    with pytest.raises(VLMError, match="vocabulary of 1000 tokens"):
+        VersatileLM.from_pretrained(str(tmp_path))
+
+
+def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
+    from utils.io import atomic_path, write_json
+    target = tmp_path / "metrics.json"
+    write_json(target, {"good": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            with open(tmp, "w") as f:
+                f.write('{"half": ')
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == '{\n  "good": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left behind
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # usual permissions, not mkstemp's
