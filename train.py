@@ -11,7 +11,6 @@ three checkpoint_epoch<N>/ folders, metrics.jsonl and training_args.json. Each c
 the training state (training_state.safetensors + training_state.json): after a crash, the same
 command with --resume continues from the last complete checkpoint and ends with the same weights."""
 import argparse
-import logging
 import os
 import sys
 
@@ -67,13 +66,8 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    logging.getLogger("ignite").setLevel(logging.WARNING)
-    # The engine logs every exception it passes on at ERROR level; each is reported anyway (one
-    # `error:` line for user errors such as a NaN loss, a traceback for bugs).
-    logging.getLogger("ignite.engine.engine.Engine").setLevel(logging.CRITICAL)
-    from utils.training import run_training
+    from utils.training import configure_logging, run_training
+    configure_logging()
     run_training(args)
 
 

@@ -13,7 +13,6 @@ Each epoch draws from task t a share proportional to n_t^(1/T) of all training e
 tasks (--mix_tasks, the default) or hold one task each (--no-mix_tasks). Validation reports the
 token-level NLL and perplexity of every task after each epoch (metrics.jsonl)."""
 import argparse
-import logging
 import os
 import sys
 
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from utils.multitask import DEFAULTS, run_multitask  # noqa: E402
+from utils.training import configure_logging  # noqa: E402
 from utils.tasks import TASKS  # noqa: E402
 
 
@@ -71,9 +71,7 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    logging.getLogger("ignite").setLevel(logging.WARNING)
+    configure_logging()
     run_multitask(args)
 
 

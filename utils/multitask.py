@@ -36,8 +36,8 @@ from utils.io import write_json
 from utils.tasks import TASKS, parse_dataset_paths
 from utils.training import (ARGS_FILE, METRICS_FILE, CheckpointKeeper, MetricsLog, TrainResult, attach_lr_schedule,
                             attach_tensorboard, check_numbers, check_output_dir, checkpoint_saver, create_evaluator,
-                            create_trainer, json_ready, make_loader, parse_fp16, run_distributed, set_seed,
-                            trainable_line)
+                            create_trainer, json_ready, make_loader, parse_fp16, run_distributed, run_epochs,
+                            set_seed, trainable_line)
 
 logger = logging.getLogger(__name__)
 
@@ -368,15 +368,7 @@ def _run(args, mode, device, fp16):
     if main_process:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: keeper(e.state.epoch))
 
-    try:
-        if args.n_epochs > 0:
-            trainer.run(train_loader, max_epochs=args.n_epochs)
-        else:  # no training: validate the starting model once, like train.py
-            trainer.state.epoch = trainer.state.iteration = 0
-            validate(trainer)
-    finally:
-        if tb_logger is not None:
-            tb_logger.close()
+    run_epochs(trainer, train_loader, args.n_epochs, validate, pbar, tb_logger, output_dir)
     if main_process:
         save(output_dir)
         print(f"model saved to {output_dir}")

@@ -694,6 +694,37 @@ def json_ready(args):
     return {k: v for k, v in sorted(vars(args).items())}
 
 
+def run_epochs(trainer, train_loader, n_epochs, validate, pbar, tb_logger, output_dir, skip=False):
+    """Train for n_epochs (with none: validate the starting model once, as the authors did with
+    n_epochs < 1). A NaN or infinite loss ends as one VLMError naming the last complete checkpoint."""
+    try:
+        if skip:
+            pass
+        elif n_epochs > 0:
+            trainer.run(train_loader, max_epochs=n_epochs)
+        else:
+            trainer.state.epoch = trainer.state.iteration = 0
+            validate(trainer)
+    except NonFiniteLoss as error:
+        if pbar is not None and pbar.pbar is not None:  # end the bar where it stopped: the error gets its own line
+            pbar.pbar.close()
+        last = latest_complete_checkpoint(output_dir)
+        raise VLMError(f"{error}: training stopped; last complete checkpoint: "
+                       f"{last or 'none (no epoch was completed)'}") from None
+    finally:
+        if tb_logger is not None:
+            tb_logger.close()
+
+
+def configure_logging():
+    """Info on the main process only; ignite's chatter, and its ERROR echo of exceptions that are
+    reported anyway (one `error:` line for user errors such as a NaN loss), kept quiet."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.getLogger("ignite").setLevel(logging.WARNING)
+    logging.getLogger("ignite.engine.engine.Engine").setLevel(logging.CRITICAL)
+
+
 # --- one task, end to end --------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -829,23 +860,8 @@ def _run(args, task, mode, device, fp16):
         # Last, after everything that draws random numbers while setting up: the generators then
         # continue exactly where the checkpointed run left them (dropout masks included).
         restore_random_states(resume_state["random"], resume_tensors)
-    try:
-        if resume_path is not None and resume_state["epoch"] >= args.n_epochs:
-            pass  # every epoch was done before the crash; only the final model is (re)written below
-        elif args.n_epochs > 0:
-            trainer.run(train_loader, max_epochs=args.n_epochs)
-        else:  # no training: validate the starting model once, as the authors did with n_epochs < 1
-            trainer.state.epoch = trainer.state.iteration = 0
-            validate(trainer)
-    except NonFiniteLoss as error:
-        if pbar is not None and pbar.pbar is not None:  # end the bar where it stopped: the error gets its own line
-            pbar.pbar.close()
-        last = latest_complete_checkpoint(output_dir)
-        raise VLMError(f"{error}: training stopped; last complete checkpoint: "
-                       f"{last or 'none (no epoch was completed)'}") from None
-    finally:
-        if tb_logger is not None:
-            tb_logger.close()
+    finished = resume_path is not None and resume_state["epoch"] >= args.n_epochs  # only the final model is missing
+    run_epochs(trainer, train_loader, args.n_epochs, validate, pbar, tb_logger, output_dir, skip=finished)
     if main_process:
         save(output_dir)
         print(f"model saved to {output_dir}")
