@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
+from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 
 
 def build_parser():

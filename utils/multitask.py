@@ -26,17 +26,15 @@ from torch.utils.data import DataLoader
 
 import ignite.distributed as idist
 from ignite.engine import Events
-from ignite.handlers import ProgressBar
 from ignite.metrics import RunningAverage
 
 from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import collate, load_task_data, load_tokenizer, training_examples
 from utils.errors import VLMError
-from utils.io import write_json
 from utils.tasks import TASKS, parse_dataset_paths
-from utils.training import (ARGS_FILE, METRICS_FILE, CheckpointKeeper, MetricsLog, TrainResult, attach_lr_schedule,
-                            attach_tensorboard, check_numbers, check_output_dir, checkpoint_saver, create_evaluator,
-                            create_trainer, json_ready, make_loader, parse_fp16, run_distributed, run_epochs,
+from utils.training import (METRICS_FILE, CheckpointKeeper, MetricsLog, TrainResult, attach_lr_schedule,
+                            check_numbers, check_output_dir, checkpoint_saver, create_evaluator, create_trainer,
+                            json_ready, make_loader, open_run_outputs, parse_fp16, run_distributed, run_epochs,
                             set_seed, trainable_line)
 
 logger = logging.getLogger(__name__)
@@ -357,11 +355,7 @@ def _run(args, mode, device, fp16):
         (pbar.log_message if pbar is not None else print)(message)
 
     if main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        write_json(os.path.join(output_dir, ARGS_FILE), json_ready(args))
-        pbar = ProgressBar(persist=True)
-        pbar.attach(trainer, metric_names=["loss"])
-        tb_logger = attach_tensorboard(output_dir, trainer, evaluators, optimizer)
+        pbar, tb_logger = open_run_outputs(output_dir, args, trainer, evaluators, optimizer)
     if args.eval_before_start:
         trainer.add_event_handler(Events.STARTED, validate)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)

@@ -694,6 +694,16 @@ def json_ready(args):
     return {k: v for k, v in sorted(vars(args).items())}
 
 
+def open_run_outputs(output_dir, args, trainer, evaluators, optimizer):
+    """Main process only: the run folder with training_args.json, the progress bar and (when
+    installed) TensorBoard. Returns (progress bar, TensorBoard logger or None)."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, ARGS_FILE), json_ready(args))
+    pbar = ProgressBar(persist=True)
+    pbar.attach(trainer, metric_names=["loss"])
+    return pbar, attach_tensorboard(output_dir, trainer, evaluators, optimizer)
+
+
 def run_epochs(trainer, train_loader, n_epochs, validate, pbar, tb_logger, output_dir, skip=False):
     """Train for n_epochs (with none: validate the starting model once, as the authors did with
     n_epochs < 1). A NaN or infinite loss ends as one VLMError naming the last complete checkpoint."""
@@ -842,11 +852,7 @@ def _run(args, task, mode, device, fp16):
         (pbar.log_message if pbar is not None else logger.info)(message)
 
     if main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        write_json(os.path.join(output_dir, ARGS_FILE), json_ready(args))
-        pbar = ProgressBar(persist=True)
-        pbar.attach(trainer, metric_names=["loss"])
-        tb_logger = attach_tensorboard(output_dir, trainer, evaluator, optimizer)
+        pbar, tb_logger = open_run_outputs(output_dir, args, trainer, evaluator, optimizer)
     if args.eval_before_start and resume_path is None:  # a resumed run has that record already
         trainer.add_event_handler(Events.STARTED, validate)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
