@@ -44,14 +44,3 @@ def count_parameters(parameters):
 def freeze_all(model):
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def mask_embedding_rows(embedding_weight, trainable_rows):
-    """Let only `trainable_rows` of an embedding table receive gradient (others get exactly 0).
-
-    With AdamW and no weight decay a zero gradient gives a zero update, so the masked rows stay
-    bit-identical. Returns the hook handle (call .remove() to undo)."""
-    mask = torch.zeros(embedding_weight.shape[0], 1, dtype=embedding_weight.dtype,
-                       device=embedding_weight.device)
-    mask[list(trainable_rows)] = 1
-    return embedding_weight.register_hook(lambda grad: grad * mask)

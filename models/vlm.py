@@ -12,7 +12,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from models.adapters import AdapterStack, count_parameters, freeze_all, mask_embedding_rows
+from models.adapters import AdapterStack, count_parameters, freeze_all
+from models.task_rows import TaskRows
 from utils.errors import VLMError
 from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS, task_token_ids
 
@@ -77,6 +78,8 @@ class VersatileLM(nn.Module):
         self.gpt2 = gpt2
         self.adapters = nn.ModuleDict()  # task name -> AdapterStack (one adapter per block)
         self._routing = None             # set for the duration of one forward pass
+        self.task_rows = None            # TaskRows while adapter/emb_only training is set up
+        self.register_state_dict_post_hook(_drop_task_rows)  # views of wte: saved with the table
         for index, block in enumerate(gpt2.transformer.h):
             block.register_forward_hook(self._make_adapter_hook(index))
         for task, bottleneck in (adapter_bottlenecks or {}).items():
@@ -170,11 +173,11 @@ class VersatileLM(nn.Module):
         `task` is one task name or a list of them (multi-task training).
         full: everything. adapter: the tasks' adapters + their own special-token rows.
         emb_only: only those rows. outputlayer_only: the whole (tied) embedding/output table.
-        Row restriction is a gradient mask on the tied table; with AdamW and no weight decay
-        the other rows, like the frozen backbone, stay bit-identical."""
-        for handle in getattr(self, "_row_mask_handles", []):
-            handle.remove()
-        self._row_mask_handles = []
+        The table itself stays frozen in adapter and emb_only modes, so GPT-2's rows and other
+        tasks' rows stay bit-identical; only the tasks' rows, held by `self.task_rows`, move."""
+        if self.task_rows is not None:
+            self.task_rows.detach_hooks()
+            self.task_rows = None
         wte = self.gpt2.get_input_embeddings().weight
         if mode == "full":
             for p in self.parameters():
@@ -183,9 +186,8 @@ class VersatileLM(nn.Module):
         freeze_all(self)
         tasks = _task_list(task)
         if mode in ("adapter", "emb_only"):
-            wte.requires_grad_(True)
-            rows = [i for t in tasks for i in task_token_ids(TASKS[t])]
-            self._row_mask_handles.append(mask_embedding_rows(wte, rows))
+            # The tasks' rows train as small views of the frozen table (models/task_rows.py).
+            self.task_rows = TaskRows(self.gpt2, {t: task_token_ids(TASKS[t]) for t in tasks})
             if mode == "adapter":
                 for t in tasks:
                     if t not in self.adapters:
@@ -208,6 +210,11 @@ class VersatileLM(nn.Module):
         rows = sum(len(TASKS[t].special_tokens) for t in tasks) * self.gpt2.config.n_embd
         adapters = sum(count_parameters(self.adapters[t].parameters()) for t in tasks) if mode == "adapter" else 0
         return adapters + rows
+
+
+def _drop_task_rows(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + "task_rows.")]:
+        del state_dict[key]
 
 
 def _task_list(task):

@@ -115,6 +115,43 @@ def test_emb_only_trains_only_the_task_rows():
     assert changed and set(changed) <= set(own)
 
 
+def test_task_rows_train_as_views_with_the_tied_tables_gradient():
+    """Adapter/emb_only training: the tied table stays frozen and only small views of the tasks'
+    rows are parameters; forward values are bit-identical to the plain model, and the rows'
+    gradient equals what the trainable tied table would receive at those rows."""
+    model = make_model({"mt": 8, "nlg": 4})
+    reference = make_model({"mt": 8, "nlg": 4})
+    params = model.mark_trainable("adapter", ["mt", "nlg"])
+    wte = model.gpt2.transformer.wte.weight
+    assert not wte.requires_grad and all(p.numel() < wte.numel() for p in params)
+    reference.gpt2.transformer.wte.weight.requires_grad_(True)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB_SIZE, (4, 9), generator=generator)
+    ids[:, 0] = task_token_ids(TASKS["mt"])[0]
+    ids[:, 3] = task_token_ids(TASKS["nlg"])[2]
+    types = torch.where(torch.arange(9) < 5, task_token_ids(TASKS["mt"])[2], task_token_ids(TASKS["nlg"])[1])
+    types = types.expand(4, 9)
+    task_ids = torch.tensor([TASKS["mt"].task_id, TASKS["nlg"].task_id, TASKS["mt"].task_id, -1])
+    out = model(ids, token_type_ids=types, task_ids=task_ids, labels=ids)
+    expected = reference(ids, token_type_ids=types, task_ids=task_ids, labels=ids)
+    assert torch.equal(out.logits, expected.logits)
+    out.loss.backward()
+    expected.loss.backward()
+    table_grad = reference.gpt2.transformer.wte.weight.grad
+    for task in ("mt", "nlg"):
+        rows = model.task_rows.rows[task]
+        assert rows.data_ptr() == wte[task_token_ids(TASKS[task])[0]].data_ptr()  # a view of the table
+        torch.testing.assert_close(rows.grad, table_grad[task_token_ids(TASKS[task])], rtol=1e-5, atol=1e-7)
+        assert rows.grad.abs().sum() > 0
+    with torch.no_grad():  # an optimizer's in-place update lands in the table
+        model.task_rows.rows["nlg"].add_(1.0)
+    assert torch.equal(wte[task_token_ids(TASKS["nlg"])], reference.gpt2.transformer.wte.weight[
+        task_token_ids(TASKS["nlg"])].detach() + 1.0)
+    assert not any(k.startswith("task_rows") for k in model.state_dict())
+    model.mark_trainable("full")
+    assert model.task_rows is None and wte.requires_grad
+
+
 def test_new_rows_are_the_same_for_every_run():
     a, b = make_model(seed=0), make_model(seed=0)
     torch.manual_seed(123)  # the run's seed must not matter
