@@ -26,6 +26,8 @@ prepare nlg \
     --valid "$shared/e2e/devset.csv" --slice valid 0:20 \
     --test "$shared/e2e/devset.csv" --slice test 20:40 \
     --output data/samples/nlg.json
+# The benchmark's end-to-end run (bench/run.py) decodes 200 more dev MRs (41-240).
+prepare nlg --test "$shared/e2e/devset.csv" --slice test 40:240 --output data/samples/nlg_dev200.json
 
 c=$shared/convai2/valid_self_original_no_cands.txt
 prepare dialogue --train "$c" --slice train 0:20 --valid "$c" --slice valid 20:25 \
