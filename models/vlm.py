@@ -8,12 +8,15 @@ hooks, so the backbone's modules, parameter names and KV cache stay exactly Hugg
 import hashlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
 from models.adapters import AdapterStack, count_parameters, freeze_all
 from models.task_rows import TaskRows
+from utils.data import IGNORE_INDEX
 from utils.errors import VLMError
 from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS, task_token_ids
 
@@ -156,15 +159,37 @@ class VersatileLM(nn.Module):
                 position_ids=None, past_key_values=None, use_cache=False, labels=None,
                 logits_to_keep=0):
         """input_ids, token_type_ids, attention_mask, position_ids, labels: (batch, seq);
-        task_ids: (batch,) task id per row or -1; returns Hugging Face's CausalLMOutputWithPast."""
+        task_ids: (batch,) task id per row or -1; returns Hugging Face's CausalLMOutputWithPast.
+
+        With labels only the loss is returned (the token-mean NLL, as Hugging Face computes it),
+        from the logits of the labelled positions alone (see labelled_logits)."""
+        if labels is not None:
+            logits, targets = self.labelled_logits(input_ids, labels, token_type_ids, task_ids, attention_mask)
+            return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets))
         self._routing = self._route(task_ids, input_ids.shape[0])
         try:
             return self.gpt2(input_ids=input_ids, token_type_ids=token_type_ids,
                              attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=use_cache, labels=labels,
+                             past_key_values=past_key_values, use_cache=use_cache,
                              logits_to_keep=logits_to_keep)
         finally:
             self._routing = None
+
+    def labelled_logits(self, input_ids, labels, token_type_ids=None, task_ids=None, attention_mask=None):
+        """(logits (n, vocab), targets (n,)) for the n positions whose next token is a label.
+
+        Training and validation need only these. Prompt positions (source, persona, history,
+        MR) skip the output layer, a third of GPT-2 small's compute per token, and its
+        (batch, seq, 50,287) logits never exist."""
+        self._routing = self._route(task_ids, input_ids.shape[0])
+        try:
+            hidden = self.gpt2.transformer(input_ids=input_ids, token_type_ids=token_type_ids,
+                                           attention_mask=attention_mask).last_hidden_state  # (batch, seq, d)
+        finally:
+            self._routing = None
+        targets = labels[:, 1:]                                   # position t predicts token t + 1
+        keep = targets != IGNORE_INDEX                            # (batch, seq - 1)
+        return self.gpt2.lm_head(hidden[:, :-1][keep]), targets[keep]
 
     # --- what trains -----------------------------------------------------------------------
     def mark_trainable(self, mode, task=None):

@@ -132,11 +132,11 @@ def test_task_rows_train_as_views_with_the_tied_tables_gradient():
     types = torch.where(torch.arange(9) < 5, task_token_ids(TASKS["mt"])[2], task_token_ids(TASKS["nlg"])[1])
     types = types.expand(4, 9)
     task_ids = torch.tensor([TASKS["mt"].task_id, TASKS["nlg"].task_id, TASKS["mt"].task_id, -1])
-    out = model(ids, token_type_ids=types, task_ids=task_ids, labels=ids)
-    expected = reference(ids, token_type_ids=types, task_ids=task_ids, labels=ids)
-    assert torch.equal(out.logits, expected.logits)
-    out.loss.backward()
-    expected.loss.backward()
+    logits = model(ids, token_type_ids=types, task_ids=task_ids).logits  # grad mode: the hooks run
+    assert logits.requires_grad
+    assert torch.equal(logits, reference(ids, token_type_ids=types, task_ids=task_ids).logits)
+    model(ids, token_type_ids=types, task_ids=task_ids, labels=ids).loss.backward()
+    reference(ids, token_type_ids=types, task_ids=task_ids, labels=ids).loss.backward()
     table_grad = reference.gpt2.transformer.wte.weight.grad
     for task in ("mt", "nlg"):
         rows = model.task_rows.rows[task]
@@ -150,6 +150,25 @@ def test_task_rows_train_as_views_with_the_tied_tables_gradient():
     assert not any(k.startswith("task_rows") for k in model.state_dict())
     model.mark_trainable("full")
     assert model.task_rows is None and wte.requires_grad
+
+
+def test_loss_from_labelled_positions_equals_the_full_logits_loss():
+    """Training and validation run the output layer only where a label is predicted."""
+    model = make_model({"mt": 8})
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB_SIZE, (3, 10), generator=generator)
+    labels = ids.clone()
+    labels[:, :6] = -100       # prompt positions
+    labels[2, 8:] = -100       # right padding
+    task_ids = torch.tensor([TASKS["mt"].task_id, -1, TASKS["mt"].task_id])
+    with torch.no_grad():
+        full = model(ids, token_type_ids=ids, task_ids=task_ids).logits
+        expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, VOCAB_SIZE), labels[:, 1:].reshape(-1))
+        loss = model(ids, token_type_ids=ids, task_ids=task_ids, labels=labels).loss
+        logits, targets = model.labelled_logits(ids, labels, ids, task_ids)
+    assert logits.shape == (4 + 4 + 2, VOCAB_SIZE) and targets.tolist() == labels[:, 1:][labels[:, 1:] != -100].tolist()
+    torch.testing.assert_close(logits, full[:, :-1][labels[:, 1:] != -100], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_new_rows_are_the_same_for_every_run():

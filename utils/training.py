@@ -361,12 +361,10 @@ def token_nll_sums(model, batch, device, use_task_ids=True, fp16=False):
     """(sum of the NLL of every label token, number of label tokens) for one batch."""
     batch, task_ids = _model_inputs(batch, device, use_task_ids)
     with torch.no_grad(), _autocast(device, fp16):
-        logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], task_ids=task_ids).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll.double(), (labels != IGNORE_INDEX).sum()
+        logits, targets = unwrap(model).labelled_logits(batch["input_ids"], batch["labels"],
+                                                        batch["token_type_ids"], task_ids)
+    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll.double(), torch.tensor(targets.numel(), device=nll.device)
 
 
 class TokenNLL(Metric):
