@@ -96,8 +96,11 @@ class _Chooser:
 
 
 @torch.inference_mode()
-def generate_batch(model, prompts, options):
-    """Decode a batch of prompts together; returns one list of generated ids per prompt."""
+def generate_batch(model, prompts, options, on_step=None):
+    """Decode a batch of prompts together; returns one list of generated ids per prompt.
+
+    on_step(step, rows): called after each step's tokens are chosen (step 0 follows the pass over
+    the prompts; `rows` were in that pass); bench/run.py times the decoding phase with it."""
     device = model.device
     batch, width = len(prompts), max(len(p.input_ids) for p in prompts)
     # Left padding: every prompt ends at the same column, so new tokens line up.
@@ -125,6 +128,8 @@ def generate_batch(model, prompts, options):
                     position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         next_ids = chooser(out.logits[:, -1, :], rows, step)
+        if on_step is not None:
+            on_step(step, len(rows))
         keep = []
         for i, (row, token) in enumerate(zip(rows.tolist(), next_ids.tolist())):
             if token in stop_sets[row]:

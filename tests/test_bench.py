@@ -1,0 +1,103 @@
+"""bench/: the original methods used as baselines, and one quick run of the whole suite.
+
+Speed targets are never asserted here (they live in bench/results.json); what is asserted is
+what must hold exactly: the baselines produce the same tokens as ours, the report's arithmetic."""
+import json
+import os
+import re
+
+import torch
+from conftest import REPO, run_script, tiny_gpt2
+
+from bench.baseline import collate_to_width, decode_original
+from models.vlm import VersatileLM, add_special_token_rows
+from utils.data import IGNORE_INDEX, PAD_ID, load_task_data, training_examples
+from utils.evaluation import dataset_prompts
+from utils.generate import DecodingOptions, generate_batch
+from utils.tasks import TASKS
+
+SAMPLES = os.path.join(REPO, "data", "samples")
+
+
+def sample_prompts(tokenizer, name, limit):
+    task = TASKS[name]
+    records = load_task_data(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer, [task.test_split])
+    return dataset_prompts(task, records[task.test_split], task.max_history, tokenizer, task.task_id)[:limit]
+
+
+def test_original_decoding_gives_our_batched_cached_tokens(tokenizer):
+    gpt2 = tiny_gpt2(seed=4)
+    add_special_token_rows(gpt2)
+    model = VersatileLM(gpt2, {"nlg": 8, "mt": 8}).eval()
+    prompts = sample_prompts(tokenizer, "nlg", 5) + sample_prompts(tokenizer, "mt", 4)
+    for options in (DecodingOptions(max_length=12, no_sample=True),
+                    DecodingOptions(max_length=9, min_length=9, no_sample=True)):
+        ours = generate_batch(model, prompts, options)
+        original = [decode_original(model, p, options.max_length, options.min_length) for p in prompts]
+        assert ours == original
+        if options.min_length == options.max_length:  # stop tokens masked: every row runs to the end
+            assert all(len(o) == options.max_length for o in original)
+
+
+def test_original_padding_pads_every_row_to_the_given_width():
+    examples = [{"input_ids": [1, 2, 3], "token_type_ids": [4, 4, 4], "labels": [-100, 2, 3]},
+                {"input_ids": [5], "token_type_ids": [6], "labels": [5]}]
+    batch = collate_to_width(examples, 5, task_id=2)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, PAD_ID, PAD_ID], [5, PAD_ID, PAD_ID, PAD_ID, PAD_ID]]
+    assert batch["labels"][1].tolist() == [5] + [IGNORE_INDEX] * 4
+    assert batch["task_ids"].tolist() == [2, 2]
+
+
+def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokenizer):
+    done = run_script("bench/run.py", "--size", "tiny", "--quick", "--output_dir", str(tmp_path), timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["results"]) == {"decoding", "mixed", "adapter_overhead", "training", "padding", "end_to_end"}
+    assert {"cpu", "cpu_count", "torch", "transformers", "device"} <= set(report["machine"])
+    # One entry per target, each judged by its own bound.
+    targets = report["targets"]
+    assert len(targets) == 9
+    for t in targets:
+        assert set(t) == {"name", "value", "target", "met"}
+        op, bound = re.fullmatch(r"(>=|<=) ([0-9.]+)", t["target"]).groups()
+        assert t["met"] == (t["value"] >= float(bound) if op == ">=" else t["value"] <= float(bound))
+    results = report["results"]
+    # The original decoding reproduces ours token for token, in the benchmark and through evaluate.py.
+    assert results["decoding"]["outputs_equal"] == results["decoding"]["outputs_compared"] == 4
+    assert results["end_to_end"]["outputs_equal"] == results["end_to_end"]["outputs_compared"] == 4
+    assert results["end_to_end"]["mrs"] == 200 and results["decoding"]["ours_tokens"] > 0
+    # Padding shares recomputed here for one task: the original pads everything to the longest.
+    task = TASKS["nlg"]
+    records = load_task_data(task, os.path.join(SAMPLES, "nlg.json"), tokenizer, ["train"])["train"]
+    lengths = [len(e["input_ids"]) for e in training_examples(task, records, task.max_history)]
+    nlg = results["padding"]["tasks"]["nlg"]
+    assert nlg["examples"] == len(lengths) and nlg["real_tokens"] == sum(lengths)
+    assert abs(nlg["original_share"] - sum(lengths) / (len(lengths) * max(lengths))) < 1e-12
+    for p in results["padding"]["tasks"].values():
+        assert p["original_share"] <= p["ours_share"] <= 1.0  # a batch's longest is at most the split's
+    training = results["training"]["runs"]
+    assert training["full"]["trainable_parameters"] > 10 * training["adapter"]["trainable_parameters"]
+    assert all(run["peak_bytes"] >= run["loaded_bytes"] > 0 for run in training.values())
+    table = (tmp_path / "results.md").read_text()
+    assert all(t["name"] in table for t in targets) and "## 6. evaluate.py end to end" in table
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    for flags, message in ((["--dtype", "bfloat16"], "half precision is for --device cuda"),
+                           (["--device", "tpu"], "use cpu, cuda or cuda:N"),
+                           (["--size", "huge"], "invalid choice")):
+        done = run_script("bench/run.py", *flags, "--output_dir", str(tmp_path))
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_task_rows_leave_no_table_gradient():
+    """Section 4's memory saving: in adapter mode the tied table gets no gradient at all."""
+    gpt2 = tiny_gpt2()
+    add_special_token_rows(gpt2)
+    model = VersatileLM(gpt2, {"mt": 8})
+    model.mark_trainable("adapter", "mt")
+    ids = torch.randint(0, 50287, (2, 7))
+    model(ids, token_type_ids=ids, task_ids=TASKS["mt"].task_id, labels=ids).loss.backward()
+    assert gpt2.transformer.wte.weight.grad is None
+    assert model.task_rows.rows["mt"].grad.shape == (len(TASKS["mt"].special_tokens), 64)
