@@ -64,14 +64,15 @@ class Plan:
     mixed_repeats: int = 3         # 2: interleaved repeats (the fastest counts)
     forward_batch: int = 32        # 3: forward pass batch x length
     forward_length: int = 128
-    repeats: int = 3               # 3: timed repeats (the fastest counts)
+    repeats: int = 3               # 1: runs of ours, interleaved with the original; 3: repeats (fastest counts)
     train_steps: int = 6           # 4: optimizer steps per mode (the first is not timed)
+    train_runs: int = 2            # 4: alternating processes per mode
     padding_steps: int = 2         # 5: training steps per task and batching (+1 warm-up)
     e2e_baseline_mrs: int = 16     # 6: MRs decoded the original way (the rest extrapolated)
 
 
 QUICK = Plan(baseline_rows=4, mixed_context=64, mixed_steps=12, mixed_repeats=2, forward_batch=8, repeats=2,
-             train_steps=3, padding_steps=1, e2e_baseline_mrs=4)
+             train_steps=3, train_runs=1, padding_steps=1, e2e_baseline_mrs=4)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -174,16 +175,25 @@ def bench_decoding(args, plan, device, clock, tokenizer):
     prompts = task_prompts(task, E2E_200, tokenizer, plan.decode_rows)
     options = DecodingOptions(max_length=plan.max_length, no_sample=True)
     generate_batch(model, prompts[:2], DecodingOptions(max_length=2, no_sample=True))  # warm-up
-    start = clock()
-    ours = generate_batch(model, prompts, options)
-    ours_seconds = clock() - start
-    baseline, start = [], clock()
-    for prompt in tqdm(prompts[:plan.baseline_rows], desc="1 decoding: original method", leave=False):
-        baseline.append(decode_original(model, prompt, plan.max_length))
-    baseline_seconds = clock() - start
-    ours_tokens, baseline_tokens = sum(map(len, ours)), sum(map(len, baseline))
+    # Interleaved: ours, a share of the baseline prompts, ours, ... so that both see the same
+    # machine (shared CPUs drift by tens of percent over minutes).
+    rounds = min(plan.repeats, plan.baseline_rows)
+    ours_seconds = baseline_seconds = 0.0
+    ours_tokens, baseline = 0, []
+    with tqdm(total=plan.baseline_rows, desc="1 decoding: original method", leave=False) as bar:
+        for index in range(rounds):
+            start = clock()
+            ours = generate_batch(model, prompts, options)
+            ours_seconds += clock() - start
+            ours_tokens += sum(map(len, ours))
+            start = clock()
+            for prompt in prompts[index * plan.baseline_rows // rounds:(index + 1) * plan.baseline_rows // rounds]:
+                baseline.append(decode_original(model, prompt, plan.max_length))
+                bar.update()
+            baseline_seconds += clock() - start
+    baseline_tokens = sum(map(len, baseline))
     ours_rate, baseline_rate = ours_tokens / ours_seconds, baseline_tokens / baseline_seconds
-    return {"prompts": len(prompts), "batch_size": len(prompts), "max_length": plan.max_length,
+    return {"prompts": len(prompts), "batch_size": len(prompts), "max_length": plan.max_length, "ours_runs": rounds,
             "prompt_tokens_mean": statistics.mean(len(p.input_ids) for p in prompts),
             "ours_tokens": ours_tokens, "ours_seconds": ours_seconds, "ours_tokens_per_s": ours_rate,
             "baseline_prompts": len(baseline), "baseline_tokens": baseline_tokens,
@@ -301,14 +311,19 @@ def train_worker(args):
 
 
 def bench_training(args, plan, device, clock, tokenizer):
-    results = {}
-    for mode in tqdm(("full", "adapter"), desc="4 training (one process each)", leave=False):
+    runs = {"full": [], "adapter": []}
+    for mode in tqdm(["full", "adapter"] * plan.train_runs, desc="4 training (one process each)", leave=False):
         command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--size", args.size,
                    "--device", str(device), "--steps", str(plan.train_steps)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             raise VLMError(f"training worker ({mode}) failed: {done.stderr.strip().splitlines()[-1:]}")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    # Of the alternating runs per mode, the fastest; peak memory is the same in each run.
+    results = {mode: min(rs, key=lambda r: r["median_step_seconds"]) for mode, rs in runs.items()}
+    for mode, rs in runs.items():
+        results[mode]["all_median_step_seconds"] = [r["median_step_seconds"] for r in rs]
+        results[mode]["all_peak_bytes"] = [r["peak_bytes"] for r in rs]
     full, adapter = results["full"], results["adapter"]
     return {"task": TRAIN_TASK, "batch_size": TASKS[TRAIN_TASK].adapter.train_batch_size,
             "steps": plan.train_steps, "runs": results,
@@ -459,7 +474,7 @@ def markdown(report):
         lines += ["", "## 1. Decoding", "",
                   f"{d['prompts']} E2E prompts (mean {d['prompt_tokens_mean']:.0f} tokens), greedy, up to {d['max_length']} tokens.", "",
                   "| method | tokens | seconds | tokens/s |", "|---|---|---|---|",
-                  f"| ours: batch {d['batch_size']}, KV cache | {d['ours_tokens']} | {d['ours_seconds']:.2f} | {d['ours_tokens_per_s']:.1f} |",
+                  f"| ours: batch {d['batch_size']}, KV cache ({d['ours_runs']} runs) | {d['ours_tokens']} | {d['ours_seconds']:.2f} | {d['ours_tokens_per_s']:.1f} |",
                   f"| original: batch 1, no cache ({d['baseline_prompts']} prompts) | {d['baseline_tokens']} | "
                   f"{d['baseline_seconds']:.2f} | {d['baseline_tokens_per_s']:.2f} |",
                   "", f"Speedup {d['speedup']:.1f}x; outputs equal {d['outputs_equal']}/{d['outputs_compared']}."]

@@ -10,10 +10,12 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
+from models.memory import set_training_attention, use_lean_gelu
 from models.adapters import AdapterStack, count_parameters, freeze_all
 from models.task_rows import TaskRows
 from utils.data import IGNORE_INDEX
@@ -22,6 +24,7 @@ from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS, 
 
 VOCAB_SIZE = GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)  # 50,287
 hf_logging.disable_progress_bar()  # our scripts show their own progress; keep stderr for errors
+LOSS_CHUNK = 256  # labelled positions per chunk of the training loss: (256, 50,287) logits at a time
 TASK_ROW_SEED = 20200408  # fixed, so every run over one backbone starts from the same new rows
 
 
@@ -82,11 +85,16 @@ class VersatileLM(nn.Module):
         self.adapters = nn.ModuleDict()  # task name -> AdapterStack (one adapter per block)
         self._routing = None             # set for the duration of one forward pass
         self.task_rows = None            # TaskRows while adapter/emb_only training is set up
+        use_lean_gelu(gpt2)              # same values, less training memory (models/memory.py)
         self.register_state_dict_post_hook(_drop_task_rows)  # views of wte: saved with the table
         for index, block in enumerate(gpt2.transformer.h):
             block.register_forward_hook(self._make_adapter_hook(index))
         for task, bottleneck in (adapter_bottlenecks or {}).items():
             self.add_adapter(task, bottleneck)
+
+    def train(self, mode=True):
+        set_training_attention(self.gpt2, mode)  # attention recomputed in backward (models/memory.py)
+        return super().train(mode)
 
     @classmethod
     def from_pretrained(cls, name_or_path, adapter_bottlenecks=None, random_init=False):
@@ -164,8 +172,8 @@ class VersatileLM(nn.Module):
         With labels only the loss is returned (the token-mean NLL, as Hugging Face computes it),
         from the logits of the labelled positions alone (see labelled_logits)."""
         if labels is not None:
-            logits, targets = self.labelled_logits(input_ids, labels, token_type_ids, task_ids, attention_mask)
-            return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets))
+            hidden, targets = self.labelled_hidden(input_ids, labels, token_type_ids, task_ids, attention_mask)
+            return CausalLMOutputWithPast(loss=self._loss(hidden, targets))
         self._routing = self._route(task_ids, input_ids.shape[0])
         try:
             return self.gpt2(input_ids=input_ids, token_type_ids=token_type_ids,
@@ -175,8 +183,8 @@ class VersatileLM(nn.Module):
         finally:
             self._routing = None
 
-    def labelled_logits(self, input_ids, labels, token_type_ids=None, task_ids=None, attention_mask=None):
-        """(logits (n, vocab), targets (n,)) for the n positions whose next token is a label.
+    def labelled_hidden(self, input_ids, labels, token_type_ids=None, task_ids=None, attention_mask=None):
+        """(hidden (n, d), targets (n,)) for the n positions whose next token is a label.
 
         Training and validation need only these. Prompt positions (source, persona, history,
         MR) skip the output layer, a third of GPT-2 small's compute per token, and its
@@ -189,7 +197,27 @@ class VersatileLM(nn.Module):
             self._routing = None
         targets = labels[:, 1:]                                   # position t predicts token t + 1
         keep = targets != IGNORE_INDEX                            # (batch, seq - 1)
-        return self.gpt2.lm_head(hidden[:, :-1][keep]), targets[keep]
+        return hidden[:, :-1][keep], targets[keep]
+
+    def labelled_logits(self, input_ids, labels, token_type_ids=None, task_ids=None, attention_mask=None):
+        """(logits (n, vocab), targets (n,)) at the labelled positions (see labelled_hidden)."""
+        hidden, targets = self.labelled_hidden(input_ids, labels, token_type_ids, task_ids, attention_mask)
+        return self.gpt2.lm_head(hidden), targets
+
+    def _loss(self, hidden, targets):
+        """Token-mean cross-entropy of hidden (n, d) against targets (n,). With gradients, the
+        output layer runs over chunks of positions that are recomputed in backward, so only one
+        chunk's logits exist at a time."""
+        if not torch.is_grad_enabled():
+            return F.cross_entropy(self.gpt2.lm_head(hidden).float(), targets)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), LOSS_CHUNK):
+            total = total + checkpoint(self._loss_sum, hidden[start:start + LOSS_CHUNK],
+                                       targets[start:start + LOSS_CHUNK], use_reentrant=False)
+        return total / len(targets)
+
+    def _loss_sum(self, hidden, targets):
+        return F.cross_entropy(self.gpt2.lm_head(hidden).float(), targets, reduction="sum")
 
     # --- what trains -----------------------------------------------------------------------
     def mark_trainable(self, mode, task=None):

@@ -171,6 +171,64 @@ def test_loss_from_labelled_positions_equals_the_full_logits_loss():
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_lean_gelu_has_gelu_new_values_and_gradient_with_less_saved_memory():
+    from transformers.activations import NewGELUActivation
+
+    from models.memory import LeanGELU
+    original, lean = NewGELUActivation(), LeanGELU(NewGELUActivation())
+    x = (torch.randn(4, 9, 32, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    saved = {"lean": 0, "original": 0}
+    for name, module, inp in (("lean", lean, x), ("original", original, x_ref)):
+        def pack(t, name=name):
+            saved[name] += t.numel() if t.dim() else 0
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(inp)
+        out.backward(torch.ones_like(out) * torch.linspace(-1, 1, 32))
+        if name == "lean":
+            lean_out = out
+        else:
+            ref_out = out
+    assert torch.equal(lean_out, ref_out)                                  # forward: bit-identical
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)   # backward: same derivative
+    assert saved["lean"] == x.numel() and saved["original"] >= 3 * x.numel()
+    model = make_model()
+    assert all(isinstance(block.mlp.act, LeanGELU) for block in model.gpt2.transformer.h)
+
+
+def test_training_memory_savers_keep_values_and_gradients(monkeypatch):
+    """Recomputed attention (train mode) and the chunked loss: the same loss and gradients as the
+    plain computation, less saved for backward; eval mode goes back to plain SDPA."""
+    import models.vlm as vlm
+    ids = torch.randint(0, VOCAB_SIZE, (3, 12), generator=torch.Generator().manual_seed(7))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    results = {}
+    for name, chunk, attention in (("lean", 5, True), ("plain", 10 ** 9, False)):
+        monkeypatch.setattr(vlm, "LOSS_CHUNK", chunk)
+        model = make_model({"nlg": 8})
+        model.mark_trainable("adapter", "nlg")
+        model.train()
+        if not attention:
+            model.gpt2.set_attn_implementation("sdpa")
+        saved = []
+        torch.manual_seed(0)  # the same dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(ids, token_type_ids=ids, task_ids=TASKS["nlg"].task_id, labels=labels).loss
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in model.adapters["nlg"].parameters()], sum(saved),
+                         model.gpt2.config._attn_implementation)
+        model.eval()
+        assert model.gpt2.config._attn_implementation == "sdpa"
+    (lean_loss, lean_grads, lean_saved, lean_attention), (loss, grads, saved, attention) = results["lean"], results["plain"]
+    assert lean_attention != attention == "sdpa"
+    torch.testing.assert_close(lean_loss, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(lean_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert lean_saved < saved
+
+
 def test_new_rows_are_the_same_for_every_run():
     a, b = make_model(seed=0), make_model(seed=0)
     torch.manual_seed(123)  # the run's seed must not matter
