@@ -574,7 +574,10 @@ def main(argv=None):
     started, results = time.perf_counter(), {}
     for name in tqdm(args.sections, desc="bench", unit="section"):
         results[name] = SECTIONS[name](args, plan, device, clock, tokenizer)
-    parameters = sum(p.numel() for p in build_backbone(args.size, "cpu", torch.float32).parameters())
+    with torch.device("meta"):  # shapes only: no weights allocated to count parameters
+        shape = GPT2LMHeadModel(GPT2Config(**SIZES[args.size], n_positions=1024))
+        add_special_token_rows(shape)
+    parameters = sum(p.numel() for p in shape.parameters())
     report = {"size": args.size, "quick": args.quick, "parameters": parameters, "plan": dataclasses.asdict(plan),
               "machine": machine_info(device, args), "seconds": time.perf_counter() - started,
               "targets": targets(results), "results": results}

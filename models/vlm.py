@@ -15,8 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
-from models.memory import set_training_attention, use_lean_gelu
 from models.adapters import AdapterStack, count_parameters, freeze_all
+from models.memory import set_training_attention, use_lean_gelu
 from models.task_rows import TaskRows
 from utils.data import IGNORE_INDEX
 from utils.errors import VLMError
@@ -170,7 +170,7 @@ class VersatileLM(nn.Module):
         task_ids: (batch,) task id per row or -1; returns Hugging Face's CausalLMOutputWithPast.
 
         With labels only the loss is returned (the token-mean NLL, as Hugging Face computes it),
-        from the logits of the labelled positions alone (see labelled_logits)."""
+        from the logits of the labelled positions alone (see labelled_hidden and _loss)."""
         if labels is not None:
             hidden, targets = self.labelled_hidden(input_ids, labels, token_type_ids, task_ids, attention_mask)
             return CausalLMOutputWithPast(loss=self._loss(hidden, targets))

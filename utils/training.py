@@ -36,7 +36,7 @@ from models.adapters import count_parameters
 from models.checkpoint import (ADAPTER_WEIGHTS, FULL_WEIGHTS, load_adapter_tensors, read_config,
                                save_checkpoint)
 from models.vlm import VersatileLM, backbone_fingerprint
-from utils.data import (IGNORE_INDEX, LengthGroupedBatchSampler, collate, distilled_key, load_task_data,
+from utils.data import (LengthGroupedBatchSampler, collate, distilled_key, load_task_data,
                         load_tokenizer, training_examples)
 from utils.errors import VLMError
 from utils.io import atomic_path, write_json, write_text
