@@ -19,14 +19,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 
 
+def common_training_arguments(parser):
+    """Flags train.py and train_vlm.py share, with the same meaning and default."""
+    parser.add_argument("--model_checkpoint", type=str, default="gpt2", help="GPT-2 hub name or local folder")
+    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
+                        help="prefix of the tokenized-dataset cache files")
+    parser.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping norm")
+    parser.add_argument("--eval_before_start", action="store_true", help="validate before training")
+    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--fp16", type=str, default="",
+                        help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
+    parser.add_argument("--local_rank", type=int, default=-1,
+                        help="accepted for torch.distributed.launch; torchrun's environment is what is used")
+    return parser
+
+
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common_training_arguments(parser)
     parser.add_argument("--dataset_path", type=str, default=None,
                         help="dataset JSON (default: the task's path from the authors' run.sh)")
-    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
-                        help="prefix of the tokenized-dataset cache files")
-    parser.add_argument("--model_checkpoint", type=str, default="gpt2", help="GPT-2 hub name or local folder")
     parser.add_argument("--task", type=str, default="dialogue", help="dialogue, qa, mt, summarization or nlg")
     parser.add_argument("--max_history", type=int, default=None, help="previous exchanges kept (dialogue, qa)")
     parser.add_argument("--train_batch_size", type=int, default=None, help="batch size for training")
@@ -35,10 +48,7 @@ def build_parser():
     parser.add_argument("--gradient_accumulation_steps", type=int, default=None,
                         help="batches accumulated per optimizer step")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (falls linearly to 0)")
-    parser.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping norm")
     parser.add_argument("--n_epochs", type=int, default=None, help="training epochs")
-    parser.add_argument("--eval_before_start", action="store_true", help="validate before training")
-    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--adapter_bottleneck", type=int, default=0,
                         help="adapter bottleneck size; 0: full fine-tuning")
     parser.add_argument("--emb_only", action="store_true", help="train only the task's special-token embeddings")
@@ -46,10 +56,6 @@ def build_parser():
                         help="train only the (tied) embedding / output layer")
     parser.add_argument("--random_init", action="store_true", help="start GPT-2 from random weights")
     parser.add_argument("--distillation", action="store_true", help="train on the distilled targets")
-    parser.add_argument("--fp16", type=str, default="",
-                        help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
-    parser.add_argument("--local_rank", type=int, default=-1,
-                        help="accepted for torch.distributed.launch; torchrun's environment is what is used")
     parser.add_argument("--output_dir", type=str, default=None,
                         help="run folder (default: runs/<date>_<model>_<task>_<mode>_lr<lr>_ep<n>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of python and torch")

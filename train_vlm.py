@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from train import common_training_arguments  # noqa: E402
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from utils.multitask import DEFAULTS, run_multitask  # noqa: E402
 from utils.training import configure_logging  # noqa: E402
@@ -27,13 +28,11 @@ from utils.tasks import TASKS  # noqa: E402
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common_training_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
                         help=f"tasks trained together ({', '.join(TASKS)})")
     parser.add_argument("--dataset_paths", nargs="+", default=[], metavar="TASK=PATH",
                         help="dataset JSON per task; a task not named here reads its path from the authors' run.sh")
-    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
-                        help="prefix of the tokenized-dataset cache files")
-    parser.add_argument("--model_checkpoint", type=str, default="gpt2", help="GPT-2 hub name or local folder")
     parser.add_argument("--no_adapter", action="store_true",
                         help="full fine-tuning of GPT-2 on all tasks, no adapters (default: adapters, frozen GPT-2)")
     parser.add_argument("--temperature", type=float, default=1.0,
@@ -50,14 +49,7 @@ def build_parser():
                         help="batches accumulated per optimizer step")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate, falling linearly to 0 (None: 5e-4; 6.25e-5 with --no_adapter)")
-    parser.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping norm")
     parser.add_argument("--n_epochs", type=int, default=DEFAULTS["n_epochs"], help="training epochs")
-    parser.add_argument("--eval_before_start", action="store_true", help="validate before training")
-    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (None: cuda if available)")
-    parser.add_argument("--fp16", type=str, default="",
-                        help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
-    parser.add_argument("--local_rank", type=int, default=-1,
-                        help="accepted for torch.distributed.launch; torchrun's environment is what is used")
     parser.add_argument("--output_dir", type=str, default=None,
                         help="run folder (None: runs/<date>_VLM_multitask_<adapter|full>_<model>_T<T>_lr<lr>_ep<n>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of python, torch and the task sampler")

@@ -3,11 +3,9 @@
 - Decoding (the authors' `sample_sequence`, greedy): one prompt at a time, no key/value cache, the
   whole sequence run through the model again for every new token, logits for every position.
 - Batching for training (the authors' `pad_dataset`): every example padded to the longest
-  example of its whole split.
+  example of its whole split (utils.data.collate with `width`, in bench/run.py).
 """
 import torch
-
-from utils.data import PAD_ID
 
 
 @torch.no_grad()
@@ -32,16 +30,3 @@ def decode_original(model, prompt, max_length, min_length=1):
             break
         output.append(token)
     return output
-
-
-def pad_whole_split(examples):
-    """The original padding: every example to the split's longest; returns (rows, width)."""
-    return len(examples), max(len(e["input_ids"]) for e in examples)
-
-
-def collate_to_width(examples, width, task_id):
-    """A training batch padded on the right to a fixed `width` (the original's split-wide length)."""
-    def pad(key, value):
-        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
-    return {"input_ids": pad("input_ids", PAD_ID), "token_type_ids": pad("token_type_ids", PAD_ID),
-            "labels": pad("labels", -100), "task_ids": torch.full((len(examples),), task_id, dtype=torch.long)}

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from bench.baseline import collate_to_width, decode_original  # noqa: E402
+from bench.baseline import decode_original  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.vlm import VersatileLM, add_special_token_rows, backbone_fingerprint  # noqa: E402
 from utils.data import LengthGroupedBatchSampler, collate, load_task_data, load_tokenizer, training_examples  # noqa: E402
@@ -357,7 +357,7 @@ def bench_padding(args, plan, device, clock, tokenizer):
         trainer.run([collate([examples[i] for i in batches[0]], task.task_id)], max_epochs=1)  # warm-up
         rates = {}
         for label, make in (("ours", lambda b: collate([examples[i] for i in b], task.task_id)),
-                            ("original", lambda b: collate_to_width([examples[i] for i in b], width, task.task_id))):
+                            ("original", lambda b: collate([examples[i] for i in b], task.task_id, width))):
             data = [make(b) for b in timed]
             start = clock()
             trainer.run(data, max_epochs=1)

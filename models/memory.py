@@ -8,7 +8,7 @@
   (batch, heads, seq, seq) scores, probabilities and dropout mask per block. In training the
   attention core is recomputed in backward instead (torch.utils.checkpoint, same random state, so
   the same dropout mask): a few percent more compute, growing savings with sequence length.
-- The loss (VersatileLM.labelled_loss): the output layer and cross-entropy run over chunks of
+- The loss (VersatileLM._loss): the output layer and cross-entropy run over chunks of
   labelled positions, recomputed in backward, so (positions, 50,287) logits never exist whole.
 Section 4 of bench/run.py measures the result.
 """

@@ -9,9 +9,9 @@ import re
 import torch
 from conftest import REPO, run_script, tiny_gpt2
 
-from bench.baseline import collate_to_width, decode_original
+from bench.baseline import decode_original
 from models.vlm import VersatileLM, add_special_token_rows
-from utils.data import IGNORE_INDEX, PAD_ID, load_task_data, training_examples
+from utils.data import IGNORE_INDEX, PAD_ID, collate, load_task_data, training_examples
 from utils.evaluation import dataset_prompts
 from utils.generate import DecodingOptions, generate_batch
 from utils.tasks import TASKS
@@ -42,7 +42,7 @@ def test_original_decoding_gives_our_batched_cached_tokens(tokenizer):
 def test_original_padding_pads_every_row_to_the_given_width():
     examples = [{"input_ids": [1, 2, 3], "token_type_ids": [4, 4, 4], "labels": [-100, 2, 3]},
                 {"input_ids": [5], "token_type_ids": [6], "labels": [5]}]
-    batch = collate_to_width(examples, 5, task_id=2)
+    batch = collate(examples, task_id=2, width=5)
     assert batch["input_ids"].tolist() == [[1, 2, 3, PAD_ID, PAD_ID], [5, PAD_ID, PAD_ID, PAD_ID, PAD_ID]]
     assert batch["labels"][1].tolist() == [5] + [IGNORE_INDEX] * 4
     assert batch["task_ids"].tolist() == [2, 2]

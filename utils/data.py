@@ -324,9 +324,9 @@ def training_examples(task, records, max_history, distillation=False, max_positi
 
 
 # --- batches ---------------------------------------------------------------------------------
-def collate(examples, task_id):
-    """Pad one batch on the right to its own longest example. task_ids: (batch,)."""
-    length = max(len(e["input_ids"]) for e in examples)
+def collate(examples, task_id, width=None):
+    """Pad one batch on the right to its own longest example (or to `width`). task_ids: (batch,)."""
+    length = width or max(len(e["input_ids"]) for e in examples)
 
     def pad(key, value):
         return torch.tensor([e[key] + [value] * (length - len(e[key])) for e in examples], dtype=torch.long)
