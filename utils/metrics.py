@@ -547,3 +547,98 @@ def e2e_scores(hypotheses, references):
 def perplexity(mean_nll):
     """exp of the mean per-token negative log-likelihood (natural log)."""
     return math.exp(mean_nll)
+
+
+# ---------------------------------------------------------------- user tasks (task files)
+#
+# Scores for the tasks of a task file (utils/task_file.py): `accuracy` (label_accuracy),
+# `intent_slot` (intent_slot_scores), `exact_match`, `token_f1`; all fractions (0..1), and 0.0
+# for empty lists.
+
+def normalize_label(text):
+    """A label as labels are compared: whitespace runs made one space, the ends stripped, and
+    lowercased (str.casefold), so " Positive\\n" and "positive" are one label."""
+    return " ".join(text.split()).casefold()
+
+
+def apply_label_map(texts, label_map=None):
+    """Each text normalized (normalize_label) and, when the label map holds it, replaced by its
+    canonical label (variants are looked up normalized, so the map's keys ignore case too)."""
+    mapping = {normalize_label(variant): normalize_label(label) for variant, label in (label_map or {}).items()}
+    return [mapping.get(normalize_label(text), normalize_label(text)) for text in texts]
+
+
+def label_accuracy(predictions, references, label_map=None):
+    """Fraction of predictions equal to their reference, both sides normalized and mapped by
+    apply_label_map (e.g. {"positivt": "positive"} makes the Swedish variant count as positive)."""
+    _check_same_length(predictions, references, ("predictions", "references"))
+    predicted = apply_label_map(predictions, label_map)
+    gold = apply_label_map(references, label_map)
+    return _mean([float(p == g) for p, g in zip(predicted, gold)])
+
+
+def exact_match(predictions, references):
+    """Fraction of predictions equal to their reference once both ends are stripped of whitespace;
+    case, punctuation and inner spacing count."""
+    _check_same_length(predictions, references, ("predictions", "references"))
+    return _mean([float(p.strip() == r.strip()) for p, r in zip(predictions, references)])
+
+
+def token_f1(predictions, references):
+    """Mean per-example token F1 as SQuAD and CoQA compute it (coqa_f1: lowercased, punctuation
+    and articles removed; 1.0 when both sides are empty after that, 0.0 when one side is)."""
+    _check_same_length(predictions, references, ("predictions", "references"))
+    return _mean([coqa_f1(r, p) for p, r in zip(predictions, references)])
+
+
+_INTENT_SLOTS = re.compile(r"Intent:[ \t]*(\S[^\n]*?)[ \t]*\n[ \t]*Slots:[ \t]*(\S[^\n]*?)")
+_SLOT_PAIR = re.compile(r"[ \t]*([^\s(),][^(),\n]*?)[ \t]*\(([^()\n]*)\)[ \t]*(?:,|$)")
+
+
+def parse_intent_slots(text):
+    """"Intent: X\\nSlots: a(b), c(d)" -> ("X", [("a", "b"), ("c", "d")]); "Slots: None" gives no
+    pairs. Names and values are stripped; anything else (a missing line, an unclosed bracket,
+    text between pairs) gives None."""
+    match = _INTENT_SLOTS.fullmatch(text.strip())
+    if not match:
+        return None
+    intent, slots = match.groups()
+    if slots == "None":
+        return intent, []
+    pairs, position = [], 0
+    while position < len(slots):
+        pair = _SLOT_PAIR.match(slots, position)
+        if not pair or pair.end() == position:
+            return None
+        pairs.append((pair.group(1), pair.group(2).strip()))
+        position = pair.end()
+    if slots.rstrip().endswith(","):
+        return None
+    return intent, pairs
+
+
+def intent_slot_scores(predictions, references):
+    """Intent accuracy (exact match of the intent) and micro precision/recall/F1 over the
+    (slot, value) pairs of every example, counted as multisets (a pair given twice must be
+    predicted twice). Names and values compare exactly (case counts). A prediction that does not
+    parse (parse_intent_slots) has a wrong intent and no pairs; a reference that does not parse is
+    an error. A ratio with nothing to divide by (no predicted or no reference pairs) is 0.0."""
+    _check_same_length(predictions, references, ("predictions", "references"))
+    intents_right = predicted_pairs = gold_pairs = right_pairs = 0
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        gold = parse_intent_slots(reference)
+        if gold is None:
+            raise VLMError(f"reference {index}: cannot parse {reference[:80]!r} as 'Intent: X\\nSlots: a(b), ...'")
+        predicted = parse_intent_slots(prediction) or (None, [])
+        intents_right += predicted[0] == gold[0]
+        predicted_pairs += len(predicted[1])
+        gold_pairs += len(gold[1])
+        right_pairs += sum((Counter(predicted[1]) & Counter(gold[1])).values())
+    precision = right_pairs / predicted_pairs if predicted_pairs else 0.0
+    recall = right_pairs / gold_pairs if gold_pairs else 0.0
+    return {
+        "intent_accuracy": intents_right / len(references) if references else 0.0,
+        "slot_precision": precision,
+        "slot_recall": recall,
+        "slot_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    }
