@@ -110,8 +110,9 @@ class PlainGPT2(nn.Module):
     config = property(lambda self: self.gpt2.config)
     device = property(lambda self: self.gpt2.device)
 
-    def forward(self, input_ids, task_ids=None, **kwargs):
-        return self.gpt2(input_ids=input_ids, **kwargs)
+    def forward(self, input_ids, task_ids=None, use_cache=False, **kwargs):
+        # use_cache as VersatileLM's: off unless decoding asks (GPT-2's config would turn it on)
+        return self.gpt2(input_ids=input_ids, use_cache=use_cache, **kwargs)
 
 
 def task_prompts(task, path, tokenizer, limit, task_id=None):

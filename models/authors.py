@@ -338,7 +338,7 @@ def logit_differences(conversion, state, tokenizer):
         for name, (task, task_id, adapter) in checks.items():
             input_ids, token_type_ids = sample_inputs(task, tokenizer)
             ours = model(input_ids, token_type_ids=token_type_ids,
-                         task_ids=torch.full((input_ids.shape[0],), task_id)).logits.float()
+                         task_ids=torch.full((input_ids.shape[0],), task_id), use_cache=False).logits.float()
             theirs = authors_logits(state, input_ids, token_type_ids, config.n_head, config.layer_norm_epsilon, adapter)
             result[name] = ((ours - theirs).abs().max().item(), theirs.abs().max().item())
     return result

@@ -276,7 +276,7 @@ def task_logits(model, task, input_ids, token_type_ids):
     """The model's logits for `task` (every row routed to it), on comparable_token_ids(task)."""
     task_id = TASKS[task].task_id if task in model.adapters else -1  # task embeddings only: plain GPT-2
     logits = model(input_ids.to(model.device), token_type_ids=token_type_ids.to(model.device),
-                   task_ids=torch.full((input_ids.shape[0],), task_id)).logits
+                   task_ids=torch.full((input_ids.shape[0],), task_id), use_cache=False).logits
     return logits[..., comparable_token_ids(task).to(logits.device)].cpu()
 
 

@@ -164,10 +164,14 @@ class VersatileLM(nn.Module):
         return hook
 
     def forward(self, input_ids, token_type_ids=None, task_ids=None, attention_mask=None,
-                position_ids=None, past_key_values=None, use_cache=False, labels=None,
+                position_ids=None, cache=None, use_cache=False, labels=None,
                 logits_to_keep=0):
         """input_ids, token_type_ids, attention_mask, position_ids, labels: (batch, seq);
         task_ids: (batch,) task id per row or -1; returns Hugging Face's CausalLMOutputWithPast.
+
+        cache: a transformers Cache to extend (decoding), with use_cache=True; the output's
+        `.cache` is the updated one. use_cache is False unless asked for: GPT-2's config
+        defaults to True, which would build a cache nobody reads.
 
         With labels only the loss is returned (the token-mean NLL, as Hugging Face computes it),
         from the logits of the labelled positions alone (see labelled_hidden and _loss)."""
@@ -178,7 +182,7 @@ class VersatileLM(nn.Module):
         try:
             return self.gpt2(input_ids=input_ids, token_type_ids=token_type_ids,
                              attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=use_cache,
+                             cache=cache, use_cache=use_cache,
                              logits_to_keep=logits_to_keep)
         finally:
             self._routing = None
@@ -192,7 +196,8 @@ class VersatileLM(nn.Module):
         self._routing = self._route(task_ids, input_ids.shape[0])
         try:
             hidden = self.gpt2.transformer(input_ids=input_ids, token_type_ids=token_type_ids,
-                                           attention_mask=attention_mask).last_hidden_state  # (batch, seq, d)
+                                           attention_mask=attention_mask,
+                                           use_cache=False).last_hidden_state  # (batch, seq, d)
         finally:
             self._routing = None
         targets = labels[:, 1:]                                   # position t predicts token t + 1

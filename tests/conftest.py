@@ -1,6 +1,10 @@
 """Shared fixtures: a small random GPT-2 saved as a local folder (the hub is never contacted)
-and the real GPT-2 tokenizer shipped in data/gpt2-tokenizer."""
+and the real GPT-2 tokenizer shipped in data/gpt2-tokenizer. Deprecations fail tests: warnings
+through pytest.ini, transformers' logged ones through `no_logged_deprecations`, and those of the
+scripts run_script starts through its check of their stderr."""
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -31,8 +35,43 @@ def tokenizer():
     return load_tokenizer()
 
 
-def run_script(*args, stdin=None, cwd=REPO, timeout=600):
-    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True,
+# What a deprecation notice looks like on stderr: Python's warning line or a library's own message.
+DEPRECATION_TEXT = re.compile(r"(Future|Deprecation)Warning|\bdeprecat", re.IGNORECASE)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_logged_deprecations():
+    """Fail the test when transformers' logger reports a deprecation during it: transformers
+    announces some (`past_key_values`/`cache_params` are deprecated. Use `cache` instead.) with
+    logger.warning_once, not the warnings module, so pytest.ini's filters never see them.
+    The handler sits on the library's root logger, which keeps its records to itself."""
+    handler = _Records()
+    library = logging.getLogger("transformers")
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+    found = [r.getMessage() for r in handler.records if DEPRECATION_TEXT.search(r.getMessage())]
+    if found:
+        pytest.fail(f"transformers logged a deprecation: {found[0]}", pytrace=False)
+
+
+def run_script(*args, stdin=None, cwd=REPO, timeout=600, env=None):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess. `env`: extra
+    variables. A deprecation warning on its stderr fails the test (the script's user would see it)."""
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", **(env or {}))
+    done = subprocess.run([sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True,
                           timeout=timeout, env=env)
+    deprecation = DEPRECATION_TEXT.search(done.stderr or "")
+    assert deprecation is None, f"{args[0]} printed a deprecation warning:\n{done.stderr[-2000:]}"
+    return done

@@ -77,7 +77,7 @@ def teacher_forced_nll(model, task, records, max_history, task_id, batch_size, m
         batch = collate([examples[i] for i in order[start:start + batch_size]], task_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                       task_ids=batch["task_ids"] if task_id >= 0 else None).logits
+                       task_ids=batch["task_ids"] if task_id >= 0 else None, use_cache=False).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                                  ignore_index=-100, reduction="sum")

@@ -122,11 +122,11 @@ def generate_batch(model, prompts, options, on_step=None):
     limits = [reply_room(model, p, options) for p in prompts]
     outputs = [[] for _ in prompts]
     rows = torch.arange(batch, device=device)  # prompts still decoding, in cache order
-    past = None
+    cache = None  # a transformers DynamicCache after the first pass
     for step in range(options.max_length):
         out = model(input_ids, token_type_ids=token_types, task_ids=task_ids, attention_mask=attention,
-                    position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+                    position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache
         next_ids = chooser(out.logits[:, -1, :], rows, step)
         if on_step is not None:
             on_step(step, len(rows))
@@ -141,7 +141,7 @@ def generate_batch(model, prompts, options, on_step=None):
             break
         if len(keep) < len(rows):  # drop finished rows from the batch and the cache
             index = torch.tensor(keep, device=device)
-            past.batch_select_indices(index)
+            cache.batch_select_indices(index)
             rows, next_ids, attention = rows[index], next_ids[index], attention[index]
             positions, task_ids, reply_types = positions[index], task_ids[index], reply_types[index]
         input_ids = next_ids[:, None]                                            # (n, 1)
@@ -197,7 +197,8 @@ def generate_uncached(model, prompt, options):
     for step in range(reply_room(model, prompt, options)):
         ids = torch.tensor([prompt.input_ids + output], device=device)
         types = torch.tensor([prompt.token_type_ids + [prompt.reply_type] * len(output)], device=device)
-        logits = model(ids, token_type_ids=types, task_ids=torch.tensor([prompt.task_id], device=device)).logits
+        logits = model(ids, token_type_ids=types, task_ids=torch.tensor([prompt.task_id], device=device),
+                       use_cache=False).logits
         token = chooser(logits[:, -1, :], row, step).item()
         if token in prompt.stop_ids:
             break
