@@ -36,8 +36,7 @@ def write(content, name="tasks.json"):
 
 
 def load_one(**changes):
-    """Load a file holding SENTIMENT with `changes` (a value of None removes the key... unless it
-    is truncate_field, where null is a value)."""
+    """Load a file holding SENTIMENT with `changes` applied."""
     task = {**SENTIMENT, **changes}
     return load_task_file(write({"task_templates": [task]}))
 
@@ -129,7 +128,8 @@ def test_unreadable_files_reuse_the_dataset_reader_errors(in_tmp):
     assert str(caught.value) == "missing.json: task file not found"
     with pytest.raises(VLMError) as caught:
         load_task_file(write(b'{"task_templates": [\n  {"taskname": "x",}\n]}'))
-    assert str(caught.value) == "tasks.json: invalid JSON at line 2 column 20: Expecting property name enclosed in double quotes"
+    assert str(caught.value) == \
+        "tasks.json: invalid JSON at line 2 column 20: Expecting property name enclosed in double quotes"
     with pytest.raises(VLMError) as caught:
         load_task_file(write(b'{"task_templates": "caf\xe9"}'))  # \xe9 (Latin-1 e-acute) is byte 23
     assert str(caught.value) == "tasks.json: not UTF-8 text (byte 23)"
@@ -142,7 +142,8 @@ def test_taskname_rules(in_tmp):
     assert error_of(taskname=3) == "tasks.json: task_templates[0]: taskname: expected a string, got 3"
     assert error_of(taskname="my task") == \
         "tasks.json: task_templates[0]: taskname: 'my task' may only hold letters, digits, '_' and '-'"
-    assert error_of(taskname="") == "tasks.json: task_templates[0]: taskname: '' may only hold letters, digits, '_' and '-'"
+    assert error_of(taskname="") == \
+        "tasks.json: task_templates[0]: taskname: '' may only hold letters, digits, '_' and '-'"
     assert error_of(taskname="all") == \
         "tasks.json: task 'all': taskname: 'all' is reserved (it means every task); choose another name"
     with pytest.raises(VLMError) as caught:
@@ -152,7 +153,8 @@ def test_taskname_rules(in_tmp):
 
 @pytest.mark.parametrize("name", ["dialogue", "qa", "mt", "summarization", "nlg"])
 def test_builtin_task_names_are_refused(in_tmp, name):
-    assert error_of(taskname=name) == f"tasks.json: task '{name}': taskname: '{name}' is a built-in task; choose another name"
+    assert error_of(taskname=name) == \
+        f"tasks.json: task '{name}': taskname: '{name}' is a built-in task; choose another name"
 
 
 def test_duplicate_taskname(in_tmp):
@@ -190,7 +192,8 @@ def test_missing_required_keys(in_tmp, key):
     ("max_answer_tokens", -1, "max_answer_tokens: expected a positive integer, got -1"),
     ("virtual_token_splits", 10, "virtual_token_splits: expected a non-empty list of positive integers, got 10"),
     ("virtual_token_splits", [], "virtual_token_splits: expected a non-empty list of positive integers, got []"),
-    ("virtual_token_splits", [10, 0], "virtual_token_splits: expected a non-empty list of positive integers, got [10, 0]"),
+    ("virtual_token_splits", [10, 0],
+     "virtual_token_splits: expected a non-empty list of positive integers, got [10, 0]"),
     ("truncate_field", 1, "truncate_field: expected a field name or null, got 1"),
     ("answer_field", None, "answer_field: expected a field name, got null"),
     ("answer_only_loss", "yes", 'answer_only_loss: expected true or false, got "yes"'),
@@ -241,9 +244,11 @@ def test_splits_must_sum_to_the_total(in_tmp):
      "<|VIRTUAL_PROMPT_2|> where <|VIRTUAL_PROMPT_1|> was expected (markers are numbered 0, 1, ... in order, "
      "each once)"),
     ("<|VIRTUAL_PROMPT|> {sentence} sentiment: {label}", [10],
-     "malformed virtual-token marker '<|VIRTUAL_PROMPT|>' (expected <|VIRTUAL_PROMPT_0|>, <|VIRTUAL_PROMPT_1|>, ...)"),
+     "malformed virtual-token marker '<|VIRTUAL_PROMPT|>' (expected <|VIRTUAL_PROMPT_0|>, "
+     "<|VIRTUAL_PROMPT_1|>, ...)"),
     ("<|VIRTUAL_PROMPT_a|> {sentence} sentiment: {label}", [10],
-     "malformed virtual-token marker '<|VIRTUAL_PROMPT_a|>' (expected <|VIRTUAL_PROMPT_0|>, <|VIRTUAL_PROMPT_1|>, ...)"),
+     "malformed virtual-token marker '<|VIRTUAL_PROMPT_a|>' (expected <|VIRTUAL_PROMPT_0|>, "
+     "<|VIRTUAL_PROMPT_1|>, ...)"),
 ])
 def test_one_marker_per_split_in_order(in_tmp, template, splits, message):
     error = error_of(prompt_template=template, virtual_token_splits=splits)
@@ -255,8 +260,10 @@ def test_one_marker_per_split_in_order(in_tmp, template, splits, message):
      "field name 'first sentence' in {first sentence} is not an identifier"),
     ("<|VIRTUAL_PROMPT_0|> {1st} sentiment: {label}", "field name '1st' in {1st} is not an identifier"),
     ("<|VIRTUAL_PROMPT_0|> {} sentiment: {label}", "field name '' in {} is not an identifier"),
-    ("<|VIRTUAL_PROMPT_0|> {sentence} {{ sentiment: {label}", "unmatched '{' at character 32 (fields are written {name})"),
-    ("<|VIRTUAL_PROMPT_0|> {sentence} sentiment} {label}", "unmatched '}' at character 41 (fields are written {name})"),
+    ("<|VIRTUAL_PROMPT_0|> {sentence} {{ sentiment: {label}",
+     "unmatched '{' at character 32 (fields are written {name})"),
+    ("<|VIRTUAL_PROMPT_0|> {sentence} sentiment} {label}",
+     "unmatched '}' at character 41 (fields are written {name})"),
     ("<|VIRTUAL_PROMPT_0|> {sentence} {sentence} sentiment: {label}", "field {sentence} appears more than once"),
 ])
 def test_template_fields(in_tmp, template, message):
@@ -264,8 +271,8 @@ def test_template_fields(in_tmp, template, message):
 
 
 def test_truncate_field_must_be_a_field(in_tmp):
-    assert error_of(truncate_field="sentense") == \
-        "tasks.json: task 'sentiment': truncate_field: unknown field 'sentense' (the template's fields: sentence, label)"
+    assert error_of(truncate_field="sentense") == ("tasks.json: task 'sentiment': truncate_field: unknown field "
+                                                   "'sentense' (the template's fields: sentence, label)")
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -110,6 +110,10 @@ def json_kind(value):
     return "null" if value is None else "a number"
 
 
+def _count(n, what):
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -241,9 +245,8 @@ def _check_task(task, index, path, seen):
             fail("prompt_template", f"{MARKER.format(marker)} where {MARKER.format(expected)} was expected "
                                     f"(markers are numbered 0, 1, ... in order, each once)")
     if len(markers) != len(splits):
-        count = lambda n, what: f"{n} {what}" + ("" if n == 1 else "s")  # noqa: E731
-        fail("prompt_template", f"has {count(len(markers), 'virtual-token marker')} but virtual_token_splits has "
-                                f"{count(len(splits), 'split')} (one marker per split)")
+        fail("prompt_template", f"has {_count(len(markers), 'virtual-token marker')} but virtual_token_splits has "
+                                f"{_count(len(splits), 'split')} (one marker per split)")
     fields = []
     for kind, value in parts:
         if kind == "field":
