@@ -1,0 +1,241 @@
+"""The input builder of template tasks (utils/task_file.py), their JSON-lines data and the
+decoding stop rule.
+
+An example of a template task is the task's prompt template with its fields filled in from one
+record and `<|VIRTUAL_PROMPT_i|>` replaced by virtual_token_splits[i] virtual tokens. Template
+tasks use no special tokens and no segment embeddings: a virtual position holds
+VIRTUAL_PLACEHOLDER_ID (the model replaces its embedding with the task's virtual token), every
+token_type_id is NO_SEGMENT, and a training example ends with GPT-2's <|endoftext|> (EOS_ID).
+"""
+import json
+import os
+
+from utils.data import IGNORE_INDEX, PAD_ID, _check_unicode
+from utils.errors import VLMError
+from utils.task_file import json_kind
+
+VIRTUAL_PLACEHOLDER_ID = PAD_ID  # 50257
+NO_SEGMENT = -1
+EOS_ID = 50256                   # GPT-2's <|endoftext|>
+SPLIT_FILES = {"train": "train.jsonl", "valid": "valid.jsonl", "test": "test.jsonl"}
+
+
+class ExampleTooLong(VLMError):
+    """An example exceeds its task's max_seq_length and cutting its truncate_field cannot fix it.
+    `length` is its length in tokens, `limit` the most it may have (for a decoding prompt,
+    max_seq_length - max_answer_tokens)."""
+
+    def __init__(self, message, length, limit):
+        super().__init__(message)
+        self.length, self.limit = length, limit
+
+
+def _encode(tokenizer, text):
+    # split_special_tokens: text that spells "<|endoftext|>" or "<pad>" is ordinary text here.
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+
+def _segments(task, record, tokenizer, with_answer):
+    """[(kind, name, ids)] in template order; kind "text", "field" or "virtual"."""
+    segments, carry, first_virtual = [], "", 0
+    for index, (kind, value) in enumerate(task.parts):
+        if kind == "virtual":
+            size = task.virtual_token_splits[value]
+            segments.append(("virtual", value, list(range(first_virtual, first_virtual + size))))
+            first_virtual += size
+        elif kind == "text":
+            following = task.parts[index + 1] if index + 1 < len(task.parts) else None
+            if following is not None and following[0] == "field":
+                body = value.rstrip()
+                carry = value[len(body):]  # trailing whitespace moves into the next field's text
+                value = body
+            if following is None and segments and segments[-1][0] == "field" and segments[-1][1] == task.answer_field:
+                continue  # whitespace after the answer ends nothing: dropped
+            segments.append(("text", None, _encode(tokenizer, value)))
+        else:
+            if value == task.answer_field and not with_answer:
+                break  # the decoding prompt stops where the answer (and its leading space) begins
+            text = carry + record[value]
+            carry = ""
+            if value == task.answer_field:
+                segments.append(("field", value, _encode(tokenizer, text) + [EOS_ID]))
+            else:
+                segments.append(("field", value, _encode(tokenizer, text)))
+    return segments
+
+
+def build_template_example(task, record, tokenizer, with_answer=True):
+    """input_ids, token_type_ids, labels and virtual_ids of one record of a template task.
+
+    Tokenization (deterministic, so ids can be written by hand): every literal text piece and every
+    field value is tokenized on its own with the GPT-2 tokenizer (no special tokens added, and
+    text spelling a special token such as "<|endoftext|>" stays plain text), and the pieces are
+    concatenated. Whitespace at the end of a literal piece that a field follows is moved to the
+    start of that field's value, as GPT-2 puts a space in front of a word: "{sentence} sentiment:
+    {label}" with label "positive" ends in the tokens of " sentiment", ":" and " positive". Text
+    that a virtual marker or the template's end follows is tokenized as it is; whitespace after the
+    answer field is dropped.
+
+    Virtual marker i becomes virtual_token_splits[i] positions holding VIRTUAL_PLACEHOLDER_ID;
+    `virtual_ids` numbers the task's virtual tokens across the splits in order (splits [7, 3]:
+    0..6 at marker 0, 7..9 at marker 1) and is -1 at real tokens. `token_type_ids` is NO_SEGMENT
+    everywhere.
+
+    with_answer=True: the answer field's tokens are followed by EOS_ID. Labels follow this repo's
+    convention (labels[t] = input_ids[t] where token t is a target, IGNORE_INDEX elsewhere; the
+    model shifts): with answer_only_loss the targets are the answer's tokens and the EOS, without
+    it every real token but the one at position 0. Virtual positions are never targets.
+    with_answer=False: the decoding prompt, which stops where the answer field (with the whitespace
+    moved into it) begins; labels are all IGNORE_INDEX.
+
+    Length: a training example may hold task.max_seq_length tokens; a decoding prompt
+    max_seq_length - max_answer_tokens, leaving room for the answer. A longer example has its
+    truncate_field's tokens cut from their end (at least one token stays); when there is no
+    truncate_field, or cutting it cannot make the example fit, ExampleTooLong is raised.
+    """
+    for name in task.fields:
+        if name == task.answer_field and not with_answer:
+            continue
+        if name not in record:
+            raise VLMError(f"task {task.name!r}: the record has no field {name!r}")
+        if not isinstance(record[name], str):
+            raise VLMError(f"task {task.name!r}: field {name!r} must be a string, got {json_kind(record[name])}")
+    segments = _segments(task, record, tokenizer, with_answer)
+    length = sum(len(ids) for _, _, ids in segments)
+    limit = task.max_seq_length if with_answer else task.max_seq_length - task.max_answer_tokens
+    if length > limit:
+        over = (f"task {task.name!r}: the example has {length} tokens, over max_seq_length {limit}" if with_answer else
+                f"task {task.name!r}: the prompt has {length} tokens, over the {limit} that max_seq_length "
+                f"{task.max_seq_length} leaves after max_answer_tokens {task.max_answer_tokens}")
+        if task.truncate_field is None:
+            raise ExampleTooLong(f"{over}, and the task has no truncate_field", length, limit)
+        position = next(i for i, (kind, name, _) in enumerate(segments)
+                        if kind == "field" and name == task.truncate_field)
+        kind, name, ids = segments[position]
+        keep = len(ids) - (length - limit)
+        if keep < 1:
+            raise ExampleTooLong(f"{over}, even with its truncate_field {name!r} cut to one token", length, limit)
+        segments[position] = (kind, name, ids[:keep])
+    input_ids, virtual_ids, labels = [], [], []
+    for kind, name, ids in segments:
+        if kind == "virtual":
+            input_ids += [VIRTUAL_PLACEHOLDER_ID] * len(ids)
+            virtual_ids += ids
+            labels += [IGNORE_INDEX] * len(ids)
+            continue
+        input_ids += ids
+        virtual_ids += [-1] * len(ids)
+        if not with_answer:
+            labels += [IGNORE_INDEX] * len(ids)
+        elif task.answer_only_loss:
+            labels += list(ids) if kind == "field" and name == task.answer_field else [IGNORE_INDEX] * len(ids)
+        else:
+            labels += list(ids)
+    if labels:
+        labels[0] = IGNORE_INDEX  # nothing predicts the first position
+    return {"input_ids": input_ids, "token_type_ids": [NO_SEGMENT] * len(input_ids), "labels": labels,
+            "virtual_ids": virtual_ids}
+
+
+# --- JSON-lines data ---------------------------------------------------------------------------
+def read_jsonl(path):
+    """[(line number, object)] of a JSON-lines file: one JSON object a line, blank lines skipped.
+    Errors name the file and line: not UTF-8, invalid JSON, not an object, lone surrogates."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise VLMError(f"{path}: file not found") from None
+    except OSError as error:
+        raise VLMError(f"{path}: cannot read ({error.strerror})") from None
+    records = []
+    # Lines end at b"\n" only: JSON strings may hold U+2028 and other characters str.splitlines() splits on.
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        where = f"{path}, line {number}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise VLMError(f"{where}: not UTF-8 text (byte {error.start} of the line)") from None
+        if number == 1:
+            text = text.lstrip("\ufeff")
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise VLMError(f"{where}: invalid JSON at column {error.colno}: {error.msg}") from None
+        except RecursionError:
+            raise VLMError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(value, dict):
+            raise VLMError(f"{where}: expected a JSON object, got {json_kind(value)}")
+        _check_unicode(value, where)
+        records.append((number, value))
+    return records
+
+
+def template_records(task, path_or_items, source=None, require_answer=True):
+    """[(line number, record)] of `task` in a JSON-lines file or in `(line number, object)` pairs
+    (as read_jsonl returns; `source` names them in errors). One file may mix tasks: records
+    whose `taskname` is another task are skipped. Errors name the file and line: a record without
+    a string `taskname`, or one of this task lacking a template field (the answer may be absent
+    when require_answer is false) or holding a non-string value; no record of the task at all."""
+    if isinstance(path_or_items, (str, os.PathLike)):
+        source, items = os.fspath(path_or_items), read_jsonl(path_or_items)
+    else:
+        source, items = source or "records", list(path_or_items)
+    records, names = [], {}
+    for number, record in items:
+        where = f"{source}, line {number}"
+        if not isinstance(record, dict):
+            raise VLMError(f"{where}: expected a JSON object, got {json_kind(record)}")
+        if "taskname" not in record:
+            raise VLMError(f"{where}: no \"taskname\" (each record names its task)")
+        name = record["taskname"]
+        if not isinstance(name, str):
+            raise VLMError(f"{where}: \"taskname\" must be a string, got {json_kind(name)}")
+        names[name] = None
+        if name != task.name:
+            continue
+        for field in task.fields:
+            if field not in record:
+                if field == task.answer_field and not require_answer:
+                    continue
+                raise VLMError(f"{where}: task {task.name!r}: missing field {field!r} of the template")
+            if not isinstance(record[field], str):
+                raise VLMError(f"{where}: task {task.name!r}: field {field!r} must be a string, "
+                               f"got {json_kind(record[field])}")
+        records.append((number, record))
+    if not records:
+        raise VLMError(f"{source}: no records of task {task.name!r} "
+                       f"(tasks in it: {', '.join(names) or 'none'})")
+    return records
+
+
+def user_task_split_path(folder, split):
+    """folder/train.jsonl, valid.jsonl or test.jsonl: a user task's --dataset_path is a folder."""
+    if split not in SPLIT_FILES:
+        raise VLMError(f"unknown split {split!r} (a user task has {', '.join(SPLIT_FILES)})")
+    if not os.path.exists(folder):
+        raise VLMError(f"{folder}: dataset folder not found (a user task's dataset is a folder holding "
+                       f"{', '.join(SPLIT_FILES.values())})")
+    if not os.path.isdir(folder):
+        raise VLMError(f"{folder}: not a folder (a user task's dataset is a folder holding "
+                       f"{', '.join(SPLIT_FILES.values())})")
+    path = os.path.join(folder, SPLIT_FILES[split])
+    if not os.path.isfile(path):
+        raise VLMError(f"{folder}: no {SPLIT_FILES[split]} (the {split} split this command reads)")
+    return path
+
+
+# --- decoding stop rule ------------------------------------------------------------------------
+def stop_ids(task):
+    """Token ids that end decoding: GPT-2's <|endoftext|>, for every template task."""
+    return (EOS_ID,)
+
+
+def cut_at_stop(text, task):
+    """The answer in a decoded continuation: leading whitespace skipped (the answer's first token
+    carries the template's space or newline), cut at the first of task.stop, then stripped."""
+    text = text.lstrip()
+    cut = min((i for i in (text.find(stop) for stop in task.stop) if i >= 0), default=len(text))
+    return text[:cut].strip()
