@@ -23,22 +23,45 @@ Output layouts (fixed by the original authors' loaders):
                                  "utterances": [{"history": [q1, a1, ..., qt], "candidates": [at],
                                                  "turn_id": t}]}], ...}
 Only the splits given are written.
+
+User tasks (task files, see utils/task_file.py and data/tasks/nemo_article.json) get JSON-lines
+records tagged with their taskname, written as DIR/train.jsonl, valid.jsonl and test.jsonl:
+
+    python data/prepare.py assistant --train assistant_train.csv... [--test testset.csv...] --output DIR
+    python data/prepare.py sentiment --input Sentences_AllAgree.txt --output DIR
+                           [--folds K] [--fold I] [--seed S] [--train_fraction F]   (both commands)
+
+  assistant  NLU-Evaluation-Data CSV (`;`-separated, answerid;scenario;intent;answer_annotation;
+             answer_from_anno;answer_from_user) -> {"taskname": "intent_and_slot", "utterance": str,
+             "label": "Intent: iot_coffee\nSlots: device_type(coffee pot)"}   ("Slots: None": no slots)
+  sentiment  Financial PhraseBank `sentence@label` lines (UTF-8, else Latin-1 as in the original
+             release) -> {"taskname": "sentiment", "sentence": str, "label": "positive"|"negative"|"neutral"}
+
+Splits: the records are shuffled once with --seed and cut into --folds K folds; fold I is test,
+fold (I+1) mod K valid, the rest train. With assistant --test, those files are the test split (in
+file order) and the K folds give valid (fold I) and train (the rest). --train_fraction F keeps the
+first ceil(F x n) training records of the shuffled order, so a smaller fraction is a subset of a
+larger one (with the same seed and folds); valid and test do not change with F. Exact duplicate
+records are kept once, and a training record equal to a test record is dropped.
 """
 import argparse
 import collections
 import csv
+import fractions
 import gzip
 import html
 import itertools
 import json
+import math
 import os
+import random
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from utils.io import write_json, write_lines  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 
@@ -503,6 +526,238 @@ def prepare(task, split_paths, slices=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# User tasks: NLU-Evaluation-Data (assistant) and Financial PhraseBank (sentiment) as JSON-lines
+# records of data/tasks/nemo_article.json's intent_and_slot and sentiment tasks.
+
+ASSISTANT_COLUMNS = ("answerid", "scenario", "intent", "answer_annotation", "answer_from_anno", "answer_from_user")
+ANNOTATED_SLOT = re.compile(r"\[([^\[\]]*)\]")
+PHRASEBANK_LABELS = ("positive", "negative", "neutral")
+
+
+def parse_annotation(annotation, where):
+    """'wake me [time : at five am]' -> ('wake me at five am', [('time', 'at five am')]).
+
+    Slots are `[name : value]`; spacing around names, colons and values is free, and runs of
+    whitespace in the utterance and the values become one space. Unbalanced or nested brackets,
+    a slot without a colon, name or value, and a name or value holding ( ) (the label format
+    `name(value)` could not hold it) are errors."""
+    depth = 0
+    for position, char in enumerate(annotation):
+        if char == "[":
+            if depth:
+                raise VLMError(f"{where}: nested '[' at character {position} of the annotation {annotation!r}")
+            depth = 1
+        elif char == "]":
+            if not depth:
+                raise VLMError(f"{where}: ']' without '[' at character {position} of the annotation {annotation!r}")
+            depth = 0
+    if depth:
+        raise VLMError(f"{where}: unclosed '[' in the annotation {annotation!r}")
+    slots = []
+
+    def replace(match):
+        name, colon, value = match.group(1).partition(":")
+        name, value = " ".join(name.split()), " ".join(value.split())
+        if not colon or not name or not value:
+            raise VLMError(f"{where}: slot {match.group(0)!r} is not [name : value]")
+        if any(char in name + value for char in "()"):
+            raise VLMError(f"{where}: slot {match.group(0)!r} holds '(' or ')', which the label's "
+                           f"name(value) pairs cannot hold")
+        slots.append((name, value))
+        return value
+
+    return " ".join(ANNOTATED_SLOT.sub(replace, annotation).split()), slots
+
+
+def intent_slot_label(intent, slots):
+    """The NeMo tutorial's label: 'Intent: iot_coffee\\nSlots: device_type(coffee pot)' or 'Slots: None'."""
+    pairs = ", ".join(f"{name}({value})" for name, value in slots)
+    return f"Intent: {intent}\nSlots: {pairs or 'None'}"
+
+
+def read_assistant_csv(path):
+    """(records, rows skipped for an empty answer_annotation) of one NLU-Evaluation-Data CSV.
+
+    The utterance is the annotation without its slot brackets (what answer_from_anno holds); the
+    label's intent is scenario_intent. A row without an annotation has no slot information and is
+    skipped (and counted)."""
+    rows = csv.reader((line + "\n" for _, line in numbered_lines(path)), delimiter=";")
+    records, skipped = [], 0
+    try:
+        header = [name.strip() for name in next(rows, [])]
+        if not header:
+            raise VLMError(f"{path}: empty file (expected the header {';'.join(ASSISTANT_COLUMNS)})")
+        missing = [name for name in ASSISTANT_COLUMNS if name not in header]
+        if missing:
+            raise VLMError(f"{path}, line 1: the header lacks {', '.join(missing)} "
+                           f"(expected {';'.join(ASSISTANT_COLUMNS)})")
+        column = {name: header.index(name) for name in ASSISTANT_COLUMNS}
+        for row in rows:
+            where = f"{path}, line {rows.line_num}"
+            if not any(field.strip() for field in row):
+                continue
+            if len(row) != len(header):
+                raise VLMError(f"{where}: {len(row)} fields where the header has {len(header)}")
+            scenario, intent = row[column["scenario"]].strip(), row[column["intent"]].strip()
+            if not scenario or not intent:
+                raise VLMError(f"{where}: empty scenario or intent")
+            annotation = row[column["answer_annotation"]]
+            if not annotation.strip():
+                skipped += 1
+                continue
+            utterance, slots = parse_annotation(annotation, where)
+            records.append({"taskname": "intent_and_slot", "utterance": utterance,
+                            "label": intent_slot_label(f"{scenario}_{intent}", slots)})
+    except csv.Error as error:
+        raise VLMError(f"{path}, line {rows.line_num}: bad CSV: {error}") from None
+    return records, skipped
+
+
+def read_phrasebank(path):
+    """The records of a Financial PhraseBank file: `sentence@label` lines (split at the last '@').
+    UTF-8, or Latin-1 when the file is not UTF-8 (the original release's encoding)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as error:
+        raise VLMError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    records = []
+    for number, line in enumerate(text.lstrip("\ufeff").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        sentence, at, label = line.rpartition("@")
+        if not at:
+            raise VLMError(f"{where}: expected sentence@label")
+        label, sentence = label.strip(), sentence.strip()
+        if label not in PHRASEBANK_LABELS:
+            raise VLMError(f"{where}: unknown label {label!r} (expected positive, negative or neutral)")
+        if not sentence:
+            raise VLMError(f"{where}: empty sentence")
+        records.append({"taskname": "sentiment", "sentence": sentence, "label": label})
+    return records
+
+
+def _record_key(record):
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def drop_duplicates(records, exclude=()):
+    """(records with each exact duplicate kept once, in order, without any record of `exclude`;
+    the number of duplicates dropped; the number of records dropped for being in `exclude`)."""
+    excluded = {_record_key(record) for record in exclude}
+    seen, kept, repeats = set(), [], 0
+    for record in records:
+        key = _record_key(record)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in excluded:
+            repeats += 1
+        else:
+            kept.append(record)
+    return kept, len(records) - len(seen), repeats
+
+
+def _plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def fold_split(records, folds=10, fold=0, seed=1234, train_fraction=1, test=None):
+    """{"train", "valid", "test"} of `records`: shuffled once with random.Random(seed), cut into
+    `folds` consecutive folds (sizes differ by at most one); fold `fold` is test, fold
+    (fold+1) % folds valid, the others train in shuffled order. With `test` given, those records
+    are the test split, fold `fold` is valid and the others train. Only the first
+    ceil(train_fraction x n) training records are kept."""
+    least = 2 if test is not None else 3
+    if folds < least:
+        raise VLMError(f"--folds {folds}: need at least {least} folds (" +
+                       ("valid and train" if test is not None else "test, valid and train") + ")")
+    if not 0 <= fold < folds:
+        raise VLMError(f"--fold {fold}: must be 0 to {folds - 1} for --folds {folds}")
+    if not 0 < train_fraction <= 1:
+        raise VLMError(f"--train_fraction {train_fraction}: must be more than 0 and at most 1")
+    if len(records) < folds:
+        raise VLMError(f"--folds {folds}: {len(records)} records cannot fill {folds} folds")
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    bounds = [len(order) * k // folds for k in range(folds + 1)]
+    parts = [order[bounds[k]:bounds[k + 1]] for k in range(folds)]
+    if test is None:
+        held_out = {"test": fold, "valid": (fold + 1) % folds}
+        split = {"test": parts[fold], "valid": parts[(fold + 1) % folds]}
+    else:
+        held_out = {"valid": fold}
+        split = {"test": list(test), "valid": parts[fold]}
+    train = [record for k, part in enumerate(parts) if k not in held_out.values() for record in part]
+    split["train"] = train[:math.ceil(train_fraction * len(train))]
+    return {name: split[name] for name in SPLITS}
+
+
+def write_user_task(output, split):
+    """DIR/train.jsonl, valid.jsonl, test.jsonl, one JSON object a line, each written atomically."""
+    paths = []
+    for name, records in split.items():
+        path = os.path.join(output, f"{name}.jsonl")
+        try:
+            write_lines(path, [json.dumps(record, ensure_ascii=False) for record in records])
+        except OSError as error:
+            raise VLMError(f"{path}: cannot write: {error}") from None
+        paths.append(path)
+    return paths
+
+
+def prepare_user_task(args):
+    """Convert, de-duplicate and split one user task's files; returns (splits, notes to print)."""
+    notes = []
+    if args.task == "sentiment":
+        records, test = read_phrasebank(args.input), None
+    else:
+        def read_all(paths):
+            records, skipped = [], 0
+            for path in paths:
+                found, missed = read_assistant_csv(path)
+                records += found
+                skipped += missed
+            if skipped:
+                notes.append(f"skipped {_plural(skipped, 'row')} without an answer_annotation in {' '.join(paths)}")
+            return records
+
+        records = read_all(args.train)
+        test = read_all(args.test) if args.test else None
+        if test is not None:
+            test, dropped, _ = drop_duplicates(test)
+            if dropped:
+                notes.append(f"dropped {_plural(dropped, 'duplicate test record')}")
+            if not test:
+                raise VLMError(f"--test {' '.join(args.test)}: no records")
+    records, dropped, repeats = drop_duplicates(records, test or ())
+    if dropped:
+        notes.append(f"dropped {_plural(dropped, 'duplicate record')}")
+    if repeats:
+        notes.append(f"dropped {_plural(repeats, 'training record')} equal to a test record")
+    if not records:
+        raise VLMError(f"{' '.join(args.train if args.task == 'assistant' else [args.input])}: no records")
+    split = fold_split(records, args.folds, args.fold, args.seed, args.train_fraction, test)
+    return split, notes
+
+
+def train_fraction(text):
+    """An exact fraction ('0.07' is 7/100, so ceil(0.07 x 100) is 7, not 8 as in floating point)."""
+    try:
+        value = fractions.Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -515,18 +770,35 @@ def slice_window(text):
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=list(TASKS))
-    for split in SPLITS:
-        parser.add_argument(f"--{split}", nargs="+", metavar="PATH",
-                            help=f"{split} files (a parallel corpus as SRC TGT)")
-    parser.add_argument("--slice", nargs=2, action="append", default=[], metavar=("SPLIT", "START:STOP"),
-                        help="keep only these items of a split (nlg: MRs with all their references)")
-    parser.add_argument("--output", required=True, metavar="FILE.json", help="dataset JSON to write")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    for task in TASKS:
+        command = commands.add_parser(task, help=f"{task}: the authors' dataset JSON")
+        for split in SPLITS:
+            command.add_argument(f"--{split}", nargs="+", metavar="PATH",
+                                 help=f"{split} files (a parallel corpus as SRC TGT)")
+        command.add_argument("--slice", nargs=2, action="append", default=[], metavar=("SPLIT", "START:STOP"),
+                             help="keep only these items of a split (nlg: MRs with all their references)")
+        command.add_argument("--output", required=True, metavar="FILE.json", help="dataset JSON to write")
+    for task, help_text in (("assistant", "NLU-Evaluation-Data CSV -> intent_and_slot JSON lines"),
+                            ("sentiment", "Financial PhraseBank -> sentiment JSON lines")):
+        command = commands.add_parser(task, help=help_text)
+        if task == "assistant":
+            command.add_argument("--train", nargs="+", required=True, metavar="CSV",
+                                 help="training CSV files (concatenated): the folds of train and valid")
+            command.add_argument("--test", nargs="+", metavar="CSV", help="test CSV files (else a fold is test)")
+        else:
+            command.add_argument("--input", required=True, metavar="TXT", help="a Sentences_*.txt file")
+        command.add_argument("--output", required=True, metavar="DIR", help="folder for train/valid/test.jsonl")
+        command.add_argument("--folds", type=int, default=10, metavar="K", help="number of folds (default 10)")
+        command.add_argument("--fold", type=int, default=0, metavar="I",
+                             help="fold I is test, fold I+1 valid (default 0)")
+        command.add_argument("--seed", type=int, default=1234, help="shuffling seed (default 1234)")
+        command.add_argument("--train_fraction", type=train_fraction, default=fractions.Fraction(1), metavar="F",
+                             help="keep the first ceil(F x n) training records (0 < F <= 1, default 1)")
     args = parser.parse_args(argv)
     args.slices = {}
-    for split, window in args.slice:
+    for split, window in getattr(args, "slice", []):
         if split not in SPLITS:
             parser.error(f"--slice: split must be one of {', '.join(SPLITS)}, got {split!r}")
         try:
@@ -539,6 +811,15 @@ def parse_args(argv):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    if args.task in ("assistant", "sentiment"):
+        split, notes = prepare_user_task(args)
+        paths = write_user_task(args.output, split)
+        for note in notes:
+            print(note)
+        for name, records in split.items():
+            print(f"{name}: {len(records)} records")
+        print(f"wrote {', '.join(paths)}")
+        return
     split_paths = {split: getattr(args, split) for split in SPLITS if getattr(args, split)}
     if not split_paths:
         raise VLMError("give at least one of --train, --valid, --test")
