@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Regenerate data/samples/*.json from the raw public releases; see README.md for the slices.
-# Usage: data/samples/make_samples.sh --shared PATH   (PATH holds e2e/, multi30k/, convai2/, coqa/, cnndm/)
+# Regenerate data/samples/*.json and data/samples/*/{train,valid,test}.jsonl from the raw public releases;
+# see README.md for the slices.
+# Usage: data/samples/make_samples.sh --shared PATH   (PATH holds e2e/, multi30k/, convai2/, coqa/, cnndm/,
+#        sentiment/, assistant/)
 set -euo pipefail
 
 if [ "$#" -ne 2 ] || [ "$1" != "--shared" ]; then
@@ -40,3 +42,11 @@ prepare qa --train "$q" --slice train 0:10 --valid "$q" --slice valid 10:13 \
 s=$shared/cnndm/test_sample.jsonl
 prepare summarization --train "$s" --slice train 0:40 --valid "$s" --slice valid 40:50 \
     --test "$s" --slice test 50:60 --output data/samples/summarization.json
+
+# User tasks (data/tasks/nemo_article.json): JSON lines in a folder per task. The full files in
+# --folds 40 (sentiment) or 200 (intent_and_slot) folds: fold 0 is test, fold 1 valid, and the
+# first 10% (sentiment) or 3% (intent_and_slot) of the other folds' shuffled records train.
+prepare sentiment --input "$shared/sentiment/Sentences_AllAgree.txt" --folds 40 --fold 0 --seed 1234 \
+    --train_fraction 0.1 --output data/samples/sentiment
+prepare assistant --train "$shared/assistant/assistant_train.csv" --folds 200 --fold 0 --seed 1234 \
+    --train_fraction 0.03 --output data/samples/intent_and_slot
