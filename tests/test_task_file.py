@@ -85,6 +85,8 @@ def test_defaults_of_the_optional_keys(in_tmp):
         max_answer_tokens=32, stop=("\n",), parts=loaded.parts, fields=("sentence", "label"), source="tasks.json")
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded.name = "other"
+    # hashable (a dict key, a set member) though it holds dicts
+    assert {loaded: 1}[dataclasses.replace(loaded)] == 1
 
 
 def test_our_keys_are_read_and_any_method_string_passes(in_tmp):

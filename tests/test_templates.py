@@ -5,6 +5,8 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from utils.errors import VLMError
 from utils.task_file import load_task_file
@@ -281,3 +283,69 @@ def test_stop_rule():
     task = dataclasses.replace(SENTIMENT, stop=("\n", "."))
     assert cut_at_stop(" up. down\n", task) == "up"
     assert cut_at_stop(" up\n. down", task) == "up"
+
+
+# ---- any record: ExampleTooLong or a well-formed example whose prompt is its prefix ---------------
+
+texts = st.one_of(st.text(max_size=30), st.sampled_from([
+    "", " ", "\n", "  x  ", "<|endoftext|>", "<pad>", "<|VIRTUAL_PROMPT_0|>", "{label}", "\u00e9t\u00e9 \U0001f600"]))
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(first=texts, answer=texts, max_seq_length=st.integers(12, 60), task_name=st.sampled_from(list(TASKS)),
+       answer_only_loss=st.booleans())
+def test_any_record_gives_a_well_formed_example(tokenizer, first, answer, max_seq_length, task_name,
+                                                answer_only_loss):
+    task = dataclasses.replace(TASKS[task_name], max_seq_length=max_seq_length, max_answer_tokens=2,
+                               answer_only_loss=answer_only_loss)
+    record = dict(zip(task.fields, (first, answer)))
+    try:
+        example = build_template_example(task, record, tokenizer)
+    except ExampleTooLong as caught:
+        assert caught.length > caught.limit == max_seq_length
+        return
+    ids, labels, virtual = example["input_ids"], example["labels"], example["virtual_ids"]
+    assert len(ids) == len(labels) == len(virtual) == len(example["token_type_ids"]) <= max_seq_length
+    assert set(example["token_type_ids"]) == {NO_SEGMENT}
+    assert [v for v in virtual if v >= 0] == list(range(task.total_virtual_tokens))
+    assert all((i == V) == (v >= 0) for i, v in zip(ids, virtual))  # placeholders just at virtual tokens
+    assert all(label in (X, i) for label, i in zip(labels, ids)) and labels[0] == X
+    assert all(label == X for label, v in zip(labels, virtual) if v >= 0)
+    assert ids[-1] == labels[-1] == EOS_ID and ids.count(EOS_ID) == 1
+    try:
+        prompt = build_template_example(task, record, tokenizer, with_answer=False)
+    except ExampleTooLong:
+        return
+    if len(ids) < max_seq_length and len(prompt["input_ids"]) + 2 < max_seq_length:  # neither was cut
+        cut = len(prompt["input_ids"])
+        assert ids[:cut] == prompt["input_ids"] and virtual[:cut] == prompt["virtual_ids"]
+        targets = [label for label in labels if label != X]
+        if answer_only_loss:  # the targets are exactly what follows the decoding prompt
+            assert targets == ids[cut:]
+        else:
+            assert targets == [i for i, v in zip(ids[1:], virtual[1:]) if v < 0]
+
+
+lines = st.lists(st.one_of(st.binary(max_size=12), st.sampled_from([
+    b'{"taskname": "sentiment", "sentence": "a", "label": "b"}', b'{"taskname": "sentiment"}', b"[]", b"{",
+    b'{"taskname": 1}', b'{"a": "\\ud800"}', b"\xff", b"\xef\xbb\xbf{}", b"\r", b"  "])), max_size=5)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("any_jsonl")
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(content=lines)
+def test_any_jsonl_file_gives_records_or_an_error_naming_it(workdir, content):
+    path = os.path.join(workdir, "any.jsonl")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(content))
+    try:
+        records = template_records(SENTIMENT, path)
+    except VLMError as caught:
+        assert str(caught).startswith(path)
+        return
+    assert records and all(isinstance(n, int) and r["taskname"] == "sentiment" and isinstance(r["sentence"], str)
+                           for n, r in records)

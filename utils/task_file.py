@@ -39,7 +39,7 @@ Every mistake is one VLMError naming the file, the task and the key.
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from utils.data import read_json_file
 from utils.errors import VLMError
@@ -71,7 +71,8 @@ MARKER = "<|VIRTUAL_PROMPT_{}|>"
 @dataclass(frozen=True)
 class TemplateTask:
     """One user task of a task file, checked. `parts` is the parsed template: ("text", str),
-    ("field", name) and ("virtual", split index) items in template order."""
+    ("field", name) and ("virtual", split index) items in template order. Hashable: the two
+    dicts take part in == but not in the hash."""
     name: str
     prompt_template: str
     total_virtual_tokens: int
@@ -80,9 +81,9 @@ class TemplateTask:
     answer_only_loss: bool
     answer_field: str
     method: str
-    method_options: dict
+    method_options: dict = field(hash=False)
     metric: str
-    label_map: dict
+    label_map: dict = field(hash=False)
     max_seq_length: int
     max_answer_tokens: int
     stop: tuple
