@@ -79,6 +79,15 @@ def test_intent_slot_scores_by_hand():
         {"intent_accuracy": 0.5, "slot_precision": 0.5, "slot_recall": 1 / 3, "slot_f1": 0.4})
 
 
+def test_intent_slot_pairs_count_as_multisets():
+    # a pair given twice and predicted twice is 2 right of 2; predicted once, 1 right of 2
+    twice = "Intent: alarm_set\nSlots: time(six am), time(six am)"
+    assert intent_slot_scores([twice], [twice]) == {
+        "intent_accuracy": 1.0, "slot_precision": 1.0, "slot_recall": 1.0, "slot_f1": 1.0}
+    assert intent_slot_scores(["Intent: alarm_set\nSlots: time(six am)"], [twice]) == pytest.approx(
+        {"intent_accuracy": 1.0, "slot_precision": 1.0, "slot_recall": 0.5, "slot_f1": 2 / 3})
+
+
 def test_intent_slot_values_compare_exactly_and_empty_ratios_are_zero():
     reference = ["Intent: iot_coffee\nSlots: device_type(coffee pot)"]
     assert intent_slot_scores(["Intent: iot_coffee\nSlots: Device_type(Coffee pot)"], reference) == {
