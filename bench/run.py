@@ -29,7 +29,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -41,6 +40,7 @@ from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E
 from utils.evaluation import dataset_prompts, decode_text  # noqa: E402
 from utils.generate import DecodingOptions, generate_batch  # noqa: E402
 from utils.io import write_json, write_text  # noqa: E402
+from utils.progress import progress_bar  # noqa: E402
 from utils.tasks import TASKS, banned_token_ids, task_token_ids  # noqa: E402
 from utils.training import create_trainer  # noqa: E402
 
@@ -181,7 +181,7 @@ def bench_decoding(args, plan, device, clock, tokenizer):
     rounds = min(plan.repeats, plan.baseline_rows)
     ours_seconds = baseline_seconds = 0.0
     ours_tokens, baseline = 0, []
-    with tqdm(total=plan.baseline_rows, desc="1 decoding: original method", leave=False) as bar:
+    with progress_bar(total=plan.baseline_rows, desc="1 decoding: original method", leave=False) as bar:
         for index in range(rounds):
             start = clock()
             ours = generate_batch(model, prompts, options)
@@ -219,7 +219,7 @@ def bench_mixed(args, plan, device, clock, tokenizer):
     steps = plan.mixed_steps + 1
     timed_generation(model, mixed, 2, clock)  # warm-up
     repeats = {"mixed": [], "separate": [], "single_task": []}
-    for _ in tqdm(range(plan.mixed_repeats), desc="2 mixed tasks", leave=False):  # interleaved
+    for _ in progress_bar(range(plan.mixed_repeats), desc="2 mixed tasks", leave=False):  # interleaved
         repeats["mixed"].append(timed_generation(model, mixed, steps, clock))
         separate = [timed_generation(model, prompts, steps, clock) for prompts in by_task.values()]
         repeats["separate"].append({k: sum(r[k] for r in separate) for k in separate[0]})
@@ -250,7 +250,7 @@ def bench_adapter_overhead(args, plan, device, clock, tokenizer):
     forward = {"plain": [], "adapters": []}
     with torch.inference_mode():
         plain(ids), adapted(ids, task_ids=task.task_id)  # warm-up at full size (memory first touched)
-        for _ in tqdm(range(plan.repeats), desc="3 adapter overhead: forward", leave=False):
+        for _ in progress_bar(range(plan.repeats), desc="3 adapter overhead: forward", leave=False):
             start = clock()
             plain(ids)
             forward["plain"].append(clock() - start)
@@ -260,7 +260,7 @@ def bench_adapter_overhead(args, plan, device, clock, tokenizer):
     prompt = task_prompts(task, E2E_200, tokenizer, 1)[0]
     decoding = {"plain": [], "adapters": []}
     timed_generation(plain, [prompt], 2, clock), timed_generation(adapted, [prompt], 2, clock)  # warm-up
-    for _ in tqdm(range(plan.repeats), desc="3 adapter overhead: decoding", leave=False):
+    for _ in progress_bar(range(plan.repeats), desc="3 adapter overhead: decoding", leave=False):
         decoding["plain"].append(timed_generation(plain, [prompt], plan.max_length, clock)["seconds"])
         decoding["adapters"].append(timed_generation(adapted, [prompt], plan.max_length, clock)["seconds"])
     fastest = lambda runs: {k: min(v) for k, v in runs.items()}  # noqa: E731
@@ -313,7 +313,7 @@ def train_worker(args):
 
 def bench_training(args, plan, device, clock, tokenizer):
     runs = {"full": [], "adapter": []}
-    for mode in tqdm(["full", "adapter"] * plan.train_runs, desc="4 training (one process each)", leave=False):
+    for mode in progress_bar(["full", "adapter"] * plan.train_runs, desc="4 training (one process each)", leave=False):
         command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--size", args.size,
                    "--device", str(device), "--steps", str(plan.train_steps)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -342,7 +342,7 @@ def bench_padding(args, plan, device, clock, tokenizer):
     model = VersatileLM(build_backbone(args.size, device, torch.float32),
                         {name: task.bottleneck for name, task in TASKS.items()})
     results = {}
-    for name, task in tqdm(TASKS.items(), desc="5 padding", leave=False):
+    for name, task in progress_bar(TASKS.items(), desc="5 padding", leave=False):
         records = load_task_data(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer, ["train"])["train"]
         examples = training_examples(task, records, task.max_history, max_positions=model.config.n_positions)
         lengths = [len(e["input_ids"]) for e in examples]
@@ -397,7 +397,7 @@ def bench_end_to_end(args, plan, device, clock, tokenizer):
         sample = prompts[:plan.e2e_baseline_mrs]
         start = clock()
         baseline = [decode_text(tokenizer, decode_original(model, p, plan.max_length))
-                    for p in tqdm(sample, desc="6 end to end: original decoding", leave=False)]
+                    for p in progress_bar(sample, desc="6 end to end: original decoding", leave=False)]
         baseline_seconds = clock() - start
     estimate = baseline_seconds / len(sample) * len(prompts)
     return {"mrs": len(prompts), "max_length": plan.max_length, "ours_wall_seconds": ours_seconds,
@@ -573,7 +573,7 @@ def main(argv=None):
     device, plan = torch.device(args.device), QUICK if args.quick else Plan()
     clock, tokenizer = Clock(device), load_tokenizer()
     started, results = time.perf_counter(), {}
-    for name in tqdm(args.sections, desc="bench", unit="section"):
+    for name in progress_bar(args.sections, desc="bench", unit="section"):
         results[name] = SECTIONS[name](args, plan, device, clock, tokenizer)
     with torch.device("meta"):  # shapes only: no weights allocated to count parameters
         shape = GPT2LMHeadModel(GPT2Config(**SIZES[args.size], n_positions=1024))

@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from utils.data import load_tokenizer  # noqa: E402
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
@@ -31,6 +32,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     model = build(args.n_layer, args.n_embd, args.n_head, args.n_positions, args.seed)
+    hf_logging.disable_progress_bar()  # a one-file model needs no "Writing model shards" bar
     model.save_pretrained(args.output_dir)
     load_tokenizer().save_pretrained(args.output_dir)
     count = sum(p.numel() for p in model.parameters())

@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 
-from tqdm.auto import tqdm
-
 from utils.data import iter_contexts, load_task_data, read_json_file, split_records
 from utils.errors import VLMError
 from utils.evaluation import decode_text, make_prompt
 from utils.generate import generate
 from utils.io import write_json
+from utils.progress import progress_bar
 
 DISTILLED_SUFFIX = ".distilled.json"
 PARTIAL_SUFFIX = ".partial.jsonl"
@@ -151,7 +150,7 @@ def decode_pending(model, tokenizer, prompts, done, options, batch_size, writer,
         key = (tuple(prompt.input_ids), tuple(prompt.token_type_ids)) if options.no_sample else index
         groups.setdefault(key, []).append(index)
     leaders = sorted(groups.values(), key=lambda members: -len(prompts[members[0]].input_ids))
-    with tqdm(total=len(prompts), initial=len(done), desc=desc, disable=not progress, unit="ex") as bar:
+    with progress_bar(total=len(prompts), initial=len(done), desc=desc, disable=not progress, unit="ex") as bar:
         for start in range(0, len(leaders), batch_size):
             batch = leaders[start:start + batch_size]
             outputs = generate(model, [prompts[members[0]] for members in batch], options,

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from utils.data import PAD_ID
 from utils.errors import VLMError
+from utils.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def generate(model, prompts, options, batch_size=32, progress=True, desc="decodi
     check_prompt_lengths(model, prompts, options, desc)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].input_ids))
     results = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="ex") as bar:
+    with progress_bar(total=len(prompts), desc=desc, disable=not progress, unit="ex") as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             for i, ids in zip(chunk, generate_batch(model, [prompts[i] for i in chunk], options)):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-from ignite.handlers import PiecewiseLinear, ProgressBar
+from ignite.handlers import PiecewiseLinear
 from ignite.metrics import Metric, RunningAverage
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
@@ -40,6 +40,7 @@ from utils.data import (LengthGroupedBatchSampler, collate, distilled_key, load_
                         load_tokenizer, training_examples)
 from utils.errors import VLMError
 from utils.io import atomic_path, write_json, write_text
+from utils.progress import engine_progress_bar
 from utils.tasks import GPT2_VOCAB_SIZE, get_task
 
 logger = logging.getLogger(__name__)
@@ -697,7 +698,7 @@ def open_run_outputs(output_dir, args, trainer, evaluators, optimizer):
     installed) TensorBoard. Returns (progress bar, TensorBoard logger or None)."""
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, ARGS_FILE), json_ready(args))
-    pbar = ProgressBar(persist=True)
+    pbar = engine_progress_bar()  # redraws on a terminal; in a log, a line per epoch and per 10 s
     pbar.attach(trainer, metric_names=["loss"])
     return pbar, attach_tensorboard(output_dir, trainer, evaluators, optimizer)
 
