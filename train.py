@@ -72,6 +72,8 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    from utils.hub import check_model_source
+    check_model_source(args.model_checkpoint)  # a hub name the hub cannot serve fails now, not after the data
     from utils.training import configure_logging, run_training
     configure_logging()
     run_training(args)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train import common_training_arguments  # noqa: E402
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
+from utils.hub import check_model_source  # noqa: E402
 from utils.multitask import DEFAULTS, run_multitask  # noqa: E402
 from utils.training import configure_logging  # noqa: E402
 from utils.tasks import TASKS  # noqa: E402
@@ -63,6 +64,7 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    check_model_source(args.model_checkpoint)  # a hub name the hub cannot serve fails now, not after the data
     configure_logging()
     run_multitask(args)
 

@@ -6,9 +6,11 @@ GPT-2), so one forward pass serves rows of different tasks. Adapters are attache
 hooks, so the backbone's modules, parameter names and KV cache stay exactly Hugging Face's.
 """
 import hashlib
+import os
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -20,6 +22,7 @@ from models.memory import set_training_attention, use_lean_gelu
 from models.task_rows import TaskRows
 from utils.data import IGNORE_INDEX
 from utils.errors import VLMError
+from utils.hub import require_hub
 from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASK_BY_ID, TASKS, task_token_ids
 
 VOCAB_SIZE = GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)  # 50,287
@@ -32,13 +35,32 @@ def load_backbone(name_or_path, random_init=False, dtype=None):
     """GPT-2 LM (any size, hub name or local folder) with the 30 special-token rows added."""
     try:
         if random_init:
-            gpt2 = GPT2LMHeadModel(GPT2Config.from_pretrained(name_or_path))
+            gpt2 = GPT2LMHeadModel(from_pretrained(GPT2Config, name_or_path))
         else:
-            gpt2 = GPT2LMHeadModel.from_pretrained(name_or_path, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise VLMError(f"--model_checkpoint {name_or_path}: cannot load a GPT-2 model ({error})") from None
+            gpt2 = from_pretrained(GPT2LMHeadModel, name_or_path, dtype=dtype)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise VLMError(f"--model_checkpoint {name_or_path}: cannot load a GPT-2 model ({_first_line(error)})") from None
     add_special_token_rows(gpt2)
     return gpt2
+
+
+def from_pretrained(cls, name_or_path, **kwargs):
+    """cls.from_pretrained(name_or_path) that never waits on an unreachable hub: a local folder as
+    it is; a hub name from the local Hugging Face cache if it is there, else from the hub if it
+    answers (utils/hub.py), else one VLMError that says how to get the weights."""
+    if os.path.isdir(name_or_path):
+        return cls.from_pretrained(name_or_path, **kwargs)
+    try:
+        return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    except OSError:
+        pass  # not in the local cache
+    require_hub(name_or_path)
+    return cls.from_pretrained(name_or_path, **kwargs)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def add_special_token_rows(gpt2):
