@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 RECOMPUTED_ATTENTION = "vlm_sdpa_recompute"
+GATED_ATTENTION = "vlm_sdpa_gated"
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -64,23 +65,62 @@ def use_lean_gelu(gpt2):
 
 
 def _recomputed_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """Hugging Face's SDPA attention; in training, recomputed in backward instead of stored."""
-    if not (module.training and torch.is_grad_enabled()):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    """Hugging Face's SDPA attention; in training, recomputed in backward instead of stored.
+    Rows with gated prefixes (UniPELT, see gated_prefix_attention) are computed with their gates."""
+    gates = getattr(module, "vlm_prefix_gates", None)
 
     def core(query, key, value):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+        for rows, gate, width in gates or ():
+            out = gated_prefix_attention(out, rows, gate, width, query, key, value, attention_mask,
+                                         kwargs.get("dropout", 0.0), kwargs.get("scaling"), module.training)
+        return out
+
+    if not (module.training and torch.is_grad_enabled()):
+        return core(query, key, value), None
     return checkpoint(core, query, key, value, use_reentrant=False), None
+
+
+def gated_prefix_attention(out, rows, gate, width, query, key, value, attention_mask, dropout, scaling, training):
+    """Attention of `rows` whose first `width` keys and values are a prefix scaled, for query
+    position t, by that row's gate g_t (gate: (n, T) in (0, 1)): the prefix columns' scores are
+    g_t q_t.k_j and their values g_t v_j. Math attention for those rows only; the others keep SDPA's.
+
+    out (batch, T, heads, head_dim) as SDPA returned it; query (batch, heads, T, hd); key/value
+    (batch, heads, K, hd); attention_mask: boolean (batch, 1, T, K), additive float, or None (causal)."""
+    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    q, k, v = pick(query), pick(key), pick(value)
+    T, K = q.shape[2], k.shape[2]
+    g = gate.to(q.dtype)[:, None, :, None]                                     # (n, 1, T, 1)
+    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    scores = torch.cat([scores[..., :width] * g, scores[..., width:]], dim=-1)  # (n, heads, T, K)
+    if attention_mask is None:
+        allowed = torch.arange(T, device=q.device)[:, None] + (K - T) >= torch.arange(K, device=q.device)[None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~pick(attention_mask), float("-inf"))
+    else:
+        scores = scores + pick(attention_mask)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.cat([probs[..., :width] * g, probs[..., width:]], dim=-1)
+    if training and dropout:
+        probs = torch.nn.functional.dropout(probs, dropout)
+    gated = (probs @ v).transpose(1, 2)                                        # (n, T, heads, hd)
+    return gated if rows is None else out.index_copy(0, rows, gated.to(out.dtype))
 
 
 AttentionInterface.register(RECOMPUTED_ATTENTION, _recomputed_sdpa)
 AttentionMaskInterface.register(RECOMPUTED_ATTENTION, sdpa_mask)
+AttentionInterface.register(GATED_ATTENTION, _recomputed_sdpa)  # the same function: eval mode, gated rows
+AttentionMaskInterface.register(GATED_ATTENTION, sdpa_mask)
 
 
-def set_training_attention(gpt2, training):
-    """Recomputed attention in train mode, plain SDPA otherwise (only for a model that uses SDPA)."""
+def set_training_attention(gpt2, training, gated=False):
+    """Recomputed attention in train mode, plain SDPA otherwise (only for a model that uses SDPA);
+    a model with gated prefixes keeps our function in eval mode too (GATED_ATTENTION)."""
     now = gpt2.config._attn_implementation
-    if training and now == "sdpa":
-        gpt2.set_attn_implementation(RECOMPUTED_ATTENTION)
-    elif not training and now == RECOMPUTED_ATTENTION:
-        gpt2.set_attn_implementation("sdpa")
+    if now not in ("sdpa", RECOMPUTED_ATTENTION, GATED_ATTENTION):
+        return
+    want = RECOMPUTED_ATTENTION if training else GATED_ATTENTION if gated else "sdpa"
+    if now != want:
+        gpt2.set_attn_implementation(want)
