@@ -38,7 +38,11 @@ def load_backbone(name_or_path, random_init=False, dtype=None):
             gpt2 = GPT2LMHeadModel(from_pretrained(GPT2Config, name_or_path))
         else:
             gpt2 = from_pretrained(GPT2LMHeadModel, name_or_path, dtype=dtype)
-    except (OSError, ValueError, SafetensorError) as error:
+    except SafetensorError as error:  # a damaged model.safetensors in a Hugging Face folder
+        weights = os.path.join(name_or_path, "model.safetensors")
+        where = weights if os.path.isfile(weights) else f"--model_checkpoint {name_or_path}"
+        raise VLMError(f"{where}: corrupted or truncated safetensors file ({_first_line(error)})") from None
+    except (OSError, ValueError) as error:
         raise VLMError(f"--model_checkpoint {name_or_path}: cannot load a GPT-2 model ({_first_line(error)})") from None
     add_special_token_rows(gpt2)
     return gpt2

@@ -179,7 +179,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, ti
     assert err.strip().splitlines()[-1] == (f"error: training loss is nan at epoch 2, iteration 6: training stopped; "
                                             f"last complete checkpoint: {out / 'checkpoint_epoch1'}")
     assert "Traceback" not in err
-    assert sorted(os.listdir(out)) == ["checkpoint_epoch1", "metrics.jsonl", "training_args.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint_epoch1", "metrics.jsonl", "tensorboard", "training_args.json"]
     loaded, _, config = load_checkpoint(str(out / "checkpoint_epoch1"))  # loads: complete and consistent
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 

@@ -588,9 +588,12 @@ def read_training_state(path):
     try:
         with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
+    except (OSError, ValueError) as error:
+        raise VLMError(f"{state_file}: unreadable training state ({error})") from None
+    try:
         tensors = load_file(tensor_file)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise VLMError(f"{path}: unreadable training state ({error})") from None
+    except (OSError, SafetensorError) as error:
+        raise VLMError(f"{tensor_file}: corrupted or truncated safetensors file ({error})") from None
     return state, tensors
 
 
@@ -778,14 +781,15 @@ def _run(args, task, mode, device, fp16):
     main_process = rank == 0
     set_seed(args.seed)
 
+    resume_path = latest_complete_checkpoint(args.output_dir) if getattr(args, "resume", False) else None
+    if resume_path is not None:  # a damaged or mismatched state stops here, before data and model load
+        resume_state, resume_tensors = read_training_state(resume_path)
+        check_resume_settings(resume_state, args, resume_path)
     tokenizer = load_tokenizer(args.model_checkpoint)
     data = load_splits(args, task, tokenizer)  # bad data files stop here, before the model loads
     model = build_model(args, task, mode)
     fingerprint = backbone_fingerprint(model.gpt2) if mode in ("adapter", "emb_only") else None
-    resume_path = latest_complete_checkpoint(args.output_dir) if getattr(args, "resume", False) else None
     if resume_path is not None:
-        resume_state, resume_tensors = read_training_state(resume_path)
-        check_resume_settings(resume_state, args, resume_path)
         load_trained_weights(model, resume_path)
     train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions)
     train_loader, valid_loader = make_loaders(train_examples, valid_examples, task.task_id, args, world_size, rank)
