@@ -12,6 +12,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+# One thread per process, here and in every script a test starts (they inherit the variable): the
+# tests' models are tiny, so a second thread gains little, while two processes side by side, or
+# another job on this 2-core machine, leave OpenMP threads spinning for each other, which slows
+# small operations down tenfold and more. Results do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = dict(n_layer=2, n_embd=64, n_head=4, n_positions=512)
 
