@@ -10,14 +10,15 @@ Before writing, every task's logits in the combined model are checked to equal i
 checkpoint's exactly; DIR/manifest.json records the tasks, their sizes and the backbone.
 """
 
-from models.combine import check_output_dir, combine, load_task_checkpoint, load_task_checkpoints, size_report, write_vlm
+from models.combine import (check_output_dir, combine, describe_methods, load_task_checkpoint, load_task_checkpoints,
+                            size_report, write_vlm)
 from utils.errors import ArgumentParser, exit_on_user_error
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="*", metavar="CKPT",
-                        help="adapter checkpoint folders written by train.py --adapter_bottleneck B")
+                        help="task checkpoint folders written by train.py (--method M, or --adapter_bottleneck B)")
     parser.add_argument("--output_dir", required=True, help="folder of the combined VLM (new, empty, or the --vlm)")
     parser.add_argument("--vlm", default=None, help="an existing combined VLM to add tasks to or remove tasks from")
     parser.add_argument("--replace", action="store_true",
@@ -40,10 +41,10 @@ def main(argv=None):
     for checkpoint in [c for c in [*checkpoints, base] if c is not None and c.all_rows]:
         print(f"note: {checkpoint.path} stores all special-token rows; only its own task's rows are combined")
     for task, source in combined.sources.items():
-        print(f"{task}: bottleneck {combined.bottlenecks[task]} from {source}")
+        print(f"{task}: {describe_methods(combined.specs[task].methods)} from {source}")
     manifest = write_vlm(combined, args.output_dir, backbone=args.base_model, vlm_path=args.vlm)
     print(size_report(manifest))
-    print(f"wrote {args.output_dir} ({', '.join(combined.bottlenecks)})")
+    print(f"wrote {args.output_dir} ({', '.join(combined.specs)})")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
-from utils.evaluation import decode_text, evaluate_task, format_metrics, user_prompt
-from utils.generate import DecodingOptions, generate
+from engines.evaluation import decode_text, evaluate_task, format_metrics, user_prompt
+from engines.generate import DecodingOptions, generate
 from utils.tasks import get_task
 
 
@@ -110,7 +110,7 @@ def main(argv=None):
     if args.adapter_bottleneck and args.adapter_bottleneck != stored:
         print(f"note: --adapter_bottleneck {args.adapter_bottleneck} ignored; the checkpoint's is {stored}",
               file=sys.stderr)
-    task_id = task.task_id if task.name in model.adapters else -1
+    task_id = model.task_id(task.name)
 
     if args.input is not None:
         decode_user_input(model, tokenizer, task, args, options, task_id)

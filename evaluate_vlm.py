@@ -17,8 +17,8 @@ from dataclasses import asdict
 from evaluate import check_decoding_arguments, decode_user_input, decoding_arguments
 from models.checkpoint import CONFIG_NAME, load_checkpoint, read_config
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
-from utils.evaluation import dataset_prompts, evaluation_records, finish_task, format_metrics
-from utils.generate import generate
+from engines.evaluation import dataset_prompts, evaluation_records, finish_task, format_metrics
+from engines.generate import generate
 from utils.io import write_json, write_text
 from utils.tasks import TASKS, get_task, parse_dataset_paths
 
@@ -61,7 +61,7 @@ def select_tasks(args, held):
 
 def adapter_task_id(model, task):
     """The task's adapters if the model has them; -1 (plain GPT-2 rows) for a full-model checkpoint."""
-    return task.task_id if task.name in model.adapters else -1
+    return model.task_id(task.name)
 
 
 def evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir):

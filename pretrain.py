@@ -67,7 +67,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from engines.pretrain import run_pretraining
-    from utils.training import configure_logging
+    from engines.training import configure_logging
     configure_logging()
     run_pretraining(args)
 

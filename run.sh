@@ -10,7 +10,7 @@
 #   vlm        every task of the combined model (evaluate_vlm.py --task all) -> VLM_result/
 #   multitask  all tasks' adapters trained together (train_vlm.py) and evaluated -> multitask_result/
 # and finally collects every metric into RESULTS/summary.md, summary.csv and val_loss.png
-# (python -m utils.report).
+# (python -m engines.report).
 #
 # The full run needs the datasets (data/prepare.py) and a GPU: days of training in all.
 # --smoke runs the same pipeline in minutes on CPU: a small random GPT-2, the shipped samples
@@ -282,7 +282,7 @@ main() {
         if stage_on "$stage"; then "stage_$stage"; fi
     done
     echo "== summary"
-    run "$PYTHON" -m utils.report "$RESULTS" --runs "$RUNS" --tasks "$(IFS=,; echo "${TASKS[*]}")"
+    run "$PYTHON" -m engines.report "$RESULTS" --runs "$RUNS" --tasks "$(IFS=,; echo "${TASKS[*]}")"
 }
 main
 exit

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from evaluate import check_decoding_arguments, decoding_arguments  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
-from utils.distill import check_paths, distill_dataset, distilled_path  # noqa: E402
+from engines.distill import check_paths, distill_dataset, distilled_path  # noqa: E402
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 from utils.tasks import get_task  # noqa: E402
 
@@ -56,7 +56,7 @@ def main(argv=None):
     tasks = config.get("tasks", {})
     if config["mode"] == "adapter" and task.name not in tasks:
         raise VLMError(f"{args.model_checkpoint}: checkpoint holds {', '.join(tasks)}, not {task.name}")
-    task_id = task.task_id if task.name in model.adapters else -1
+    task_id = model.task_id(task.name)
     if not args.no_sample:
         print("note: sampling the distilled targets; the authors distilled with --no_sample (greedy)",
               file=sys.stderr)

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Train one task of the Versatile Language Model: full fine-tuning of GPT-2 or, with
---adapter_bottleneck B, only the task's residual adapters and task embeddings on a frozen GPT-2.
+--adapter_bottleneck B, only the task's residual adapters and task embeddings on a frozen GPT-2;
+--method NAME trains any other per-task method (lora, prefix, prompt, ptuning, ln, ...) instead.
 
     python train.py --task nlg --adapter_bottleneck 10 --dataset_path data/NLG/data.json
+    python train.py --task nlg --method lora --lora_r 8 --lora_targets q,v
     torchrun --nproc_per_node 2 train.py --task mt ...       (distributed data parallel)
 
 Flags left out take the task table's values (utils/tasks.py: the authors' run.sh). The output
@@ -62,6 +64,8 @@ def build_parser():
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir from its last complete checkpoint "
                              "(give the run's own flags again)")
+    from engines.method_flags import add_method_arguments
+    add_method_arguments(parser)
     return parser
 
 
@@ -74,7 +78,7 @@ def main(argv=None):
     args = parse_args(argv)
     from utils.hub import check_model_source
     check_model_source(args.model_checkpoint)  # a hub name the hub cannot serve fails now, not after the data
-    from utils.training import configure_logging, run_training
+    from engines.training import configure_logging, run_training
     configure_logging()
     run_training(args)
 

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import common_training_arguments  # noqa: E402
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 from utils.hub import check_model_source  # noqa: E402
-from utils.multitask import DEFAULTS, run_multitask  # noqa: E402
-from utils.training import configure_logging  # noqa: E402
+from engines.multitask import DEFAULTS, run_multitask  # noqa: E402
+from engines.training import configure_logging  # noqa: E402
 from utils.tasks import TASKS  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import torch
 
 @torch.no_grad()
 def decode_original(model, prompt, max_length, min_length=1):
-    """Greedy ids for one utils.generate.Prompt, the original way (tokens identical to ours)."""
+    """Greedy ids for one engines.generate.Prompt, the original way (tokens identical to ours)."""
     device = model.device
     banned = torch.tensor(list(prompt.banned_ids), dtype=torch.long, device=device)
     stops = torch.tensor(list(prompt.stop_ids), dtype=torch.long, device=device)

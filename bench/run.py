@@ -37,12 +37,13 @@ from models.checkpoint import save_checkpoint  # noqa: E402
 from models.vlm import VersatileLM, add_special_token_rows, backbone_fingerprint  # noqa: E402
 from utils.data import LengthGroupedBatchSampler, collate, load_task_data, load_tokenizer, training_examples  # noqa: E402
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
-from utils.evaluation import dataset_prompts, decode_text  # noqa: E402
-from utils.generate import DecodingOptions, generate_batch  # noqa: E402
+from engines.evaluation import dataset_prompts, decode_text  # noqa: E402
+from engines.generate import DecodingOptions, generate_batch  # noqa: E402
 from utils.io import write_json, write_text  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
 from utils.tasks import TASKS, banned_token_ids, task_token_ids  # noqa: E402
-from utils.training import create_trainer  # noqa: E402
+from engines.specs import adapter_specs  # noqa: E402
+from engines.training import create_trainer  # noqa: E402
 
 SIZES = {"tiny": dict(n_layer=2, n_embd=128, n_head=4),
          "small": dict(n_layer=12, n_embd=768, n_head=12),     # GPT-2 small, 124M
@@ -172,7 +173,7 @@ def peak_memory_bytes():
 # --- 1. decoding ---------------------------------------------------------------------------------
 def bench_decoding(args, plan, device, clock, tokenizer):
     task = TASKS["nlg"]
-    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), {"nlg": task.bottleneck}), args).eval()
+    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({"nlg": task.bottleneck})), args).eval()
     prompts = task_prompts(task, E2E_200, tokenizer, plan.decode_rows)
     options = DecodingOptions(max_length=plan.max_length, no_sample=True)
     generate_batch(model, prompts[:2], DecodingOptions(max_length=2, no_sample=True))  # warm-up
@@ -206,7 +207,7 @@ def bench_decoding(args, plan, device, clock, tokenizer):
 # --- 2. mixed tasks --------------------------------------------------------------------------------
 def bench_mixed(args, plan, device, clock, tokenizer):
     # Every task at bottleneck 100, so the single-task and mixed batches do the same adapter work.
-    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), {t: 100 for t in TASKS}), args).eval()
+    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({t: 100 for t in TASKS})), args).eval()
     by_task = {name: [keep_last(p, plan.mixed_context)
                       for p in task_prompts(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer, plan.mixed_rows)]
                for name, task in TASKS.items()}
@@ -240,7 +241,7 @@ def bench_mixed(args, plan, device, clock, tokenizer):
 def bench_adapter_overhead(args, plan, device, clock, tokenizer):
     task = TASKS["nlg"]
     plain = compiled(PlainGPT2(build_backbone(args.size, device, args.dtype)), args).eval()
-    adapted = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), {task.name: 100}), args).eval()
+    adapted = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({task.name: 100})), args).eval()
     # Real text: the E2E references, one token stream cut into rows.
     stream = [t for p in task_prompts(task, E2E_200, tokenizer, 200) for r in p.meta["references"]
               for t in tokenizer.encode(" " + r)]
@@ -289,7 +290,7 @@ def train_worker(args):
     tokenizer = load_tokenizer()
     batches = training_batches(task, tokenizer, args.steps)
     adapters = {task.name: task.bottleneck} if args.worker == "adapter" else {}
-    model = VersatileLM(build_backbone(args.size, device, torch.float32), adapters)
+    model = VersatileLM(build_backbone(args.size, device, torch.float32), adapter_specs(adapters))
     loaded = proc_status_bytes("VmRSS") if os.path.exists("/proc/self/status") else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -340,7 +341,7 @@ def bench_training(args, plan, device, clock, tokenizer):
 # --- 5. padding -----------------------------------------------------------------------------------
 def bench_padding(args, plan, device, clock, tokenizer):
     model = VersatileLM(build_backbone(args.size, device, torch.float32),
-                        {name: task.bottleneck for name, task in TASKS.items()})
+                        adapter_specs({name: task.bottleneck for name, task in TASKS.items()}))
     results = {}
     for name, task in progress_bar(TASKS.items(), desc="5 padding", leave=False):
         records = load_task_data(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer, ["train"])["train"]
@@ -376,7 +377,7 @@ def bench_padding(args, plan, device, clock, tokenizer):
 def bench_end_to_end(args, plan, device, clock, tokenizer):
     task = TASKS["nlg"]
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
-        model = VersatileLM(build_backbone(args.size, device, args.dtype), {"nlg": task.bottleneck}).eval()
+        model = VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({"nlg": task.bottleneck})).eval()
         backbone, checkpoint = os.path.join(tmp, "backbone"), os.path.join(tmp, "nlg-adapter")
         model.gpt2.save_pretrained(backbone)
         save_checkpoint(model, tokenizer, checkpoint, "adapter", ["nlg"], backbone,

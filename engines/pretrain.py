@@ -176,7 +176,7 @@ def model_tensors(model):
 def write_checkpoint(output_dir, model, optimizer, engine_state, stream, metrics, args):
     """<output_dir>/checkpoint/: weights, optimizer, stream and random states. Written as a
     .partial folder, flushed, then swapped in: a checkpoint/ folder is always complete."""
-    from utils.training import optimizer_state, random_states, sync_folder
+    from engines.training import optimizer_state, random_states, sync_folder
     final = os.path.join(output_dir, CHECKPOINT_DIR)
     partial = os.path.join(output_dir, f".{CHECKPOINT_DIR}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -243,7 +243,7 @@ def peak_rss_mb():
 
 def run_pretraining(args):
     """Pretrain as pretrain.py's flags say (also under torchrun); returns a PretrainResult."""
-    from utils.training import run_distributed
+    from engines.training import run_distributed
     check_args(args)
     if not args.device:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -350,7 +350,7 @@ def _run(args, device):
     metrics_log = []
     if resume is not None:
         state, tensors = resume
-        from utils.training import restore_optimizer, restore_random_states
+        from engines.training import restore_optimizer, restore_random_states
         restore_optimizer(optimizer, state["optimizer"], tensors, os.path.join(args.output_dir, CHECKPOINT_DIR))
         if scaler is not None and state["engine"].get("grad_scaler"):
             scaler.load_state_dict(state["engine"]["grad_scaler"])
@@ -482,8 +482,33 @@ def save_model_folder(model, tokenizer, args, metrics_log):
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(model, args, metrics_log))
+        if metrics_log:
+            plot_curve(metrics_log, os.path.join(tmp, CURVE_PNG))
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+
+
+CURVE_PNG = "pretraining_curve.png"
+
+
+def plot_curve(metrics_log, path):
+    """Validation perplexity of each held-out file against tokens seen (log y), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(metrics_log[-1]["valid"])
+    for name in names:
+        points = [(r["tokens"], r["valid"][name]["ppl"]) for r in metrics_log if name in r.get("valid", {})]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("pretraining")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
 
 
 def model_card(model, args, metrics_log):
@@ -514,7 +539,7 @@ def model_card(model, args, metrics_log):
     lines += [f"| hardware | {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads |",
               "", "Command:", "", "```", "python " + " ".join(_quote(a) for a in sys.argv), "```", "",
-              "Curve: `metrics.jsonl` in the run folder (one line per validation).", ""]
+              f"Curve: `metrics.jsonl` in the run folder (one line per validation), plotted in `{CURVE_PNG}`.", ""]
     return "\n".join(lines)
 
 

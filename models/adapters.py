@@ -26,17 +26,6 @@ class Adapter(nn.Module):
         return h + self.project_up(torch.relu(self.project_down(self.ln(h))))
 
 
-class AdapterStack(nn.ModuleList):
-    """One adapter per transformer block, for one task."""
-
-    def __init__(self, n_layer, d_model, bottleneck, eps=1e-5, init_std=0.02):
-        super().__init__([Adapter(d_model, bottleneck, eps, init_std) for _ in range(n_layer)])
-
-    @property
-    def bottleneck(self):
-        return self[0].bottleneck
-
-
 def count_parameters(parameters):
     return sum(p.numel() for p in parameters)
 

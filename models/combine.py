@@ -1,8 +1,8 @@
-"""One model for every task: combine per-task adapter checkpoints into one Versatile Language Model.
+"""One model for every task: combine per-task checkpoints into one Versatile Language Model.
 
-Adapter checkpoints trained over one backbone hold disjoint tensors: `adapters.<task>.*` and
-`task_embeddings.<task>` (the task's own special-token rows; adapter training leaves every other
-added row at its fixed-seed init). Combining is therefore a union of tensor dicts, with no
+Task checkpoints trained over one backbone hold disjoint tensors: each task's method tensors
+(`adapters.<task>.*`, `methods.<task>.<method>.*`, whatever its methods) and `task_embeddings.<task>`
+(the task's own special-token rows; training leaves every other added row at its fixed-seed init). Combining is therefore a union of tensor dicts, with no
 arithmetic on weights, and the combined model computes each task's outputs with the very same
 rows and operations as the task's own checkpoint. verify() checks that bit for bit on sample
 inputs before anything is written.
@@ -19,17 +19,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.adapters import AdapterStack
-from models.checkpoint import (ADAPTER_WEIGHTS, CONFIG_NAME, _load_tensors, load_adapter_tensors,
-                               load_checkpoint, read_config, resolve_base_name, save_checkpoint)
-from models.vlm import VOCAB_SIZE, VersatileLM, backbone_fingerprint, load_backbone
+import zlib
+
+from transformers import GPT2Config
+
+from models.checkpoint import (ADAPTER_WEIGHTS, ALL_ROWS, CONFIG_NAME, expected_shapes, load_checkpoint,
+                               load_task_tensors, load_tensors, read_config, resolve_base_name, save_checkpoint,
+                               task_specs)
+from models.methods import key_prefix
+from models.vlm import TaskSpec, VersatileLM, backbone_fingerprint, load_backbone
 from utils.data import load_tokenizer, read_json_file
 from utils.errors import VLMError
 from utils.io import write_json
-from utils.tasks import GPT2_VOCAB_SIZE, TASKS, banned_token_ids, task_token_ids
+from utils.vocab import GPT2_VOCAB_SIZE, PAD_ID, SPECIAL_IDS, VOCAB_SIZE
 
 MANIFEST_NAME = "manifest.json"
-ALL_ROWS = "special_token_rows"  # optional tensor of adapter checkpoints: all 30 added rows
 MANIFEST_FORMAT = "vlm-manifest"
 # Files a combined VLM folder may hold; an in-place update replaces the folder as a whole, so it
 # refuses a folder with anything else in it (say a train.py output with checkpoint_epoch* folders).
@@ -58,8 +62,12 @@ class TaskCheckpoint:
     def base_model(self):
         return self.config["base_model"]
 
+    @property
+    def specs(self):
+        return {spec.name: spec for spec in task_specs(self.config, os.path.join(self.path, CONFIG_NAME))}
+
     def bottleneck(self, task):
-        return self.config["tasks"][task]["bottleneck"]
+        return self.specs[task].methods.get("adapter", {}).get("bottleneck", 0)
 
     @property
     def all_rows(self):
@@ -69,8 +77,7 @@ class TaskCheckpoint:
         return ALL_ROWS in self.tensors
 
     def task_tensors(self, task):
-        prefix = f"adapters.{task}."
-        return {k: v for k, v in self.tensors.items() if k == f"task_embeddings.{task}" or k.startswith(prefix)}
+        return select_task_tensors(self.tensors, self.specs[task])
 
 
 @dataclass
@@ -78,7 +85,7 @@ class Combined:
     """What the combined VLM holds, before any backbone is loaded."""
     base_model: str
     fingerprint: str
-    bottlenecks: dict                              # task -> bottleneck (0: task embeddings only), by task id
+    specs: dict                                    # task -> TaskSpec (id, rows, methods), by task id
     tensors: dict                                  # union of the tasks' tensors
     sources: dict                                  # task -> checkpoint folder its tensors come from (verify)
     origins: dict = field(default_factory=dict)    # task -> per-task checkpoint it was trained as (manifest)
@@ -101,49 +108,39 @@ def load_task_checkpoint(path):
         raise VLMError(f"{path}: not a vlm checkpoint (no {CONFIG_NAME})")
     config = read_config(path)  # unreadable or non-vlm JSON: VLMError naming the file
     if config["mode"] != "adapter":
-        raise VLMError(f"{path}: a {config['mode']} checkpoint (a whole GPT-2 of its own); only adapter "
-                       f"checkpoints (train.py --adapter_bottleneck) combine into one model")
+        raise VLMError(f"{path}: a {config['mode']} checkpoint (a whole GPT-2 of its own); only task-module "
+                       f"checkpoints (train.py --method ... or --adapter_bottleneck) combine into one model")
     _check_adapter_config(path, config)
-    tensors = _load_tensors(os.path.join(path, ADAPTER_WEIGHTS))
+    tensors = load_tensors(os.path.join(path, ADAPTER_WEIGHTS))
     _check_tensors(path, config, tensors)
     return TaskCheckpoint(path, config, tensors)
 
 
 def _check_adapter_config(path, config):
     where = os.path.join(path, CONFIG_NAME)
-    tasks = config.get("tasks")
-    if not isinstance(tasks, dict) or not tasks:
-        raise VLMError(f"{where}: 'tasks' must name at least one task")
-    for task, settings in tasks.items():
-        if task not in TASKS:
-            raise VLMError(f"{where}: unknown task {task!r}")
-        bottleneck = settings.get("bottleneck") if isinstance(settings, dict) else None
-        if not isinstance(bottleneck, int) or isinstance(bottleneck, bool) or bottleneck < 0:
-            raise VLMError(f"{where}: task {task}: 'bottleneck' must be a non-negative integer")
-        if settings.get("task_id") != TASKS[task].task_id:
-            raise VLMError(f"{where}: task {task} has task_id {settings.get('task_id')!r}; "
-                           f"this code gives it {TASKS[task].task_id}")
+    specs = task_specs(config, where)  # ids, rows and method options: each problem one error naming the file
+    seen = {}
+    for spec in specs:
+        if spec.task_id in seen:
+            raise VLMError(f"{where}: tasks {seen[spec.task_id]} and {spec.name} share task_id {spec.task_id}")
+        seen[spec.task_id] = spec.name
+        if not set(spec.token_ids) <= set(SPECIAL_IDS):
+            raise VLMError(f"{where}: task {spec.name}: token_ids must be among the added tokens "
+                           f"{SPECIAL_IDS[0]}-{SPECIAL_IDS[-1]}")
     for key in ("base_model", "base_fingerprint"):
         if not isinstance(config.get(key), str) or not config[key]:
             raise VLMError(f"{where}: {key!r} is missing")
     gpt2 = config.get("gpt2_config")
-    if not isinstance(gpt2, dict) or not all(isinstance(gpt2.get(k), int) for k in ("n_layer", "n_embd")):
-        raise VLMError(f"{where}: 'gpt2_config' lacks n_layer/n_embd")
+    if not isinstance(gpt2, dict) or not all(isinstance(gpt2.get(k), int) for k in ("n_layer", "n_embd", "n_head")):
+        raise VLMError(f"{where}: 'gpt2_config' lacks n_layer/n_embd/n_head")
 
 
 def _check_tensors(path, config, tensors):
     """The file holds exactly the listed tasks' tensors, in the shapes the config implies."""
-    gpt2 = config["gpt2_config"]
-    n_layer, d_model = gpt2["n_layer"], gpt2["n_embd"]
-    expected = {}
+    gpt2 = GPT2Config.from_dict(config["gpt2_config"])
+    expected = expected_shapes(task_specs(config, os.path.join(path, CONFIG_NAME)), gpt2)
     if ALL_ROWS in tensors:  # converted authors' checkpoints (see TaskCheckpoint.all_rows)
-        expected[ALL_ROWS] = (VOCAB_SIZE - GPT2_VOCAB_SIZE, d_model)
-    for task, settings in config["tasks"].items():
-        expected[f"task_embeddings.{task}"] = (len(TASKS[task].special_tokens), d_model)
-        if settings["bottleneck"] > 0:
-            with torch.device("meta"):  # shapes only, nothing allocated
-                stack = AdapterStack(n_layer, d_model, settings["bottleneck"])
-            expected.update({f"adapters.{task}.{k}": tuple(v.shape) for k, v in stack.state_dict().items()})
+        expected[ALL_ROWS] = (VOCAB_SIZE - GPT2_VOCAB_SIZE, gpt2.n_embd)
     where = os.path.join(path, ADAPTER_WEIGHTS)
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
@@ -199,8 +196,6 @@ def combine(checkpoints, base_vlm=None, remove=(), replace=False):
     sources, origins = {}, {}
     if base_vlm is not None:
         for task in remove:
-            if task not in TASKS:
-                raise VLMError(f"--remove {task}: unknown task; choose one of {', '.join(TASKS)}")
             if task not in base_vlm.tasks:
                 raise VLMError(f"--remove {task}: the VLM {base_vlm.path} has no task {task} "
                                f"(has: {', '.join(base_vlm.tasks)})")
@@ -224,14 +219,32 @@ def combine(checkpoints, base_vlm=None, remove=(), replace=False):
     if not sources:
         raise VLMError(f"--remove would leave the VLM {base_vlm.path} without any task")
 
-    order = sorted(sources, key=lambda t: TASKS[t].task_id)
+    specs = combined_specs({task: sources[task].specs[task] for task in sources})
     tensors = {}
-    for task in order:
+    for task in specs:
         tensors.update(sources[task].task_tensors(task))
+    order = list(specs)
     return Combined(base_model=reference.base_model, fingerprint=reference.fingerprint,
-                    bottlenecks={t: sources[t].bottleneck(t) for t in order}, tensors=tensors,
+                    specs=specs, tensors=tensors,
                     sources={t: sources[t].path for t in order}, origins={t: origins[t] for t in order},
                     tokenizer_path=reference.path)
+
+
+def combined_specs(specs):
+    """{task: TaskSpec} in one model: ids kept where they are free (the five built-in tasks always
+    have theirs), a clash moved to the next free id; two tasks claiming one token row fail."""
+    taken, owners, result = set(), {}, {}
+    for name, spec in sorted(specs.items(), key=lambda item: item[1].task_id):
+        for token in spec.token_ids:
+            if token in owners:
+                raise VLMError(f"tasks {owners[token]} and {name} both own the special token row {token}")
+            owners[token] = name
+        task_id = spec.task_id
+        while task_id in taken:
+            task_id += 1
+        taken.add(task_id)
+        result[name] = TaskSpec(name, task_id, spec.token_ids, spec.methods)
+    return result
 
 
 def build_model(combined, backbone=None):
@@ -242,42 +255,51 @@ def build_model(combined, backbone=None):
     if fingerprint != combined.fingerprint:
         raise VLMError(f"{name}: not the backbone the adapters were trained on (fingerprint "
                        f"{fingerprint[:12]}, the checkpoints record {combined.fingerprint[:12]})")
-    model = VersatileLM(gpt2, {t: b for t, b in combined.bottlenecks.items() if b > 0})
-    load_adapter_tensors(model, combined.tensors, "combined checkpoint")
+    model = VersatileLM(gpt2, list(combined.specs.values()))
+    load_task_tensors(model, combined.tensors, "combined checkpoint")
     return model.eval()
 
 
 # --- verifying ---------------------------------------------------------------------------------
 
-def sample_inputs(task):
-    """(input_ids, token_type_ids): a few random sequences, the same in every run, that use GPT-2
-    tokens and the task's own special tokens (so its task embeddings enter the computation)."""
-    generator = torch.Generator().manual_seed(SAMPLE_SEED + TASKS[task].task_id)
-    own = torch.tensor(task_token_ids(TASKS[task]))
+def sample_inputs(spec):
+    """(input_ids, token_type_ids, virtual_ids): a few random sequences, the same in every run, that
+    use GPT-2 tokens, the task's own special tokens (so its task embeddings enter the computation)
+    and, for a task with virtual tokens, all of them first."""
+    generator = torch.Generator().manual_seed(SAMPLE_SEED + zlib.crc32(spec.name.encode()))
     input_ids = torch.randint(0, GPT2_VOCAB_SIZE, (SAMPLE_ROWS, SAMPLE_LENGTH), generator=generator)
-    input_ids[:, 0] = own[0]  # bos
-    input_ids[:, 3::4] = own[torch.randint(0, len(own), input_ids[:, 3::4].shape, generator=generator)]
-    token_type_ids = own[torch.randint(0, len(own), input_ids.shape, generator=generator)]
-    return input_ids, token_type_ids
+    token_type_ids = torch.randint(0, GPT2_VOCAB_SIZE, input_ids.shape, generator=generator)
+    if spec.token_ids:
+        own = torch.tensor(spec.token_ids)
+        input_ids[:, 0] = own[0]  # bos
+        input_ids[:, 3::4] = own[torch.randint(0, len(own), input_ids[:, 3::4].shape, generator=generator)]
+        token_type_ids = own[torch.randint(0, len(own), input_ids.shape, generator=generator)]
+    n = max([o.get("length", 0) for m, o in spec.methods.items() if m in ("prompt", "ptuning")] or [0])
+    virtual_ids = torch.full(input_ids.shape, -1)
+    if n:
+        input_ids = torch.cat([torch.full((SAMPLE_ROWS, n), PAD_ID), input_ids], dim=1)
+        token_type_ids = torch.cat([torch.full((SAMPLE_ROWS, n), -1), token_type_ids], dim=1)
+        virtual_ids = torch.cat([torch.arange(n).expand(SAMPLE_ROWS, n), virtual_ids], dim=1)
+    return input_ids, token_type_ids, virtual_ids
 
 
-def comparable_token_ids(task):
+def comparable_token_ids(spec):
     """Vocabulary columns on which a task's logits must agree between its checkpoint and the VLM:
     the tokens the task can generate (GPT-2's and its own special tokens). The other added rows
-    (`<pad>`, other tasks' tokens) are banned when decoding it (utils.tasks.banned_token_ids), and
+    (`<pad>`, other tasks' tokens) are banned when decoding it, and
     their columns differ by design: the VLM holds the other tasks' trained rows, a single-task
     checkpoint their init."""
-    banned = set(banned_token_ids(TASKS[task]))
+    banned = set(SPECIAL_IDS) - set(spec.token_ids)
     return torch.tensor([i for i in range(VOCAB_SIZE) if i not in banned])
 
 
 @torch.no_grad()
-def task_logits(model, task, input_ids, token_type_ids):
-    """The model's logits for `task` (every row routed to it), on comparable_token_ids(task)."""
-    task_id = TASKS[task].task_id if task in model.adapters else -1  # task embeddings only: plain GPT-2
-    logits = model(input_ids.to(model.device), token_type_ids=token_type_ids.to(model.device),
-                   task_ids=torch.full((input_ids.shape[0],), task_id), use_cache=False).logits
-    return logits[..., comparable_token_ids(task).to(logits.device)].cpu()
+def task_logits(model, spec, input_ids, token_type_ids, virtual_ids):
+    """The model's logits for a task (every row routed to it), on comparable_token_ids(spec)."""
+    device = model.device
+    logits = model(input_ids.to(device), token_type_ids=token_type_ids.to(device),
+                   task_ids=model.task_id(spec.name), virtual_ids=virtual_ids.to(device)).logits
+    return logits[..., comparable_token_ids(spec).to(logits.device)].cpu()
 
 
 def verify(combined, sources, backbone=None, log=None):
@@ -293,8 +315,9 @@ def verify(combined, sources, backbone=None, log=None):
     for path, tasks in by_path.items():
         source, _, _ = load_checkpoint(path, base_model=backbone)
         for task in tasks:
-            inputs = sample_inputs(task)
-            got, expected = task_logits(combined, task, *inputs), task_logits(source, task, *inputs)
+            spec = combined.tasks[task].spec()
+            inputs = sample_inputs(spec)
+            got, expected = task_logits(combined, spec, *inputs), task_logits(source, spec, *inputs)
             differences[task] = (got - expected).abs().max().item()
             if not torch.equal(got, expected):
                 failed.append(task)
@@ -336,7 +359,7 @@ def write_vlm(combined, output_dir, backbone=None, vlm_path=None, log=print):
         model = build_model(combined, backbone)
         backbone_stats = _backbone_stats(model)
         base_model = resolve_base_name(backbone) if backbone else combined.base_model
-        save_checkpoint(model, load_tokenizer(combined.tokenizer_path), tmp, "adapter", list(combined.bottlenecks),
+        save_checkpoint(model, load_tokenizer(combined.tokenizer_path), tmp, "adapter", list(combined.specs),
                         base_model, combined.fingerprint)
         del model
         # Verify what was written, as a user will load it, not the object it was written from.
@@ -382,18 +405,18 @@ def _backbone_stats(model):
 
 def build_manifest(combined, model, folder, base_model, backbone_stats, differences):
     tasks = []
-    for task, bottleneck in combined.bottlenecks.items():
-        tensors = {k: v for k, v in combined.tensors.items()
-                   if k == f"task_embeddings.{task}" or k.startswith(f"adapters.{task}.")}
-        embedding = tensors[f"task_embeddings.{task}"].numel()
+    for task, spec in combined.specs.items():
+        tensors = select_task_tensors(combined.tensors, spec)
+        embedding = sum(v.numel() for k, v in tensors.items() if k.startswith("task_embeddings."))
         total = sum(t.numel() for t in tensors.values())
-        tasks.append({"name": task, "task_id": TASKS[task].task_id, "bottleneck": bottleneck,
+        tasks.append({"name": task, "task_id": spec.task_id, "methods": spec.methods,
+                      "bottleneck": spec.methods.get("adapter", {}).get("bottleneck", 0),
                       "adapter_parameters": total - embedding, "task_embedding_parameters": embedding,
                       "parameters": total, "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                       "source": combined.origins[task]})
     extra = sum(t["parameters"] for t in tasks)
     return {
-        "format": MANIFEST_FORMAT, "version": 1,
+        "format": MANIFEST_FORMAT, "version": 2,
         "backbone": {"name": base_model, "fingerprint": combined.fingerprint, **backbone_stats},
         "tasks": tasks,
         "extra_parameters": extra,
@@ -406,6 +429,21 @@ def build_manifest(combined, model, folder, base_model, backbone_stats, differen
     }
 
 
+def select_task_tensors(tensors, spec):
+    """The tensors of one task: its special-token rows and its methods' tensors."""
+    prefixes = tuple(key_prefix(spec.name, m) for m in spec.methods)
+    return {k: v for k, v in tensors.items()
+            if k == f"task_embeddings.{spec.name}" or (prefixes and k.startswith(prefixes))}
+
+
+def describe_methods(methods):
+    """`adapter(bottleneck=300)+lora(r=4)` style, for tables."""
+    if not methods:
+        return "task embeddings"
+    return "+".join(f"{m}({', '.join(f'{k}={v}' for k, v in o.items() if k != 'reparameterize')})"
+                    if m != "adapter" else f"adapter {o['bottleneck']}" for m, o in methods.items())
+
+
 # --- reporting ---------------------------------------------------------------------------------
 
 def _mb(n_bytes):
@@ -414,7 +452,7 @@ def _mb(n_bytes):
 
 def size_report(manifest):
     """A table: each task's extra parameters and MB against N separately fine-tuned backbones."""
-    header = f"{'task':<14}{'id':>3}{'bottleneck':>12}{'adapter':>13}{'task emb.':>11}{'extra params':>14}{'MB':>9}"
+    header = f"{'task':<14}{'id':>3}{'bottleneck':>12}{'modules':>13}{'task emb.':>11}{'extra params':>14}{'MB':>9}"
     lines = [header, "-" * len(header)]
     for t in manifest["tasks"]:
         lines.append(f"{t['name']:<14}{t['task_id']:>3}{t['bottleneck']:>12}{t['adapter_parameters']:>13,}"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from models.authors import authors_logits, convert, load_authors_state_dict
+from engines.authors import authors_logits, convert, load_authors_state_dict
 from models.checkpoint import load_checkpoint
 from tests.conftest import TINY_CONFIG, run_script, tiny_gpt2
 from utils.errors import VLMError
@@ -109,7 +109,7 @@ def test_single_task_adapter_conversion(tiny_base):
     ids, types = sample_batch(TASKS["mt"])
     expected = reference_logits(state, ids, types, adapter_prefix="")
     assert torch.equal(our_logits(model, ids, types, TASKS["mt"].task_id), expected)
-    # The reference written from their source in models/authors.py (used by the CLI) agrees up to
+    # The reference written from their source in engines/authors.py (used by the CLI) agrees up to
     # float32 reordering (its attention is not Hugging Face's kernel).
     theirs = authors_logits(state, ids, types, TINY_CONFIG["n_head"], 1e-5, adapter="single")
     assert (theirs - expected).abs().max().item() <= 1e-5
@@ -137,7 +137,7 @@ def test_full_finetune_conversion(tiny_base, tmp_path, tokenizer):
     from models.checkpoint import save_checkpoint
     state = authors_state(seed=3)  # another GPT-2 than the base: fully fine-tuned weights
     conversion = convert(state, tiny_base)
-    assert conversion.mode == "full" and conversion.layout.kind == "full" and not conversion.model.adapters
+    assert conversion.mode == "full" and conversion.layout.kind == "full" and not conversion.model.tasks
     ids, types = sample_batch(TASKS["nlg"])
     assert torch.equal(our_logits(conversion.model, ids, types, -1), reference_logits(state, ids, types))
 
@@ -150,7 +150,7 @@ def test_full_finetune_conversion(tiny_base, tmp_path, tokenizer):
     assert torch.equal(our_logits(conversion.model, ids, types, TASKS["nlg"].task_id), expected)
     save_checkpoint(conversion.model, tokenizer, str(tmp_path), "full", ["nlg"], tiny_base)
     loaded, _, config = load_checkpoint(str(tmp_path))
-    assert config["mode"] == "full" and loaded.adapter_bottlenecks == {"nlg": 5}
+    assert config["mode"] == "full" and {t: m.methods["adapter"].bottleneck for t, m in loaded.tasks.items()} == {"nlg": 5}
     assert torch.equal(our_logits(loaded, ids, types, TASKS["nlg"].task_id), expected)
 
 
@@ -174,7 +174,7 @@ def test_malicious_pickle_refused(tmp_path, tiny_base, zipfile_format):
         load_authors_state_dict(str(path))
     assert not marker.exists()
     if zipfile_format:  # the script: one line on stderr, exit 2, nothing written
-        result = run_script("-m", "models.authors", str(path), "--base_model", tiny_base,
+        result = run_script("-m", "engines.authors", str(path), "--base_model", tiny_base,
                             "--output_dir", str(tmp_path / "out"))
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}: refused")
@@ -225,7 +225,7 @@ def test_cli_writes_loadable_checkpoint(tmp_path, tiny_base):
     path.parent.mkdir()
     torch.save(state, path)
     out = tmp_path / "converted"
-    result = run_script("-m", "models.authors", str(path), "--base_model", tiny_base, "--task", "mt",
+    result = run_script("-m", "engines.authors", str(path), "--base_model", tiny_base, "--task", "mt",
                         "--output_dir", str(out))
     assert result.returncode == 0, result.stderr
     assert "single-task adapter model" in result.stdout and "task mt: bottleneck 7" in result.stdout

@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 import evaluate
 import train
 from models.checkpoint import load_checkpoint, save_checkpoint
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM
 from utils.data import IGNORE_INDEX, build_inputs, iter_contexts, load_task_data, training_examples
 from utils.errors import VLMError
-from utils.evaluation import parse_mr, user_prompt
-from utils.generate import DecodingOptions, generate, generate_uncached
+from engines.evaluation import parse_mr, user_prompt
+from engines.generate import DecodingOptions, generate, generate_uncached
 from utils.tasks import TASKS, special_token_id
 
 _spec = importlib.util.spec_from_file_location("prepare", os.path.join(REPO, "data", "prepare.py"))
@@ -230,7 +231,7 @@ LONG = " ".join(["word"] * 600)  # over the tiny model's 512 positions
 @pytest.fixture(scope="module")
 def nlg_checkpoint(tmp_path_factory, tiny_base, tokenizer):
     path = str(tmp_path_factory.mktemp("nlg_ckpt"))
-    save_checkpoint(VersatileLM.from_pretrained(tiny_base, {"nlg": 4}), tokenizer, path, "adapter", ["nlg"],
+    save_checkpoint(VersatileLM.from_pretrained(tiny_base, adapter_specs({"nlg": 4})), tokenizer, path, "adapter", ["nlg"],
                     tiny_base)
     return path
 
@@ -303,7 +304,7 @@ TRAIN_FLAG_CASES = [  # (extra flags, expected part of the error line)
     (["--max_history", "-2"], "--max_history must be 0 or more"),
     (["--adapter_bottleneck", "-3"], "--adapter_bottleneck must be 0 (full fine-tuning) or positive, got -3"),
     (["--emb_only", "--outputlayer_only", "--adapter_bottleneck", "0"], "exclude each other"),
-    (["--emb_only"], "--emb_only trains no adapters; drop --adapter_bottleneck 4"),
+    (["--emb_only"], "--emb_only trains no per-task modules; drop --adapter_bottleneck 4"),
     (["--random_init"], "--random_init trains a backbone from scratch"),
     (["--fp16", "O5"], "--fp16: expected '' (off) or an apex opt level"),
     (["--fp16", "O1", "--device", "cpu"], "--fp16 needs a CUDA device"),

@@ -10,10 +10,11 @@ import torch
 from conftest import REPO, run_script, tiny_gpt2
 
 from bench.baseline import decode_original
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM, add_special_token_rows
 from utils.data import IGNORE_INDEX, PAD_ID, collate, load_task_data, training_examples
-from utils.evaluation import dataset_prompts
-from utils.generate import DecodingOptions, generate_batch
+from engines.evaluation import dataset_prompts
+from engines.generate import DecodingOptions, generate_batch
 from utils.tasks import TASKS
 
 SAMPLES = os.path.join(REPO, "data", "samples")
@@ -28,7 +29,7 @@ def sample_prompts(tokenizer, name, limit):
 def test_original_decoding_gives_our_batched_cached_tokens(tokenizer):
     gpt2 = tiny_gpt2(seed=4)
     add_special_token_rows(gpt2)
-    model = VersatileLM(gpt2, {"nlg": 8, "mt": 8}).eval()
+    model = VersatileLM(gpt2, adapter_specs({"nlg": 8, "mt": 8})).eval()
     prompts = sample_prompts(tokenizer, "nlg", 5) + sample_prompts(tokenizer, "mt", 4)
     for options in (DecodingOptions(max_length=12, no_sample=True),
                     DecodingOptions(max_length=9, min_length=9, no_sample=True)):
@@ -95,7 +96,7 @@ def test_task_rows_leave_no_table_gradient():
     """Section 4's memory saving: in adapter mode the tied table gets no gradient at all."""
     gpt2 = tiny_gpt2()
     add_special_token_rows(gpt2)
-    model = VersatileLM(gpt2, {"mt": 8})
+    model = VersatileLM(gpt2, adapter_specs({"mt": 8}))
     model.mark_trainable("adapter", "mt")
     ids = torch.randint(0, 50287, (2, 7))
     model(ids, token_type_ids=ids, task_ids=TASKS["mt"].task_id, labels=ids).loss.backward()

@@ -14,6 +14,7 @@ import models.combine
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.combine import (combine, comparable_token_ids, load_task_checkpoints, sample_inputs, task_logits,
                             verify, write_vlm)
+from engines.specs import adapter_specs, builtin_spec
 from models.vlm import VersatileLM, backbone_fingerprint, load_backbone
 from utils.data import load_tokenizer
 from utils.errors import VLMError
@@ -24,10 +25,10 @@ BOTTLENECKS = {"qa": 6, "mt": 8, "nlg": 4}
 
 def make_task_checkpoint(base, task, bottleneck, folder, seed, tokenizer, mode="adapter"):
     """A trained-looking single-task checkpoint: adapters and the task's own rows moved off init."""
-    model = VersatileLM.from_pretrained(base, {task: bottleneck}).eval()
+    model = VersatileLM.from_pretrained(base, adapter_specs({task: bottleneck})).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.adapters[task].parameters():
+        for p in model.tasks[task].methods["adapter"].parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
         wte = model.gpt2.transformer.wte.weight
         rows = task_token_ids(TASKS[task])
@@ -66,20 +67,20 @@ def singles(ckpts):
 def all_logits(model_or_path):
     """{task: task_logits on its sample inputs} for every task the model has (one load)."""
     model = load_checkpoint(str(model_or_path))[0] if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    return {t: task_logits(model, t, *sample_inputs(t)) for t in model.adapters}
+    return {t: task_logits(model, m.spec(), *sample_inputs(m.spec())) for t, m in model.tasks.items()}
 
 
 def test_combined_logits_equal_each_single_task_checkpoint_exactly(vlm3, singles):
     folder, manifest = vlm3
     assert manifest["verification"]["max_abs_logit_difference"] == {"qa": 0.0, "mt": 0.0, "nlg": 0.0}
     vlm, _, config = load_checkpoint(folder)
-    assert config["mode"] == "adapter" and vlm.adapter_bottlenecks == BOTTLENECKS
+    assert config["mode"] == "adapter" and {t: m.methods["adapter"].bottleneck for t, m in vlm.tasks.items()} == BOTTLENECKS
     for task in BOTTLENECKS:
-        ids, types = sample_inputs(task)
+        ids, types, _ = sample_inputs(builtin_spec(task))
         with torch.no_grad():
             got = vlm(ids, token_type_ids=types, task_ids=TASKS[task].task_id).logits
             expected = singles[task](ids, token_type_ids=types, task_ids=TASKS[task].task_id).logits
-        columns = comparable_token_ids(task)
+        columns = comparable_token_ids(builtin_spec(task))
         # Every token the task can generate (all GPT-2 tokens and its own special tokens): bit-identical.
         assert len(columns) == 50257 + len(TASKS[task].special_tokens)
         assert torch.equal(got[..., columns], expected[..., columns])
@@ -91,7 +92,7 @@ def test_combined_logits_equal_each_single_task_checkpoint_exactly(vlm3, singles
 
 def test_combined_model_serves_a_mixed_batch(vlm3, singles):
     vlm, _, _ = load_checkpoint(vlm3[0])
-    inputs = {t: sample_inputs(t) for t in BOTTLENECKS}
+    inputs = {t: sample_inputs(builtin_spec(t)) for t in BOTTLENECKS}
     ids = torch.cat([inputs[t][0][:1] for t in BOTTLENECKS])
     types = torch.cat([inputs[t][1][:1] for t in BOTTLENECKS])
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_combined_model_serves_a_mixed_batch(vlm3, singles):
         for row, task in enumerate(BOTTLENECKS):
             expected = singles[task](ids[row:row + 1], token_type_ids=types[row:row + 1],
                                      task_ids=TASKS[task].task_id).logits[0]
-            columns = comparable_token_ids(task)
+            columns = comparable_token_ids(builtin_spec(task))
             # A row inside a bigger batch goes through other matmul shapes: equal up to float rounding
             # (as in test_model's mixed-batch test); the greedy choices are the same.
             torch.testing.assert_close(mixed[row][:, columns], expected[:, columns], rtol=0, atol=1e-5)
@@ -119,11 +120,11 @@ def test_checkpoint_with_all_special_rows_combines_its_own_rows_only(ckpts, tiny
     assert f"note: {folder} stores all special-token rows" in out
     assert "verified dialogue: largest |logit difference| 0.0" in out
     vlm, source = load_checkpoint(str(tmp_path / "vlm"))[0], load_checkpoint(folder)[0]
-    ids, types = sample_inputs("dialogue")
+    ids, types, _ = sample_inputs(builtin_spec("dialogue"))
     with torch.no_grad():
         got = vlm(ids, token_type_ids=types, task_ids=TASKS["dialogue"].task_id).logits
         expected = source(ids, token_type_ids=types, task_ids=TASKS["dialogue"].task_id).logits
-    columns = comparable_token_ids("dialogue")
+    columns = comparable_token_ids(builtin_spec("dialogue"))
     assert torch.equal(got[..., columns], expected[..., columns])
     assert not torch.equal(got[..., 50257], expected[..., 50257])  # <pad>: the source's moved row is not taken
 
@@ -131,7 +132,7 @@ def test_checkpoint_with_all_special_rows_combines_its_own_rows_only(ckpts, tiny
 def test_verify_fails_on_any_difference(vlm3, ckpts):
     vlm, _, _ = load_checkpoint(vlm3[0])
     with torch.no_grad():
-        vlm.adapters["nlg"][1].project_up.bias[0] += 1e-3
+        vlm.tasks["nlg"].methods["adapter"][1].project_up.bias[0] += 1e-3
     with pytest.raises(VLMError, match=r"differ.*nlg \(largest difference [0-9.e-]+\)") as error:
         verify(vlm, {"mt": ckpts["mt"], "nlg": ckpts["nlg"]})
     assert "mt" not in str(error.value)  # mt's logits stayed identical
@@ -155,7 +156,8 @@ def test_cli_writes_checkpoint_and_manifest(ckpts, tmp_path, tiny_base):
         b = BOTTLENECKS[task]
         adapter = n_layer * (2 * d + (d * b + b) + (b * d + d))  # layer norm, project down, project up
         embedding = len(TASKS[task].special_tokens) * d
-        expected_tasks.append({"name": task, "task_id": TASKS[task].task_id, "bottleneck": b,
+        expected_tasks.append({"name": task, "task_id": TASKS[task].task_id,
+                               "methods": {"adapter": {"bottleneck": b}}, "bottleneck": b,
                                "adapter_parameters": adapter, "task_embedding_parameters": embedding,
                                "parameters": adapter + embedding, "bytes": 4 * (adapter + embedding),
                                "source": ckpts[task]})
@@ -167,7 +169,8 @@ def test_cli_writes_checkpoint_and_manifest(ckpts, tmp_path, tiny_base):
     assert manifest["adapters_file_bytes"] == os.path.getsize(out / "adapters.safetensors")
     assert f"{extra:,}" in result.stdout and f"2 x {backbone_parameters:,}" in result.stdout
     config = json.loads((out / "vlm_config.json").read_text())
-    assert config["tasks"] == {"mt": {"bottleneck": 8, "task_id": 2}, "nlg": {"bottleneck": 4, "task_id": 4}}
+    assert {t: (e["task_id"], e["methods"], e["bottleneck"]) for t, e in config["tasks"].items()} == \
+        {"mt": (2, {"adapter": {"bottleneck": 8}}, 8), "nlg": (4, {"adapter": {"bottleneck": 4}}, 4)}
     assert sorted(os.listdir(tmp_path)) == ["vlm"]  # no temporary folder left beside it
 
 
@@ -230,8 +233,8 @@ def test_continual_remove_add_replace_keep_other_tasks_bit_identical(vlm3, ckpts
     run_cli("--vlm", v1, "--remove", "nlg", "--output_dir", v2)  # into a new folder
     vlm, _, config = load_checkpoint(str(v2))
     assert set(config["tasks"]) == {"qa", "mt"}
-    with pytest.raises(VLMError, match="no adapter"):
-        vlm(*sample_inputs("nlg"), task_ids=TASKS["nlg"].task_id)
+    with pytest.raises(VLMError, match="has no module"):
+        vlm(*sample_inputs(builtin_spec("nlg"))[:2], task_ids=TASKS["nlg"].task_id)
     removed = all_logits(vlm)
     assert torch.equal(removed["qa"], before["qa"]) and torch.equal(removed["mt"], before["mt"])
     out = capsys.readouterr().out
@@ -247,7 +250,7 @@ def test_continual_remove_add_replace_keep_other_tasks_bit_identical(vlm3, ckpts
 
     run_cli("--vlm", v2, "--replace", ckpts["mt_v2"], "--output_dir", v2)  # in place
     vlm = load_checkpoint(str(v2))[0]
-    assert vlm.adapter_bottlenecks == {"qa": 6, "mt": 5, "nlg": 4}
+    assert {t: m.methods["adapter"].bottleneck for t, m in vlm.tasks.items()} == {"qa": 6, "mt": 5, "nlg": 4}
     replaced = all_logits(vlm)
     assert torch.equal(replaced["nlg"], before["nlg"]) and torch.equal(replaced["qa"], before["qa"])
     assert torch.equal(replaced["mt"], all_logits(singles["mt_v2"])["mt"])

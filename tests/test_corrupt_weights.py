@@ -23,6 +23,7 @@ import torch
 from conftest import run_script
 from models.checkpoint import save_checkpoint
 from models.combine import combine, load_task_checkpoints, write_vlm
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM
 from test_authors import authors_state
 from test_train import train_argv, train_in_process
@@ -67,7 +68,7 @@ def pristine(tmp_path_factory, tiny_base):
     save_checkpoint(full, tokenizer, str(root / "full"), "full", ["nlg"], tiny_base)
     shutil.copytree(tiny_base, root / "plain")
     for task in ("nlg", "mt"):
-        model = VersatileLM.from_pretrained(tiny_base, {task: 4})
+        model = VersatileLM.from_pretrained(tiny_base, adapter_specs({task: 4}))
         save_checkpoint(model, tokenizer, str(root / "adapters" / task), "adapter", [task], tiny_base)
     write_vlm(combine(load_task_checkpoints([str(root / "adapters" / t) for t in ("nlg", "mt")])),
               str(root / "vlm" / "VLM"), log=None)
@@ -97,7 +98,7 @@ def pristine(tmp_path_factory, tiny_base):
         "resume state": (run_root / "run", "checkpoint_epoch2/training_state.safetensors",
                          ["train.py", *resume_argv[:at + 1], "{root}", *resume_argv[at + 2:], "--resume"]),
         "authors' bin": (root / "authors", "pytorch_model.bin",
-                         ["-m", "models.authors", "{root}/pytorch_model.bin", "--base_model", tiny_base,
+                         ["-m", "engines.authors", "{root}/pytorch_model.bin", "--base_model", tiny_base,
                           "--output_dir", "{root}/converted"]),
     }
 

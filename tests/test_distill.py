@@ -9,13 +9,13 @@ from conftest import run_script
 
 import sentence_distiller
 import train
-import utils.distill
+import engines.distill
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.vlm import VersatileLM
-from utils import training
+from engines import training
 from utils.data import IGNORE_INDEX
-from utils.evaluation import decode_text, make_prompt
-from utils.generate import DecodingOptions, generate_uncached
+from engines.evaluation import decode_text, make_prompt
+from engines.generate import DecodingOptions, generate_uncached
 from utils.tasks import TASKS
 
 MAX_LENGTH = 6
@@ -124,13 +124,13 @@ def test_nlg_decodes_a_repeated_mr_once_and_gives_every_record_its_text(tmp_path
                      {"src": mr, "tgt": "There is a pub called The Vaults."}],
            "valid": [{"src": other, "tgt": "Alimentum is in the centre."}]}
     dataset = write_dataset(tmp_path, "nlg", nlg)
-    real_generate, decoded = utils.distill.generate, []
+    real_generate, decoded = engines.distill.generate, []
 
     def counting(model, prompts, *args, **kwargs):
         decoded.extend(p.meta["index"] for p in prompts)
         return real_generate(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(utils.distill, "generate", counting)
+    monkeypatch.setattr(engines.distill, "generate", counting)
     sentence_distiller.main(distill_argv(tmp_path, "nlg", teacher, dataset))
     assert sorted(decoded) == [0, 1]  # E2E repeats an MR per reference: greedy decodes it once
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -146,7 +146,7 @@ def test_an_interrupted_run_resumes_and_decodes_only_the_rest(tmp_path, teacher,
     reference = str(tmp_path / "reference.json")
     sentence_distiller.main(distill_argv(tmp_path, "mt", teacher, dataset, "--output", reference))
 
-    real_generate = utils.distill.generate
+    real_generate = engines.distill.generate
     decoded = []
 
     def interrupted(model, prompts, *args, **kwargs):
@@ -155,7 +155,7 @@ def test_an_interrupted_run_resumes_and_decodes_only_the_rest(tmp_path, teacher,
         decoded.extend(p.meta["index"] for p in prompts)
         return real_generate(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(utils.distill, "generate", interrupted)
+    monkeypatch.setattr(engines.distill, "generate", interrupted)
     output = str(tmp_path / "mt.distilled.json")
     with pytest.raises(KeyboardInterrupt):
         sentence_distiller.main(distill_argv(tmp_path, "mt", teacher, dataset))
@@ -174,7 +174,7 @@ def test_an_interrupted_run_resumes_and_decodes_only_the_rest(tmp_path, teacher,
         decoded.extend(p.meta["index"] for p in prompts)
         return real_generate(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(utils.distill, "generate", counting)
+    monkeypatch.setattr(engines.distill, "generate", counting)
     sentence_distiller.main(distill_argv(tmp_path, "mt", teacher, dataset))
     assert sorted(decoded) == sorted(set(range(len(MT["train"]))) - set(first))  # only the rest
     assert open(output, "rb").read() == open(reference, "rb").read()

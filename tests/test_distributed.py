@@ -26,8 +26,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import train
 from models.checkpoint import ADAPTER_WEIGHTS
+from engines.specs import adapter_specs
+from models.checkpoint import task_state_dict
 from models.vlm import VersatileLM
-from utils import training
+from engines import training
 
 NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi", "Wildwood", "Strada",
          "Browns Cambridge", "The Golden Curry", "Fitzbillies", "The Punter", "Midsummer House",
@@ -117,7 +119,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no
     ddp_weights = load_file(os.path.join(tmp_path / "ddp", ADAPTER_WEIGHTS))
     single_weights = load_file(os.path.join(single.output_dir, ADAPTER_WEIGHTS))
     assert sorted(ddp_weights) == sorted(single_weights)
-    initial = VersatileLM.from_pretrained(no_dropout_base, adapter_bottlenecks={"nlg": 8}).state_dict()
+    initial = task_state_dict(VersatileLM.from_pretrained(no_dropout_base, adapter_specs({"nlg": 8})), ["nlg"])
     moved = 0
     for name, tensor in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], tensor, rtol=0, atol=1e-5, msg=name)

@@ -6,10 +6,11 @@ import torch
 from conftest import run_script
 
 from models.checkpoint import load_checkpoint, save_checkpoint
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM
 from utils import metrics
-from utils.evaluation import dataset_prompts, decode_text
-from utils.generate import DecodingOptions, generate
+from engines.evaluation import dataset_prompts, decode_text
+from engines.generate import DecodingOptions, generate
 from utils.tasks import TASKS
 
 NLG = {"train": [{"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "The Vaults is a pub."}],
@@ -34,9 +35,9 @@ def checkpoint(tmp_path_factory, tiny_base, tokenizer):
     """An adapter checkpoint holding one task; adapters perturbed so it differs from the base."""
     def make(task, bottleneck=4):
         path = tmp_path_factory.mktemp(f"ckpt_{task}")
-        model = VersatileLM.from_pretrained(tiny_base, {task: bottleneck})
+        model = VersatileLM.from_pretrained(tiny_base, adapter_specs({task: bottleneck}))
         with torch.no_grad():
-            for p in model.adapters[task].parameters():
+            for p in model.tasks[task].methods["adapter"].parameters():
                 p.add_(torch.randn_like(p) * 0.5)
         save_checkpoint(model, tokenizer, str(path), "adapter", [task], tiny_base)
         return str(path)

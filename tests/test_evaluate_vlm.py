@@ -13,6 +13,7 @@ from conftest import REPO, run_script
 import evaluate
 import evaluate_vlm
 from models.checkpoint import save_checkpoint
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM
 from utils.tasks import TASKS, task_token_ids
 
@@ -43,11 +44,11 @@ def vlm(tmp_path_factory, tiny_base, tokenizer):
     and the datasets; adapters and each task's own rows perturbed so every task decodes differently."""
     root = tmp_path_factory.mktemp("vlm")
     torch.manual_seed(1)
-    model = VersatileLM.from_pretrained(tiny_base, BOTTLENECKS)
+    model = VersatileLM.from_pretrained(tiny_base, adapter_specs(BOTTLENECKS))
     wte = model.gpt2.get_input_embeddings().weight
     with torch.no_grad():
         for task in BOTTLENECKS:
-            for p in model.adapters[task].parameters():
+            for p in model.tasks[task].methods["adapter"].parameters():
                 p.add_(torch.randn_like(p) * 0.5)
             rows = task_token_ids(TASKS[task])
             wte[rows] += torch.randn(len(rows), wte.shape[1]) * 0.02

@@ -5,9 +5,10 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM, add_special_token_rows
 from utils.data import build_inputs
-from utils.generate import DecodingOptions, Prompt, filter_logits, generate, generate_uncached
+from engines.generate import DecodingOptions, Prompt, filter_logits, generate, generate_uncached
 from utils.tasks import TASKS, task_token_ids
 
 
@@ -15,7 +16,7 @@ from utils.tasks import TASKS, task_token_ids
 def model():
     gpt2 = tiny_gpt2(seed=3)
     add_special_token_rows(gpt2)
-    vlm = VersatileLM(gpt2, {"mt": 16, "nlg": 8, "dialogue": 8})
+    vlm = VersatileLM(gpt2, adapter_specs({"mt": 16, "nlg": 8, "dialogue": 8}))
     with torch.no_grad():  # make each task's eos likely enough that some rows stop early
         for name in ("mt", "nlg", "dialogue"):
             gpt2.transformer.wte.weight[task_token_ids(TASKS[name])[1]] *= 40

@@ -12,7 +12,7 @@ from conftest import tiny_gpt2
 
 from models.methods import METHODS, BackboneShape, method_class, parse_method_spec
 from models.methods import lora as lora_module
-from models._vlm_draft import TaskSpec, VersatileLM, add_special_token_rows
+from models.vlm import TaskSpec, VersatileLM, add_special_token_rows
 from utils.errors import VLMError
 from utils.vocab import PAD_ID, builtin_token_ids
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
-from models._vlm_draft import TaskSpec, VersatileLM, add_special_token_rows
+from models.vlm import TaskSpec, VersatileLM, add_special_token_rows
 from models.methods import METHODS, BackboneShape, method_class
 from utils.errors import VLMError
 from utils.vocab import builtin_token_ids

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
-from models.adapters import Adapter, AdapterStack
+from engines.specs import adapter_specs
+from models.adapters import Adapter
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.vlm import VOCAB_SIZE, VersatileLM, add_special_token_rows, backbone_fingerprint
 from utils.errors import VLMError
@@ -15,7 +16,7 @@ from utils.tasks import ALL_SPECIAL_TOKENS, TASKS, special_token_id, task_token_
 def make_model(adapters=None, seed=0):
     gpt2 = tiny_gpt2(seed)
     add_special_token_rows(gpt2)
-    return VersatileLM(gpt2, adapters).eval()
+    return VersatileLM(gpt2, adapter_specs(adapters or {})).eval()
 
 
 def test_special_tokens_have_the_reference_ids(tokenizer):
@@ -57,7 +58,7 @@ def test_mixed_batch_rows_equal_single_task_rows():
 
 def test_unknown_task_id_is_refused():
     model = make_model({"mt": 4})
-    with pytest.raises(VLMError, match="no adapter"):
+    with pytest.raises(VLMError, match="has no module"):
         model(torch.zeros(1, 3, dtype=torch.long), task_ids=TASKS["nlg"].task_id)
 
 
@@ -65,8 +66,6 @@ def test_adapter_shapes_and_parameter_count():
     # LayerNorm (2d) + down (d*b + b) + up (b*d + d), as the authors' Adapter.
     d, b = 768, 300
     assert sum(p.numel() for p in Adapter(d, b).parameters()) == 2 * d + d * b + b + b * d + d == 463_404
-    stack = AdapterStack(12, d, 10)
-    assert len(stack) == 12 and stack.bottleneck == 10
     adapter = Adapter(8, 3)
     h = torch.randn(2, 5, 8)
     expected = h + adapter.project_up(torch.relu(adapter.project_down(adapter.ln(h))))
@@ -77,7 +76,7 @@ def train_steps(model, mode, task, steps=3):
     params = model.mark_trainable(mode, task)
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     model.train()
-    task_id = TASKS[task].task_id if task in model.adapters else None
+    task_id = TASKS[task].task_id if task in model.tasks else None
     for _ in range(steps):
         ids = torch.randint(0, VOCAB_SIZE, (2, 12))
         model(ids, token_type_ids=ids, task_ids=task_id, labels=ids).loss.backward()
@@ -93,7 +92,7 @@ def test_adapter_training_keeps_backbone_and_other_rows_bit_identical():
     after = model.state_dict()
     own = task_token_ids(TASKS["mt"])
     for name, tensor in before.items():
-        if name.startswith("adapters.mt."):
+        if name.startswith("tasks.mt."):
             assert not torch.equal(tensor, after[name]), name
         elif name in ("gpt2.transformer.wte.weight", "gpt2.lm_head.weight"):
             others = [i for i in range(VOCAB_SIZE) if i not in own]
@@ -102,11 +101,11 @@ def test_adapter_training_keeps_backbone_and_other_rows_bit_identical():
         else:
             assert torch.equal(tensor, after[name]), name  # backbone and other tasks' adapters
     assert model.count_trainable("adapter", "mt") == sum(
-        p.numel() for p in model.adapters["mt"].parameters()) + 4 * 64
+        p.numel() for p in model.tasks["mt"].methods.parameters()) + 4 * 64
 
 
 def test_emb_only_trains_only_the_task_rows():
-    model = make_model()
+    model = make_model({"nlg": 0})
     before = model.gpt2.transformer.wte.weight.clone()
     train_steps(model, "emb_only", "nlg")
     after = model.gpt2.transformer.wte.weight
@@ -217,7 +216,7 @@ def test_training_memory_savers_keep_values_and_gradients(monkeypatch):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             loss = model(ids, token_type_ids=ids, task_ids=TASKS["nlg"].task_id, labels=labels).loss
         loss.backward()
-        results[name] = (loss.detach(), [p.grad.clone() for p in model.adapters["nlg"].parameters()], sum(saved),
+        results[name] = (loss.detach(), [p.grad.clone() for p in model.tasks["nlg"].methods.parameters()], sum(saved),
                          model.gpt2.config._attn_implementation)
         model.eval()
         assert model.gpt2.config._attn_implementation == "sdpa"
@@ -239,13 +238,15 @@ def test_new_rows_are_the_same_for_every_run():
 
 
 def test_adapter_checkpoint_reloads_to_identical_logits(tmp_path, tiny_base, tokenizer):
-    model = VersatileLM.from_pretrained(tiny_base, {"nlg": 4})
+    model = VersatileLM.from_pretrained(tiny_base, adapter_specs({"nlg": 4}))
     train_steps(model, "adapter", "nlg")
     save_checkpoint(model, tokenizer, tmp_path / "ckpt", "adapter", ["nlg"], tiny_base)
     weights = tmp_path / "ckpt" / "adapters.safetensors"
     assert weights.stat().st_size < 100_000  # adapters and rows only, not the backbone
     loaded, _, config = load_checkpoint(str(tmp_path / "ckpt"))
-    assert config["tasks"] == {"nlg": {"bottleneck": 4, "task_id": TASKS["nlg"].task_id}}
+    assert config["tasks"] == {"nlg": {"bottleneck": 4, "task_id": TASKS["nlg"].task_id,
+                                       "token_ids": list(task_token_ids(TASKS["nlg"])),
+                                       "methods": {"adapter": {"bottleneck": 4}}}}
     assert config["base_fingerprint"] == backbone_fingerprint(model.gpt2)
     ids = torch.randint(0, VOCAB_SIZE, (2, 10))
     with torch.no_grad():
@@ -265,7 +266,7 @@ def test_full_checkpoint_reloads_to_identical_logits(tmp_path, tiny_base, tokeni
 
 
 def test_checkpoint_refuses_another_backbone_and_corrupt_files(tmp_path, tiny_base, tokenizer):
-    model = VersatileLM.from_pretrained(tiny_base, {"mt": 4})
+    model = VersatileLM.from_pretrained(tiny_base, adapter_specs({"mt": 4}))
     save_checkpoint(model, tokenizer, tmp_path / "ckpt", "adapter", ["mt"], tiny_base)
     other = tmp_path / "other_base"
     tiny_gpt2(seed=1).save_pretrained(other)

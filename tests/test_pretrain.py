@@ -231,6 +231,7 @@ def test_bad_training_files_are_one_error_line(tmp_path, damage, message):
         path.write_text("{}", encoding="utf-8")
     argv = pretrain_argv(tmp_path / "out", steps=2, interval=2)
     argv[argv.index(WIKI)] = str(path)
+    argv.remove(GERMAN)  # the damaged file alone, so the run must read it before any step
     result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert _error(result) == message.format(path=path)
 
@@ -240,6 +241,7 @@ def test_a_damaged_xz_file_is_one_error_line(tmp_path):
     path.write_bytes(lzma.compress(("some text\n" * 5000).encode())[:200])
     argv = pretrain_argv(tmp_path / "out", steps=2, interval=2)
     argv[argv.index(WIKI)] = str(path)
+    argv.remove(GERMAN)  # the damaged file alone, so the run must read it before any step
     result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert _error(result).startswith(f"error: {path}: damaged .xz stream after line")
 
@@ -247,7 +249,7 @@ def test_a_damaged_xz_file_is_one_error_line(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--block_size", "200"], "error: --block_size 200 is more than the model's 128 positions (n_positions)"),
     (["--max_steps", "0"], "error: --max_steps must be at least 1, got 0"),
-    (["--n_embd", "30"], "error: --n_embd 30 must be a multiple of --n_head 2"),
+    (["--n_embd", "31"], "error: --n_embd 31 must be a multiple of --n_head 2"),
     (["--lr", "nan"], "error: --lr must be a positive number, got nan"),
     (["--resume"], "error: --resume: no complete checkpoint/ in --output_dir {out}"),
 ])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from models.checkpoint import load_checkpoint
-from utils import training
+from engines import training
 
 TYPES = ["pub", "restaurant", "coffee shop"]
 
@@ -200,7 +200,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, ti
 
 # --- 4. the checkpoint writer: a crash while writing leaves no checkpoint folder -------------------
 def test_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
-    def save(path):
+    def save(path, exported=True):
         os.makedirs(path)
         (open(os.path.join(path, "weights"), "w")).write("w")
 

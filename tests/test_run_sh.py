@@ -1,4 +1,4 @@
-"""run.sh (the reproduction pipeline) and utils/report.py (its summary tables and plot)."""
+"""run.sh (the reproduction pipeline) and engines/report.py (its summary tables and plot)."""
 import csv
 import json
 import os
@@ -92,7 +92,7 @@ def test_dry_run_prints_the_pipeline_and_runs_nothing(dry):
     order = [next(i for i, c in enumerate(cmds) if s in c) for s in
              ("train.py", "sentence_distiller.py", "combine_all.py", "evaluate_vlm.py", "train_vlm.py")]
     assert order == sorted(order)
-    assert cmds[-1] == ["/bin/false", "-m", "utils.report", results, "--runs", runs, "--tasks", ",".join(ALL)]
+    assert cmds[-1] == ["/bin/false", "-m", "engines.report", results, "--runs", runs, "--tasks", ",".join(ALL)]
 
 
 def test_default_dry_run_writes_into_runs_repro_and_results_without_creating_them():
@@ -174,7 +174,7 @@ def test_bad_options_fail_with_one_line(args, message):
     assert result.stdout == ""
 
 
-# ---------------------------------------------------------------- utils.report on a fake tree
+# ---------------------------------------------------------------- engines.report on a fake tree
 
 SMALL = dict(n_layer=1, n_embd=8, n_head=2, n_positions=16)
 
@@ -239,7 +239,7 @@ def fake_tree(tmp_path):
 
 def test_report_tables_csv_and_plot(fake_tree):
     results, runs = fake_tree
-    result = run_script("-m", "utils.report", results, "--runs", runs, "--tasks", "mt,nlg")
+    result = run_script("-m", "engines.report", results, "--runs", runs, "--tasks", "mt,nlg")
     assert result.returncode == 0, result.stderr
     backbone = small_backbone_parameters()
     with open(os.path.join(results, "summary.csv"), newline="") as f:
@@ -267,18 +267,18 @@ def test_report_tables_csv_and_plot(fake_tree):
     assert "| Adapters | — | — | 0.625 |" in md
     with open(os.path.join(results, "val_loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    from utils.report import read_curves
+    from engines.report import read_curves
     assert read_curves(runs, ["mt", "nlg"]) == {
         "mt": {"GPT-2 fine-tune": [(1, 3.0), (2, 2.5)], "Adapters": [(1, 3.5)], "Multi-task": [(1, 4.0)]},
         "nlg": {"Multi-task": [(1, 2.0)]}}
 
 
 def test_report_without_results_is_one_line_error(tmp_path):
-    result = run_script("-m", "utils.report", str(tmp_path), "--runs", str(tmp_path))
+    result = run_script("-m", "engines.report", str(tmp_path), "--runs", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {tmp_path}: no <task>_metrics.json in any of "
                                      "GPT2_result, adapter_result, VLM_result, multitask_result")
-    result = run_script("-m", "utils.report", str(tmp_path), "--tasks", "mt,chat")
+    result = run_script("-m", "engines.report", str(tmp_path), "--tasks", "mt,chat")
     assert result.returncode == 2
     assert "--tasks: unknown task 'chat'" in result.stderr
 

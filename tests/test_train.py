@@ -1,4 +1,4 @@
-"""train.py and utils/training.py: what trains (and what must not move), checkpoints that reload
+"""train.py and engines/training.py: what trains (and what must not move), checkpoints that reload
 exactly, the metrics file and checkpoint rotation, gradient accumulation, user errors, torchrun."""
 import json
 import math
@@ -13,8 +13,9 @@ from conftest import REPO
 
 import train
 from models.checkpoint import load_checkpoint
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM
-from utils import training
+from engines import training
 from utils.data import IGNORE_INDEX, load_task_data, load_tokenizer, training_examples
 from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
 
@@ -108,7 +109,7 @@ def test_adapter_cli_trains_adapters_and_own_rows_only(tmp_path, tiny_base, trai
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 
-    base = VersatileLM.from_pretrained(tiny_base, {"nlg": 8})
+    base = VersatileLM.from_pretrained(tiny_base, adapter_specs({"nlg": 8}))
     # 5. the trainable-parameter line
     expected = base.count_trainable("adapter", "nlg")
     backbone = training.backbone_parameter_count(base)
@@ -132,7 +133,7 @@ def test_adapter_cli_trains_adapters_and_own_rows_only(tmp_path, tiny_base, trai
         assert not torch.equal(wte[row], base_wte[row])
     others = [i for i in range(wte.shape[0]) if i not in own]
     assert torch.equal(wte[others], base_wte[others])
-    for adapter in model.adapters["nlg"]:  # initialised at LN=1/0 and zero biases: all moved
+    for adapter in model.tasks["nlg"].methods["adapter"]:  # initialised at LN=1/0 and zero biases: all moved
         assert not torch.all(adapter.ln.weight == 1) and torch.any(adapter.project_up.bias != 0)
     assert len(train_metrics(out)) == 3  # before start + 2 epochs
 
@@ -187,7 +188,7 @@ def test_metrics_file_checkpoint_rotation_and_exact_nll(tmp_path, tiny_base, cap
     result = train_in_process(train_argv(tmp_path, data, tiny_base, "--emb_only", "--n_epochs", "4",
                                          "--lr", str(lr), "--eval_before_start"))
     out = result.output_dir
-    model = VersatileLM.from_pretrained(tiny_base)
+    model = VersatileLM.from_pretrained(tiny_base, adapter_specs({"nlg": 0}))
     line = train_trainable_line(capsys.readouterr().out)
     assert line.startswith(f"trainable parameters: {model.count_trainable('emb_only', 'nlg'):,} (")
     assert model.count_trainable("emb_only", "nlg") == 11 * 64

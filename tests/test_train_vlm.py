@@ -1,4 +1,4 @@
-"""train_vlm.py and utils/multitask.py: multi-task training on several tasks' data at once.
+"""train_vlm.py and engines/multitask.py: multi-task training on several tasks' data at once.
 The temperature batch sampler, the adapter run (frozen backbone, both tasks' adapters and rows
 trained, per-task validation), --no_adapter full fine-tuning, user errors and torchrun."""
 import json
@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader
 
 import train_vlm
 from models.checkpoint import load_checkpoint
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM, backbone_fingerprint
-from utils import multitask
+from engines import multitask
 from utils.data import IGNORE_INDEX, collate, load_task_data, load_tokenizer, training_examples
-from utils.multitask import MultiTaskBatchSampler
+from engines.multitask import MultiTaskBatchSampler
 from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
-from utils.training import backbone_parameter_count
+from engines.training import backbone_parameter_count
 
 NLG_NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi", "Wildwood", "Strada"]
 MT_PAIRS = [("a dog runs .", "ein hund rennt ."), ("a man sleeps .", "ein mann schläft ."),
@@ -200,7 +201,7 @@ def test_cli_trains_both_tasks_adapters_on_a_frozen_backbone(tmp_path, tiny_base
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 
-    base = VersatileLM.from_pretrained(tiny_base, {"mt": 300, "nlg": 10})  # the task table's bottlenecks
+    base = VersatileLM.from_pretrained(tiny_base, adapter_specs({"mt": 300, "nlg": 10}))  # the task table's bottlenecks
     expected = base.count_trainable("adapter", ["mt", "nlg"])
     assert expected == base.count_trainable("adapter", "mt") + base.count_trainable("adapter", "nlg")
     assert vlm_trainable_line(result.stdout).startswith(f"trainable parameters: {expected:,} (") and \
@@ -214,9 +215,10 @@ def test_cli_trains_both_tasks_adapters_on_a_frozen_backbone(tmp_path, tiny_base
 
     model, _, config = load_checkpoint(str(out))
     assert config["mode"] == "adapter"
-    assert config["tasks"] == {"mt": {"bottleneck": 300, "task_id": 2}, "nlg": {"bottleneck": 10, "task_id": 4}}
+    assert {t: (e["task_id"], e["methods"]) for t, e in config["tasks"].items()} == \
+        {"mt": (2, {"adapter": {"bottleneck": 300}}), "nlg": (4, {"adapter": {"bottleneck": 10}})}
     assert config["training_args"]["tasks"] == ["mt", "nlg"] and config["multitask"]["temperature"] == 1.0
-    assert sorted(model.adapters) == ["mt", "nlg"]
+    assert sorted(model.tasks) == ["mt", "nlg"]
     # The fingerprint is taken from the trained model at save time: equal to the untouched base's,
     # every GPT-2 weight and all 50,257 original rows are bit-identical (load_checkpoint checks it too).
     assert config["base_fingerprint"] == backbone_fingerprint(base.gpt2)
@@ -225,7 +227,7 @@ def test_cli_trains_both_tasks_adapters_on_a_frozen_backbone(tmp_path, tiny_base
         rows = task_token_ids(TASKS[name])
         for row in rows[:4]:  # bos, eos and the two segment tokens every example uses
             assert not torch.equal(wte[row], base_wte[row]), (name, row)
-        for trained, initial in zip(model.adapters[name], base.adapters[name]):
+        for trained, initial in zip(model.tasks[name].methods["adapter"], base.tasks[name].methods["adapter"]):
             assert not torch.equal(trained.project_up.weight, initial.project_up.weight), name
             assert torch.any(trained.project_up.bias != 0) and not torch.all(trained.ln.weight == 1), name
     vlm_check_per_task_validation(records, model, vlm_data, {t: TASKS[t].task_id for t in ("mt", "nlg")})
@@ -238,11 +240,11 @@ def test_single_task_batches_leave_the_backbone_and_other_rows_bit_identical(tmp
                     "--temperature", "3")
     result = multitask.run_multitask(train_vlm.parse_args(argv))
     assert result.mode == "adapter"
-    base = VersatileLM.from_pretrained(tiny_base, {"mt": 300, "nlg": 10})
+    base = VersatileLM.from_pretrained(tiny_base, adapter_specs({"mt": 300, "nlg": 10}))
     trained, initial = result.model.state_dict(), base.state_dict()
     assert trained.keys() == initial.keys()
     for name, tensor in initial.items():
-        if name.startswith("adapters."):  # both tasks' adapters: every tensor of every layer moved
+        if name.startswith("tasks."):  # both tasks' adapters: every tensor of every layer moved
             assert not torch.equal(trained[name], tensor), name
         elif name not in ("gpt2.transformer.wte.weight", "gpt2.lm_head.weight"):
             assert torch.equal(trained[name], tensor), name
@@ -260,13 +262,14 @@ def test_no_adapter_fine_tunes_gpt2_and_saves_a_full_checkpoint(tmp_path, tiny_b
                     "--eval_before_start")
     args = train_vlm.parse_args(argv)
     result = multitask.run_multitask(args)
-    assert result.mode == "full" and args.lr == 1e-3 and len(result.model.adapters) == 0
+    assert result.mode == "full" and args.lr == 1e-3 and len(result.model.tasks) == 0
     total = sum(p.numel() for p in result.model.parameters())
     assert vlm_trainable_line(capsys.readouterr().out).startswith(f"trainable parameters: {total:,} (100.1% of the ")
 
     loaded, _, config = load_checkpoint(result.output_dir)
-    assert config["mode"] == "full" and len(loaded.adapters) == 0
-    assert config["tasks"] == {"mt": {"bottleneck": 0, "task_id": 2}, "nlg": {"bottleneck": 0, "task_id": 4}}
+    assert config["mode"] == "full" and len(loaded.tasks) == 0
+    # trained on mt and nlg, with no modules of their own: both decode as plain GPT-2 rows (id -1)
+    assert {t: (e["task_id"], e["methods"]) for t, e in config["tasks"].items()} == {"mt": (-1, {}), "nlg": (-1, {})}
     base = VersatileLM.from_pretrained(tiny_base)
     moved = [name for name, tensor in base.gpt2.state_dict().items()
              if not torch.equal(loaded.gpt2.state_dict()[name], tensor)]

@@ -12,13 +12,12 @@ from transformers import GPT2TokenizerFast
 
 from utils.errors import VLMError
 from utils.io import write_json
-from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, PAD_TOKEN, special_token_id
+from utils.vocab import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, PAD_ID, PAD_TOKEN, special_token_id
 
 logger = logging.getLogger(__name__)
 
 REPO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "gpt2-tokenizer")
 CACHE_VERSION = 1
-PAD_ID = special_token_id(PAD_TOKEN)
 IGNORE_INDEX = -100
 
 
@@ -323,17 +322,32 @@ def training_examples(task, records, max_history, distillation=False, max_positi
     return examples
 
 
+def with_virtual_tokens(example, n):
+    """The example with n virtual-token positions in front (prompt / p-tuning methods): the
+    placeholder id PAD_ID (its embedding is replaced by the method's), segment -1 (none), no
+    label; virtual_ids numbers them 0..n-1 and is -1 everywhere else."""
+    return dict(example, input_ids=[PAD_ID] * n + list(example["input_ids"]),
+                token_type_ids=[-1] * n + list(example["token_type_ids"]),
+                labels=[IGNORE_INDEX] * n + list(example["labels"]),
+                virtual_ids=list(range(n)) + [-1] * len(example["input_ids"]))
+
+
 # --- batches ---------------------------------------------------------------------------------
 def collate(examples, task_id, width=None):
-    """Pad one batch on the right to its own longest example (or to `width`). task_ids: (batch,)."""
+    """Pad one batch on the right to its own longest example (or to `width`). task_ids: (batch,).
+    virtual_ids (-1 padded) only when some example has virtual tokens."""
     length = width or max(len(e["input_ids"]) for e in examples)
 
-    def pad(key, value):
-        return torch.tensor([e[key] + [value] * (length - len(e[key])) for e in examples], dtype=torch.long)
+    def pad(key, value, default=None):
+        return torch.tensor([list(e.get(key, default(e)) if default else e[key]) + [value] * (length - len(e["input_ids"]))
+                             for e in examples], dtype=torch.long)
 
     task_ids = [e.get("task_id", task_id) for e in examples]
-    return {"input_ids": pad("input_ids", PAD_ID), "token_type_ids": pad("token_type_ids", PAD_ID),
-            "labels": pad("labels", IGNORE_INDEX), "task_ids": torch.tensor(task_ids, dtype=torch.long)}
+    batch = {"input_ids": pad("input_ids", PAD_ID), "token_type_ids": pad("token_type_ids", PAD_ID),
+             "labels": pad("labels", IGNORE_INDEX), "task_ids": torch.tensor(task_ids, dtype=torch.long)}
+    if any("virtual_ids" in e for e in examples):
+        batch["virtual_ids"] = pad("virtual_ids", -1, default=lambda e: [-1] * len(e["input_ids"]))
+    return batch
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):

@@ -6,9 +6,8 @@ checkpoint of every task gives each token the same id (`<pad>`=50257 ... `<respo
 from dataclasses import dataclass, field
 
 from utils.errors import VLMError
-
-PAD_TOKEN = "<pad>"
-GPT2_VOCAB_SIZE = 50257
+from utils.vocab import (ALL_SPECIAL_TOKENS, BUILTIN_TASK_TOKENS, GPT2_VOCAB_SIZE, PAD_TOKEN,  # noqa: F401
+                         builtin_token_ids, special_token_id)
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class Task:
     max_source_tokens: int = 0   # 0: no cut
     max_target_tokens: int = 0
     min_tokens: int = 0          # drop pairs with fewer tokens on either side (seq2seq only)
-    metrics: tuple = ()          # names in utils.evaluation.SCORERS (+ "ppl": teacher-forced)
+    metrics: tuple = ()          # names in engines.evaluation.SCORERS (+ "ppl": teacher-forced)
     slot_tokens: dict = field(default_factory=dict)  # nlg: MR slot name -> special token
 
     @property
@@ -98,8 +97,8 @@ TASKS = {
     ),
 }
 
-# Order of the added tokens: pad, then each task's tokens in the order above (the authors' order).
-ALL_SPECIAL_TOKENS = (PAD_TOKEN,) + tuple(t for task in TASKS.values() for t in task.special_tokens)
+# The added tokens (utils/vocab.py) are exactly the tasks' own, in the authors' order.
+assert {name: task.special_tokens for name, task in TASKS.items()} == BUILTIN_TASK_TOKENS
 TASK_BY_ID = {task.task_id: task for task in TASKS.values()}
 
 
@@ -107,11 +106,6 @@ def get_task(name):
     if name not in TASKS:
         raise VLMError(f"--task: unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def special_token_id(token):
-    """Stable id of an added token: 50257 + its position in ALL_SPECIAL_TOKENS."""
-    return GPT2_VOCAB_SIZE + ALL_SPECIAL_TOKENS.index(token)
 
 
 def task_token_ids(task):

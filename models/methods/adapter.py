@@ -44,5 +44,8 @@ class AdapterMethod(Method):
     def __len__(self):
         return self.shape.n_layer
 
+    def __iter__(self):  # the per-layer adapters, as the authors' ModuleList
+        return (self[i] for i in range(self.shape.n_layer))
+
     def block_output(self, layer, hidden):  # (n, T, d)
         return self[layer](hidden)

@@ -1,6 +1,6 @@
 """Collect the reproduction's results into tables and a plot (the last step of run.sh).
 
-    python -m utils.report RESULTS_ROOT --runs RUNS_ROOT [--tasks mt,nlg]
+    python -m engines.report RESULTS_ROOT --runs RUNS_ROOT [--tasks mt,nlg]
 
 Reads, per setting, the metric files that evaluate.py / evaluate_vlm.py wrote and the checkpoint
 the setting's numbers come from:

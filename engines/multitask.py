@@ -1,6 +1,6 @@
 """Multi-task training of the Versatile Language Model on several tasks' data at once (what
 train_vlm.py calls): the settings, a temperature-controlled multi-task batch sampler and the
-training run, built from utils/training.py's engines, schedule, metrics file and checkpoints.
+training run, built from engines/training.py's engines, schedule, metrics file and checkpoints.
 
 Default mode "adapter": each task's adapters (bottleneck from the task table) and its own
 special-token rows train on a frozen GPT-2; the result is one multi-task adapter checkpoint.
@@ -28,11 +28,12 @@ import ignite.distributed as idist
 from ignite.engine import Events
 from ignite.metrics import RunningAverage
 
+from engines.specs import adapter_specs
 from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import collate, load_task_data, load_tokenizer, training_examples
 from utils.errors import VLMError
 from utils.tasks import TASKS, parse_dataset_paths
-from utils.training import (METRICS_FILE, CheckpointKeeper, MetricsLog, TrainResult, attach_lr_schedule,
+from engines.training import (METRICS_FILE, CheckpointKeeper, MetricsLog, TrainResult, attach_lr_schedule,
                             check_numbers, check_output_dir, checkpoint_saver, create_evaluator, create_trainer,
                             json_ready, make_loader, open_run_outputs, parse_fp16, run_distributed, run_epochs,
                             set_seed, trainable_line)
@@ -269,7 +270,7 @@ def make_multitask_loaders(examples, args, world_size=1, rank=0):
 # --- the run ---------------------------------------------------------------------------------
 def run_multitask(args):
     """Train on all of args.tasks at once as train_vlm.py's flags say; returns a
-    utils.training.TrainResult (the in-memory model, unwrapped; metrics on rank 0 only)."""
+    engines.training.TrainResult (the in-memory model, unwrapped; metrics on rank 0 only)."""
     mode = prepare_multitask_args(args)
     fp16 = parse_fp16(args.fp16)
     return run_distributed(args.device, fp16, lambda device: _run(args, mode, device, fp16))
@@ -287,8 +288,8 @@ def _run(args, mode, device, fp16):
 
     tokenizer = load_tokenizer(args.model_checkpoint)
     data = load_all_tasks(args, tokenizer)  # bad data files stop here, before the model loads
-    bottlenecks = {name: TASKS[name].bottleneck for name in args.tasks} if mode == "adapter" else None
-    model = VersatileLM.from_pretrained(args.model_checkpoint, adapter_bottlenecks=bottlenecks)
+    specs = adapter_specs({name: TASKS[name].bottleneck for name in args.tasks}) if mode == "adapter" else []
+    model = VersatileLM.from_pretrained(args.model_checkpoint, specs)
     fingerprint = backbone_fingerprint(model.gpt2) if mode == "adapter" else None
     examples = task_examples(args, data, model.config.n_positions)
     train_loader, valid_loaders = make_multitask_loaders(examples, args, world_size, rank)

@@ -12,8 +12,8 @@ import os
 
 from utils.data import iter_contexts, load_task_data, read_json_file, split_records
 from utils.errors import VLMError
-from utils.evaluation import decode_text, make_prompt
-from utils.generate import generate
+from engines.evaluation import decode_text, make_prompt
+from engines.generate import generate
 from utils.io import write_json
 from utils.progress import progress_bar
 

@@ -5,7 +5,7 @@ every new token, no cache), which `generate_uncached` keeps as the reference and
 Rows may belong to different tasks; each stops at its own task's special tokens.
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ class Prompt:
     stop_ids: tuple = ()       # generation stops at any of these (the task's special tokens)
     banned_ids: tuple = ()     # never generated (other tasks' tokens in a combined model)
     meta: dict = field(default_factory=dict)
+    virtual_ids: list = None   # -1, or the virtual token at that position (prompt / p-tuning tasks)
 
     @property
     def reply_type(self):
@@ -95,6 +96,30 @@ class _Chooser:
                           for i, row in enumerate(rows.tolist())])
 
 
+def virtual_token_count(model, task_id):
+    """Virtual tokens the task with this id puts in front of its inputs (0 for plain GPT-2 rows)."""
+    tasks = model.tasks_by_id() if hasattr(model, "tasks_by_id") else {}
+    return tasks[task_id].num_virtual_tokens if task_id in tasks else 0
+
+
+def with_virtual_positions(model, prompts):
+    """Prompts of prompt / p-tuning tasks with their virtual-token positions in front (once: a
+    prompt that has virtual_ids already is kept as it is)."""
+    out = []
+    for p in prompts:
+        n = virtual_token_count(model, p.task_id) if p.virtual_ids is None else 0
+        if n:
+            p = replace(p, input_ids=[PAD_ID] * n + list(p.input_ids), token_type_ids=[-1] * n + list(p.token_type_ids),
+                        virtual_ids=list(range(n)) + [-1] * len(p.input_ids))
+        out.append(p)
+    return out
+
+
+def _virtual_kwargs(virtual):
+    """virtual_ids only where some row has virtual tokens (plain models take no such argument)."""
+    return {} if virtual is None else {"virtual_ids": virtual}
+
+
 @torch.inference_mode()
 def generate_batch(model, prompts, options, on_step=None):
     """Decode a batch of prompts together; returns one list of generated ids per prompt.
@@ -102,16 +127,21 @@ def generate_batch(model, prompts, options, on_step=None):
     on_step(step, rows): called after each step's tokens are chosen (step 0 follows the pass over
     the prompts; `rows` were in that pass); bench/run.py times the decoding phase with it."""
     device = model.device
+    prompts = with_virtual_positions(model, prompts)
     batch, width = len(prompts), max(len(p.input_ids) for p in prompts)
     # Left padding: every prompt ends at the same column, so new tokens line up.
     input_ids = torch.full((batch, width), PAD_ID, dtype=torch.long)
     token_types = torch.full((batch, width), PAD_ID, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
+    virtual = torch.full((batch, width), -1, dtype=torch.long) if any(p.virtual_ids for p in prompts) else None
     for row, p in enumerate(prompts):
         n = len(p.input_ids)
         input_ids[row, width - n:] = torch.tensor(p.input_ids)
         token_types[row, width - n:] = torch.tensor(p.token_type_ids)
         attention[row, width - n:] = 1
+        if virtual is not None and p.virtual_ids:
+            virtual[row, width - n:] = torch.tensor(p.virtual_ids)
+    virtual = virtual.to(device) if virtual is not None else None
     input_ids, token_types, attention = input_ids.to(device), token_types.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)                         # (batch, width)
     task_ids = torch.tensor([p.task_id for p in prompts], device=device)
@@ -125,7 +155,8 @@ def generate_batch(model, prompts, options, on_step=None):
     cache = None  # a transformers DynamicCache after the first pass
     for step in range(options.max_length):
         out = model(input_ids, token_type_ids=token_types, task_ids=task_ids, attention_mask=attention,
-                    position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+                    position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1,
+                    **_virtual_kwargs(virtual if step == 0 else None))
         cache = out.cache
         next_ids = chooser(out.logits[:, -1, :], rows, step)
         if on_step is not None:
@@ -175,6 +206,7 @@ def generate(model, prompts, options, batch_size=32, progress=True, desc="decodi
     """Decode all prompts in batches of similar length; results in the prompts' order."""
     for index, p in enumerate(prompts):
         p.meta.setdefault("index", index)
+    prompts = with_virtual_positions(model, prompts)
     check_prompt_lengths(model, prompts, options, desc)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].input_ids))
     results = [None] * len(prompts)
@@ -191,14 +223,17 @@ def generate(model, prompts, options, batch_size=32, progress=True, desc="decodi
 def generate_uncached(model, prompt, options):
     """The authors' decoding: batch of one, no cache, the whole sequence re-run for every token."""
     device = model.device
+    prompt = with_virtual_positions(model, [prompt])[0]
     chooser = _Chooser([prompt], options, device, model.config.vocab_size)
     row = torch.tensor([0], device=device)
     output = []
     for step in range(reply_room(model, prompt, options)):
         ids = torch.tensor([prompt.input_ids + output], device=device)
         types = torch.tensor([prompt.token_type_ids + [prompt.reply_type] * len(output)], device=device)
+        virtual = None if prompt.virtual_ids is None else \
+            torch.tensor([prompt.virtual_ids + [-1] * len(output)], device=device)
         logits = model(ids, token_type_ids=types, task_ids=torch.tensor([prompt.task_id], device=device),
-                       use_cache=False).logits
+                       use_cache=False, **_virtual_kwargs(virtual)).logits
         token = chooser(logits[:, -1, :], row, step).item()
         if token in prompt.stop_ids:
             break

@@ -33,7 +33,9 @@ from ignite.metrics import Metric, RunningAverage
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from models.adapters import count_parameters
-from models.checkpoint import (ADAPTER_WEIGHTS, FULL_WEIGHTS, load_adapter_tensors, read_config,
+from engines.method_flags import method_tag, resolve_methods
+from engines.specs import builtin_spec
+from models.checkpoint import (ADAPTER_WEIGHTS, FULL_WEIGHTS, load_task_tensors, load_tensors, read_config,
                                save_checkpoint)
 from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import (LengthGroupedBatchSampler, collate, distilled_key, load_task_data,
@@ -55,26 +57,33 @@ FP16_LEVELS = ("O0", "O1", "O2", "O3")  # apex opt levels, accepted as the autho
 TRAINING_TENSORS = "training_state.safetensors"
 TRAINING_STATE = "training_state.json"
 # The flags that decide the course of training: --resume refuses a run started with other values.
-RESUME_SETTINGS = ("task", "model_checkpoint", "dataset_path", "adapter_bottleneck", "emb_only",
+RESUME_SETTINGS = ("task", "model_checkpoint", "dataset_path", "adapter_bottleneck", "methods", "emb_only",
                    "outputlayer_only", "random_init", "distillation", "max_history", "train_batch_size",
                    "gradient_accumulation_steps", "lr", "max_norm", "n_epochs", "seed", "fp16")
 
 
 # --- settings --------------------------------------------------------------------------------
-def training_mode(args):
-    """full | adapter | emb_only | outputlayer_only, after checking the flags combine."""
+def training_mode(args, task=None):
+    """full | adapter | emb_only | outputlayer_only, after checking the flags combine. "adapter"
+    means per-task modules on a frozen backbone: the methods of --method (or the authors' adapter
+    for --adapter_bottleneck B alone), resolved into args.methods ({method: options})."""
     if args.adapter_bottleneck is None or args.adapter_bottleneck < 0:
         raise VLMError(f"--adapter_bottleneck must be 0 (full fine-tuning) or positive, got {args.adapter_bottleneck}")
     if args.emb_only and args.outputlayer_only:
         raise VLMError("--emb_only and --outputlayer_only exclude each other; choose one")
-    if args.adapter_bottleneck > 0 and (args.emb_only or args.outputlayer_only):
+    method = getattr(args, "method", None)
+    if (args.adapter_bottleneck > 0 or method) and (args.emb_only or args.outputlayer_only):
         flag = "--emb_only" if args.emb_only else "--outputlayer_only"
-        raise VLMError(f"{flag} trains no adapters; drop --adapter_bottleneck {args.adapter_bottleneck}")
-    mode = ("adapter" if args.adapter_bottleneck > 0 else "emb_only" if args.emb_only
+        drop = f"--method {method}" if method else f"--adapter_bottleneck {args.adapter_bottleneck}"
+        raise VLMError(f"{flag} trains no per-task modules; drop {drop}")
+    args.methods = resolve_methods(args, task.bottleneck if task is not None else 100) \
+        if hasattr(args, "method") or args.adapter_bottleneck > 0 else {}
+    mode = ("adapter" if args.methods else "emb_only" if args.emb_only
             else "outputlayer_only" if args.outputlayer_only else "full")
     if args.random_init and mode in ("adapter", "emb_only"):
+        flag = ("--method" if method else "--adapter_bottleneck") if mode == "adapter" else "--emb_only"
         raise VLMError(f"--random_init trains a backbone from scratch; it cannot be combined with "
-                       f"{'--adapter_bottleneck' if mode == 'adapter' else '--emb_only'}, which keep the backbone frozen")
+                       f"{flag}, which keep the backbone frozen")
     return mode
 
 
@@ -106,7 +115,7 @@ def check_numbers(args):
 
 
 def mode_tag(args, mode):
-    tag = {"adapter": f"adapter{args.adapter_bottleneck}", "emb_only": "emb_only",
+    tag = {"adapter": method_tag(getattr(args, "methods", {})) or "adapter", "emb_only": "emb_only",
            "outputlayer_only": "outputlayer_only", "full": "full"}[mode]
     return ("random_" + tag) if args.random_init else tag
 
@@ -128,7 +137,7 @@ def check_output_dir(path):
 def prepare_args(args):
     """Check and complete parsed arguments in place; returns (task, mode). No file is written."""
     task = get_task(args.task)
-    mode = training_mode(args)
+    mode = training_mode(args, task)
     fill_task_defaults(args, task, mode)
     check_numbers(args)
     parse_fp16(args.fp16)
@@ -212,9 +221,20 @@ def trainable_line(model, mode, task_name):
 
 
 def build_model(args, task, mode):
-    bottlenecks = {task.name: args.adapter_bottleneck} if mode == "adapter" else None
-    return VersatileLM.from_pretrained(args.model_checkpoint, adapter_bottlenecks=bottlenecks,
-                                       random_init=args.random_init)
+    """GPT-2 with the task's modules: its methods (mode adapter) or only its token rows (emb_only);
+    full and outputlayer_only training add no task, so rows run as plain GPT-2 (task id -1)."""
+    specs = [builtin_spec(task.name, args.methods if mode == "adapter" else {})] \
+        if mode in ("adapter", "emb_only") else []
+    return VersatileLM.from_pretrained(args.model_checkpoint, specs, random_init=args.random_init)
+
+
+def add_virtual_positions(examples, n):
+    """Examples with n virtual-token positions in front (prompt and p-tuning methods): a
+    placeholder id whose embedding the method replaces, no segment, no label."""
+    if n <= 0:
+        return examples
+    from utils.data import with_virtual_tokens
+    return [with_virtual_tokens(e, n) for e in examples]
 
 
 def unwrap(model):
@@ -245,7 +265,7 @@ def load_splits(args, task, tokenizer):
             check_distilled(task, data[train_split], args.dataset_path, train_split)
         except VLMError:
             # The distiller writes a copy beside the dataset (never the dataset itself): use it.
-            from utils.distill import distilled_path
+            from engines.distill import distilled_path
             fallback = distilled_path(args.dataset_path)
             if not os.path.isfile(fallback):
                 raise
@@ -298,6 +318,7 @@ def _autocast(device, enabled):
 def _model_inputs(batch, device, use_task_ids):
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     task_ids = batch["task_ids"] if use_task_ids else None
+    batch.setdefault("virtual_ids", None)  # only batches of prompt / p-tuning tasks have them
     return batch, task_ids
 
 
@@ -339,8 +360,9 @@ def create_trainer(model, optimizer, parameters, device, gradient_accumulation_s
         model.train()
         batch, task_ids = _model_inputs(batch, device, use_task_ids)
         with _autocast(device, fp16):
+            extra = {} if batch["virtual_ids"] is None else {"virtual_ids": batch["virtual_ids"]}
             loss = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], task_ids=task_ids,
-                         labels=batch["labels"]).loss
+                         labels=batch["labels"], **extra).loss
         value = loss.item()
         if not math.isfinite(value):  # stop before the bad gradient reaches any weight or checkpoint
             raise NonFiniteLoss(f"training loss is {value} at epoch {engine.state.epoch}, "
@@ -363,7 +385,8 @@ def token_nll_sums(model, batch, device, use_task_ids=True, fp16=False):
     batch, task_ids = _model_inputs(batch, device, use_task_ids)
     with torch.no_grad(), _autocast(device, fp16):
         logits, targets = unwrap(model).labelled_logits(batch["input_ids"], batch["labels"],
-                                                        batch["token_type_ids"], task_ids)
+                                                        batch["token_type_ids"], task_ids,
+                                                        virtual_ids=batch["virtual_ids"])
     nll = F.cross_entropy(logits.float(), targets, reduction="sum")
     return nll.double(), torch.tensor(targets.numel(), device=nll.device)
 
@@ -443,7 +466,7 @@ class CheckpointKeeper:
         partial = os.path.join(self.output_dir, f".{name}.partial")
         if os.path.isdir(partial):  # left by a killed run
             shutil.rmtree(partial)
-        self.save(partial)
+        self.save(partial, exported=False)
         if self.save_state is not None:
             self.save_state(partial)
         sync_folder(partial)
@@ -606,27 +629,21 @@ def check_resume_settings(state, args, path):
 
 
 def load_trained_weights(model, path):
-    """Copy a checkpoint folder's weights into the freshly built model (same mode and backbone)."""
+    """Copy a checkpoint folder's weights into the freshly built model (same mode and backbone;
+    epoch checkpoints keep methods in their training form, so they load into this model as is)."""
     config = read_config(path)
     if config["mode"] == "full":
-        state = _safetensors(os.path.join(path, FULL_WEIGHTS))
+        state = load_tensors(os.path.join(path, FULL_WEIGHTS))
         missing, unexpected = model.gpt2.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to the input embeddings
         if missing or unexpected:
             raise VLMError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        if model.adapters:
-            load_adapter_tensors(model, _safetensors(os.path.join(path, ADAPTER_WEIGHTS)), path)
+        if any(t.methods for t in model.tasks.values()):
+            load_task_tensors(model, load_tensors(os.path.join(path, ADAPTER_WEIGHTS)), path, rows=False)
     else:
         if config.get("base_fingerprint") != backbone_fingerprint(model.gpt2):
-            raise VLMError(f"{path}: adapters were trained on another backbone than --model_checkpoint")
-        load_adapter_tensors(model, _safetensors(os.path.join(path, ADAPTER_WEIGHTS)), path)
-
-
-def _safetensors(path):
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError) as error:
-        raise VLMError(f"{path}: unreadable weights ({error})") from None
+            raise VLMError(f"{path}: task modules were trained on another backbone than --model_checkpoint")
+        load_task_tensors(model, load_tensors(os.path.join(path, ADAPTER_WEIGHTS)), path)
 
 
 def read_metrics(path, last_iteration):
@@ -678,9 +695,10 @@ def attach_tensorboard(output_dir, trainer, evaluator, optimizer):
 
 
 def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, fingerprint, extra, mode):
-    """save(path): writes the checkpoint of `tasks`. `fingerprint` (the frozen backbone's, taken
-    before training; None when the backbone trains) is checked again at every save."""
-    def save(path):
+    """save(path, exported=True): writes the checkpoint of `tasks` (exported=False: methods in
+    their training form, for epoch checkpoints that --resume continues). `fingerprint` (the frozen
+    backbone's, taken before training; None when the backbone trains) is checked again at every save."""
+    def save(path, exported=True):
         # Adapter checkpoints record the backbone's fingerprint taken now, from the trained model,
         # so loading one also proves the frozen backbone did not move; a moved one stops here.
         now = backbone_fingerprint(model.gpt2) if fingerprint else None
@@ -688,7 +706,7 @@ def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, finge
             raise RuntimeError(f"the frozen backbone changed during {mode} training (fingerprint "
                                f"{fingerprint[:12]} -> {now[:12]}); not writing {path}")
         save_checkpoint(model, tokenizer, path, checkpoint_mode, list(tasks), base_model,
-                        base_fingerprint=now, extra=extra)
+                        base_fingerprint=now, extra=extra, exported=exported)
     return save
 
 
@@ -791,7 +809,10 @@ def _run(args, task, mode, device, fp16):
     fingerprint = backbone_fingerprint(model.gpt2) if mode in ("adapter", "emb_only") else None
     if resume_path is not None:
         load_trained_weights(model, resume_path)
-    train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions)
+    n_virtual = model.tasks[task.name].num_virtual_tokens if task.name in model.tasks else 0
+    train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions - n_virtual)
+    train_examples = add_virtual_positions(train_examples, n_virtual)
+    valid_examples = add_virtual_positions(valid_examples, n_virtual)
     train_loader, valid_loader = make_loaders(train_examples, valid_examples, task.task_id, args, world_size, rank)
 
     model.to(device)
@@ -801,7 +822,7 @@ def _run(args, task, mode, device, fp16):
         logger.info("%s: %d training examples, %d batches per epoch and process, %d validation examples; mode %s on %s%s",
                     task.name, len(train_examples), len(train_loader), len(valid_examples), mode, device,
                     f" x {world_size} processes" if world_size > 1 else "")
-    use_task_ids = task.name in model.adapters
+    use_task_ids = task.name in model.tasks
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     train_model = model
     if world_size > 1:

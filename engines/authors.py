@@ -16,7 +16,7 @@ Parameter names in their files:
 Their adapter is ours: x + project_up(relu(project_down(ln(x)))) after each block.
 
 Files are read with torch.load(weights_only=True) (never unpickling code) or as safetensors.
-Usage: python -m models.authors FILE --base_model gpt2|FOLDER [--task mt] --output_dir DIR
+Usage: python -m engines.authors FILE --base_model gpt2|FOLDER [--task mt] --output_dir DIR
 """
 import math
 import os
@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.vlm import VOCAB_SIZE, VersatileLM, backbone_fingerprint, load_backbone
+from engines.specs import builtin_spec
+from models.vlm import VersatileLM, backbone_fingerprint, load_backbone
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
-from utils.tasks import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, TASKS, get_task, special_token_id
+from utils.tasks import TASKS, get_task
+from utils.vocab import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, VOCAB_SIZE, special_token_id
 
 # Index K of `mixadapter.K` -> task: their COMMAND2ID / ID2COMMAND (combine_all.py, evaluate_vlm.py).
 AUTHORS_COMBINED_ORDER = ("mt", "summarization", "dialogue", "qa", "nlg")
@@ -82,7 +84,7 @@ def load_authors_state_dict(path):
 class AuthorsLayout:
     kind: str                  # "adapter" (one task), "combined" (their VLM) or "full" (no adapters)
     backbone: dict             # Hugging Face GPT2LMHeadModel names -> tensors (lm_head excluded)
-    adapters: dict             # our task name -> {f"{layer}.{param}": tensor}, our AdapterStack names
+    adapters: dict             # our task name -> {f"{layer}.{param}": tensor}, our adapter method's names
     authors_index: dict        # our task name -> None (adapter_block) or K (mixadapter.K)
     ignored: list = field(default_factory=list)
 
@@ -243,10 +245,10 @@ def convert(state_dict, base_model, task=None, where="state dict"):
         else:  # backbone equal: keep base_model's; only the new rows are theirs
             wte = gpt2.get_input_embeddings().weight
             wte[GPT2_VOCAB_SIZE:] = layout.backbone["transformer.wte.weight"][GPT2_VOCAB_SIZE:].to(wte)
-    model = VersatileLM(gpt2, layout.bottlenecks)
+    model = VersatileLM(gpt2, [builtin_spec(t, {"adapter": {"bottleneck": b}}) for t, b in layout.bottlenecks.items()])
     with torch.no_grad():
         for name, tensors in layout.adapters.items():
-            target = model.adapters[name].state_dict()
+            target = model.tasks[name].methods["adapter"].state_dict()
             for key, tensor in tensors.items():
                 target[key].copy_(tensor)
     if differs is None:

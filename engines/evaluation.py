@@ -8,7 +8,7 @@ import torch
 
 from utils import metrics
 from utils.data import build_inputs, collate, iter_contexts, load_task_data, training_examples
-from utils.generate import Prompt, generate
+from engines.generate import Prompt, generate
 from utils.io import write_json, write_lines
 from utils.errors import VLMError
 from utils.tasks import banned_token_ids, task_token_ids
@@ -70,14 +70,20 @@ def dataset_prompts(task, records, max_history, tokenizer, task_id):
 @torch.inference_mode()
 def teacher_forced_nll(model, task, records, max_history, task_id, batch_size, max_positions):
     """Token-level mean NLL of the gold replies (for dialogue perplexity)."""
-    examples = training_examples(task, records, max_history, max_positions=max_positions, where=task.name)
+    from engines.generate import virtual_token_count
+    from utils.data import with_virtual_tokens
+    n_virtual = virtual_token_count(model, task_id)
+    examples = training_examples(task, records, max_history, max_positions=max_positions - n_virtual, where=task.name)
+    if n_virtual:
+        examples = [with_virtual_tokens(e, n_virtual) for e in examples]
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start:start + batch_size]], task_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
+        extra = {"virtual_ids": batch["virtual_ids"]} if "virtual_ids" in batch else {}
         logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                       task_ids=batch["task_ids"] if task_id >= 0 else None, use_cache=False).logits
+                       task_ids=batch["task_ids"] if task_id >= 0 else None, use_cache=False, **extra).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                                  ignore_index=-100, reduction="sum")
