@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Offline end-to-end demo on the shipped samples: build a small random GPT-2 from a config, train
-# adapters and task embeddings briefly for two tasks (nlg, mt), evaluate each, combine both into one
-# VLM, evaluate every task of the VLM in mixed batches, and print the metrics side by side.
+# Offline end-to-end demo on the shipped samples: on the shipped stand-in backbone (a small GPT-2
+# pretrained here with pretrain.py, data/gpt2-stand-in/README.md), train adapters and task
+# embeddings briefly for two tasks (nlg, mt), evaluate each, combine both into one VLM, evaluate
+# every task of the VLM in mixed batches, and print the metrics side by side.
 # No download; a few minutes on a laptop CPU.
 #   bash demo.sh [OUTPUT_DIR]            (default runs/demo)
+#   MODEL=gpt2 bash demo.sh              (any GPT-2 hub name or folder instead of the stand-in)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 OUT=${1:-runs/demo}
 export TOKENIZERS_PARALLELISM=false
 # a re-run starts afresh
-rm -rf "$OUT/tiny-gpt2" "$OUT/nlg_adapter" "$OUT/mt_adapter" "$OUT/VLM" "$OUT/results" "$OUT/results_vlm"
-
-$PYTHON -m models.tiny_gpt2 "$OUT/tiny-gpt2" --n_layer 2 --n_embd 128 --n_head 4
+rm -rf "$OUT/nlg_adapter" "$OUT/mt_adapter" "$OUT/VLM" "$OUT/results" "$OUT/results_vlm"
+MODEL=${MODEL:-data/gpt2-stand-in}
 for task in nlg mt; do
     case $task in
         nlg) flags=(--adapter_bottleneck 10 --lr 1e-2) ;;
@@ -20,7 +21,7 @@ for task in nlg mt; do
     esac
     echo "== $task: training adapters + task embeddings on data/samples/$task.json"
     $PYTHON train.py --task "$task" --dataset_path "data/samples/$task.json" --dataset_cache "$OUT/dataset_cache" \
-        --model_checkpoint "$OUT/tiny-gpt2" "${flags[@]}" --n_epochs 3 --train_batch_size 16 \
+        --model_checkpoint "$MODEL" "${flags[@]}" --n_epochs 3 --train_batch_size 16 \
         --valid_batch_size 16 --gradient_accumulation_steps 1 --device cpu --output_dir "$OUT/${task}_adapter"
     echo "== $task: decoding the evaluation split with the single-task checkpoint"
     $PYTHON evaluate.py --task "$task" --no_sample --model_checkpoint "$OUT/${task}_adapter" \

@@ -70,7 +70,7 @@ def read_lines(path, skip=0):
                 try:
                     yield number, raw.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    raise VLMError(f"{path}: line {number}: not UTF-8 text (byte {error.start} of the line)") from None
+                    raise VLMError(f"{path}: line {number}: not UTF-8 text (byte {error.start + 1} of the line)")  # counted from 1 from None
     except (lzma.LZMAError, EOFError) as error:
         raise VLMError(f"{path}: damaged .xz stream after line {number} ({error})") from None
     except OSError as error:
