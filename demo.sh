@@ -51,4 +51,14 @@ for task in ("nlg", "mt"):
     print(f"     single-task: {({k: round(v, 4) for k, v in single.items() if isinstance(v, float)})}")
     print(f"     combined:    {({k: round(v, 4) for k, v in combined.items() if isinstance(v, float)})}")
     print(f"     combined model's outputs identical to the single-task model's: {same}")
+    outputs = open(f"{out}/results/{task}_output.txt", encoding="utf-8").read().splitlines()
+    text = open(f"{out}/results/{task}_ref.txt", encoding="utf-8").read()
+    # nlg: each MR's references form one blank-line separated group (the E2E scorer's layout)
+    references = [g.split("\n")[0] for g in text.strip().split("\n\n")] if task == "nlg" else text.splitlines()
+    inputs = open(f"{out}/results/nlg_mr.txt", encoding="utf-8").read().splitlines() if task == "nlg" else None
+    for i in (0, len(outputs) // 2):  # two decoded examples
+        if inputs:
+            print(f"     input:     {inputs[i][:110]}")
+        print(f"     reference: {references[i][:110]}")
+        print(f"     decoded:   {outputs[i][:110]}")
 PY
