@@ -106,9 +106,12 @@ def main(argv=None):
     tasks = config.get("tasks", {})
     if config["mode"] == "adapter" and task.name not in tasks:
         raise VLMError(f"{args.model_checkpoint}: checkpoint holds {', '.join(tasks)}, not {task.name}")
-    stored = tasks.get(task.name, {}).get("bottleneck", 0)
+    entry = tasks.get(task.name, {})
+    stored = entry.get("bottleneck", 0)
     if args.adapter_bottleneck and args.adapter_bottleneck != stored:
-        print(f"note: --adapter_bottleneck {args.adapter_bottleneck} ignored; the checkpoint's is {stored}",
+        methods = "+".join(entry.get("methods", {})) or "none"
+        kept = f"the checkpoint's is {stored}" if stored else f"in the checkpoint, {task.name}'s modules are {methods}"
+        print(f"note: --adapter_bottleneck {args.adapter_bottleneck} ignored; {kept}",
               file=sys.stderr)
     task_id = model.task_id(task.name)
 

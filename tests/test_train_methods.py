@@ -148,3 +148,15 @@ def test_option_flags_of_a_method_not_chosen_are_one_error(tmp_path, tiny_base, 
         run(tmp_path, nlg_data, tiny_base, "prefix", "--lora_r", "4")
     with pytest.raises(VLMError, match="unknown method 'lorax'"):
         run(tmp_path, nlg_data, tiny_base, "lorax")
+
+
+def test_evaluate_names_the_methods_when_a_bottleneck_flag_is_ignored(tmp_path, tiny_base, nlg_data, capsys):
+    import evaluate
+    result = run(tmp_path, nlg_data, tiny_base, "lora")
+    capsys.readouterr()
+    evaluate.main(["--task", "nlg", "--model_checkpoint", result.output_dir, "--dataset_path", nlg_data,
+                   "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--no_sample", "--max_length", "3",
+                   "--adapter_bottleneck", "10", "--output_dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert "note: --adapter_bottleneck 10 ignored; in the checkpoint, nlg's modules are lora" in err
+    assert (tmp_path / "results" / "nlg_output.txt").is_file()
