@@ -254,6 +254,7 @@ def run_pretraining(args):
 
 
 def _run(args, device):
+    from engines.training import clipped_step
     world, rank = idist.get_world_size(), idist.get_rank()
     main = rank == 0
     start_time = time.time()
@@ -334,15 +335,7 @@ def _run(args, device):
         record["loss_sum"] += value
         record["loss_count"] += 1
         if micro == accumulation - 1:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norm = clipped_step(optimizer, model.parameters(), args.max_norm, scaler)
             engine.state.grad_norm = float(norm)
         return value
 

@@ -326,6 +326,21 @@ class NonFiniteLoss(VLMError):
     """A NaN or infinite training loss: training stops (exit 2 through exit_on_user_error)."""
 
 
+def clipped_step(optimizer, parameters, max_norm, scaler=None):
+    """One optimizer step: gradients unscaled (fp16), clipped to max_norm, stepped, zeroed.
+    Returns the gradient norm before clipping (also what pretrain.py logs)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def create_trainer(model, optimizer, parameters, device, gradient_accumulation_steps=1, max_norm=1.0,
                    fp16=False, use_task_ids=True):
     """Engine whose output is the batch's mean token loss (before division by the accumulation).
@@ -345,15 +360,7 @@ def create_trainer(model, optimizer, parameters, device, gradient_accumulation_s
             for p in parameters:
                 if p.grad is not None:
                     p.grad.mul_(gradient_accumulation_steps / pending)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(optimizer, parameters, max_norm, scaler)
         accumulation["pending"] = 0
 
     def update(engine, batch):

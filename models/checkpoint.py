@@ -216,6 +216,19 @@ def load_checkpoint(path, device="cpu", base_model=None, weights_name=None):
     return model.to(device).eval(), tokenizer, config
 
 
+def check_tensor_shapes(tensors, expected, where, unexpected_why):
+    """Every expected tensor there with its shape, and none besides (`unexpected_why` says why
+    an extra one does not belong)."""
+    for key in tensors:
+        if key not in expected:
+            raise VLMError(f"{where}: unexpected tensor {key!r} ({unexpected_why})")
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise VLMError(f"{where}: missing tensor {key!r}")
+        if tuple(tensors[key].shape) != shape:
+            raise VLMError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+
+
 def load_task_tensors(model, tensors, where, rows=True):
     """Copy `task_embeddings.<task>`, method tensors (and optionally all 30 `special_token_rows`)
     into the model; every tensor must fit, and every expected one be there."""
@@ -230,14 +243,8 @@ def load_task_tensors(model, tensors, where, rows=True):
                 raise VLMError(f"{where}: {ALL_ROWS} has shape {tuple(rows_tensor.shape)}, "
                                f"expected {(VOCAB_SIZE - GPT2_VOCAB_SIZE, wte.shape[1])}")
             wte[GPT2_VOCAB_SIZE:] = rows_tensor.to(wte)
-        for key in tensors:
-            if key != ALL_ROWS and key not in expected:
-                raise VLMError(f"{where}: unexpected tensor {key!r} (not a tensor of this checkpoint's tasks)")
-        for key, shape in expected.items():
-            if key not in tensors:
-                raise VLMError(f"{where}: missing tensor {key!r}")
-            if tuple(tensors[key].shape) != shape:
-                raise VLMError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        check_tensor_shapes({k: v for k, v in tensors.items() if k != ALL_ROWS}, expected, where,
+                            "not a tensor of this checkpoint's tasks")
         for task in model.tasks.values():
             key = f"task_embeddings.{task.name}"
             if key in expected:

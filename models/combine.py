@@ -23,9 +23,9 @@ import zlib
 
 from transformers import GPT2Config
 
-from models.checkpoint import (ADAPTER_WEIGHTS, ALL_ROWS, CONFIG_NAME, expected_shapes, load_checkpoint,
-                               load_task_tensors, load_tensors, read_config, resolve_base_name, save_checkpoint,
-                               task_specs)
+from models.checkpoint import (ADAPTER_WEIGHTS, ALL_ROWS, CONFIG_NAME, check_tensor_shapes, expected_shapes,
+                               load_checkpoint, load_task_tensors, load_tensors, read_config, resolve_base_name,
+                               save_checkpoint, task_specs)
 from models.methods import key_prefix
 from models.vlm import TaskSpec, VersatileLM, backbone_fingerprint, load_backbone
 from utils.data import load_tokenizer, read_json_file
@@ -142,14 +142,7 @@ def _check_tensors(path, config, tensors):
     if ALL_ROWS in tensors:  # converted authors' checkpoints (see TaskCheckpoint.all_rows)
         expected[ALL_ROWS] = (VOCAB_SIZE - GPT2_VOCAB_SIZE, gpt2.n_embd)
     where = os.path.join(path, ADAPTER_WEIGHTS)
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise VLMError(f"{where}: unexpected tensor {unexpected[0]!r} (not one of the tasks in {CONFIG_NAME})")
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise VLMError(f"{where}: missing tensor {key!r}")
-        if tuple(tensors[key].shape) != shape:
-            raise VLMError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    check_tensor_shapes(dict(sorted(tensors.items())), expected, where, f"not one of the tasks in {CONFIG_NAME}")
 
 
 def read_manifest_sources(path):
