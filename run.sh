@@ -9,17 +9,26 @@
 #   combine    all adapter checkpoints into one Versatile Language Model (combine_all.py) -> VLM
 #   vlm        every task of the combined model (evaluate_vlm.py --task all) -> VLM_result/
 #   multitask  all tasks' adapters trained together (train_vlm.py) and evaluated -> multitask_result/
+# Two more stages are not run by default (--mini runs them):
+#   adapter_gold  for the tasks whose adapters learn from distilled targets, adapters on the gold
+#                 targets as well -> adapter_gold_result/ (the distillation ablation)
+#   emb_only      only the task embeddings train (train.py --emb_only) -> emb_only_result/
 # and finally collects every metric into RESULTS/summary.md, summary.csv and val_loss.png
 # (python -m engines.report).
 #
 # The full run needs the datasets (data/prepare.py) and a GPU: days of training in all.
 # --smoke runs the same pipeline in minutes on CPU: a small random GPT-2, the shipped samples
 # (data/samples, cut to a few records), one epoch, short decoding.
+# --mini is the paper's comparison in miniature, under an hour on a 2-core CPU: every stage, on
+# the shipped stand-in backbone (data/gpt2-stand-in, a 4-layer GPT-2 pretrained here) and the
+# whole shipped samples (data/samples), with the authors' epochs and learning rates but batches of
+# 8 without accumulation (a few hundred examples give a few dozen steps an epoch). Its runs go to
+# runs/mini, its tables to results/mini; an interrupted --mini continues where it stopped.
 #
 # Usage: bash run.sh [options]
 #   --dry-run               print every command, run nothing
-#   --stages LIST           comma-separated stages to run (default: all of
-#                           finetune,adapter,combine,vlm,multitask)
+#   --stages LIST           comma-separated stages to run (default: finetune,adapter,combine,
+#                           vlm,multitask; --mini: also adapter_gold,emb_only)
 #   --skip STAGE            leave a stage out (repeatable)
 #   --tasks LIST            comma-separated tasks (default: dialogue,qa,mt,summarization,nlg)
 #   --model NAME|DIR        GPT-2 to start from (default: gpt2)
@@ -30,6 +39,8 @@
 #   --no-distillation       train every adapter on the gold targets
 #   --smoke                 tiny pipeline on the samples (default --out runs/smoke); it starts
 #                           afresh, deleting OUT/runs, OUT/results and OUT/data first
+#   --mini                  the comparison in miniature on the stand-in backbone and the samples
+#                           (default --out: runs to runs/mini, results to results/mini)
 # A training run whose folder already holds a finished checkpoint (vlm_config.json) is not
 # repeated, so an interrupted reproduction continues where it stopped; delete the folder to retrain.
 # PYTHON (environment) names the interpreter (default: python).
@@ -38,17 +49,19 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 export TOKENIZERS_PARALLELISM=false
 
-ALL_STAGES="finetune,adapter,combine,vlm,multitask"
+ALL_STAGES="finetune,adapter,adapter_gold,emb_only,combine,vlm,multitask"
+DEFAULT_STAGES="finetune,adapter,combine,vlm,multitask"
 ALL_TASKS="dialogue,qa,mt,summarization,nlg"
-STAGES=$ALL_STAGES
+STAGES=
 SKIP=()
 TASK_LIST=$ALL_TASKS
-MODEL=gpt2
+MODEL=""
 DATA=data
 DEVICE=""
 OUT=""
 DRY_RUN=0
 SMOKE=0
+MINI=0
 DISTILL=1
 
 die() { echo "run.sh: $*" >&2; exit 2; }
@@ -58,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --dry-run) DRY_RUN=1; shift ;;
         --smoke) SMOKE=1; shift ;;
+        --mini) MINI=1; shift ;;
         --no-distillation) DISTILL=0; shift ;;
         --stages) need_value "$@"; STAGES=$2; shift 2 ;;
         --skip) need_value "$@"; SKIP+=("$2"); shift 2 ;;
@@ -72,6 +86,13 @@ while [[ $# -gt 0 ]]; do
 done
 
 # ---------------------------------------------------------------- checks of the choices
+[[ $SMOKE == 1 && $MINI == 1 ]] && die "--smoke and --mini exclude each other; choose one"
+if [[ -z $STAGES ]]; then
+    if [[ $MINI == 1 ]]; then STAGES=$ALL_STAGES; else STAGES=$DEFAULT_STAGES; fi
+fi
+if [[ -z $MODEL ]]; then
+    if [[ $MINI == 1 ]]; then MODEL=data/gpt2-stand-in; else MODEL=gpt2; fi
+fi
 in_list() { [[ ",$2," == *",$1,"* ]]; }
 IFS=, read -r -a TASKS <<< "$TASK_LIST"
 [[ ${#TASKS[@]} -gt 0 ]] || die "--tasks: empty list"
@@ -89,6 +110,7 @@ stage_on() {
 
 if [[ -n $OUT ]]; then RUNS=$OUT/runs; RESULTS=$OUT/results
 elif [[ $SMOKE == 1 ]]; then OUT=runs/smoke; RUNS=$OUT/runs; RESULTS=$OUT/results
+elif [[ $MINI == 1 ]]; then RUNS=runs/mini; RESULTS=results/mini
 else RUNS=runs/repro; RESULTS=results
 fi
 CACHE=$RUNS/dataset_cache  # tokenization caches stay beside the runs, not in the repo root
@@ -123,13 +145,13 @@ full_hyper() {
         nlg) echo "8 4 10 5e-5" ;;
     esac
 }
-adapter_hyper() {
+adapter_hyper() {  # task distilled(0|1)
     case $1 in
         dialogue) echo "8 2 3 1e-3" ;;
         qa) echo "2 8 5 5e-4" ;;
         mt) echo "8 4 8 5e-4" ;;
         # the authors' distilled summarization run trains 5 epochs instead of 10
-        summarization) if [[ $DISTILL == 1 ]]; then echo "4 8 5 5e-4"; else echo "4 8 10 5e-4"; fi ;;
+        summarization) if [[ ${2:-0} == 1 ]]; then echo "4 8 5 5e-4"; else echo "4 8 10 5e-4"; fi ;;
         nlg) echo "8 4 10 5e-3" ;;
     esac
 }
@@ -179,10 +201,22 @@ for source, target in zip(sys.argv[1::2], sys.argv[2::2]):
     data = json.load(open(source, encoding="utf-8"))
     write_json(target, {split: cut(split, records) for split, records in data.items()})'
 
-# train.py flags for a task: "batch accumulation epochs lr" -> flags (smoke: 1 epoch, batch 4)
+# ---------------------------------------------------------------- mini mode
+# The comparison in miniature: the stand-in backbone (MODEL, unless --model), the whole shipped
+# samples, the authors' epochs and learning rates, batches of 8 without accumulation.
+mini_setup() {
+    local t
+    for t in "${TASKS[@]}"; do DATASET[$t]=data/samples/$t.json; done
+    DECODE=(--batch_size 16)
+    MULTI_HYPER=(--gradient_accumulation_steps 1 --train_batch_size 8 --valid_batch_size 8 --n_epochs 3)
+}
+
+# train.py flags for a task: "batch accumulation epochs lr" -> flags (smoke: 1 epoch, batch 4;
+# mini: batch 8, no accumulation)
 hyper_flags() {
     local batch=$1 accumulation=$2 epochs=$3 lr=$4
     if [[ $SMOKE == 1 ]]; then batch=4; accumulation=1; epochs=1; fi
+    if [[ $MINI == 1 ]]; then batch=8; accumulation=1; fi
     echo "--train_batch_size $batch --valid_batch_size $batch --gradient_accumulation_steps $accumulation --n_epochs $epochs --lr $lr"
 }
 
@@ -206,34 +240,64 @@ stage_finetune() {
     done
 }
 
+# Adapters of one task: train_adapter TASK DIR DISTILL(0|1), then evaluate into RESULTS_DIR
+train_adapter() {
+    local t=$1 dir=$2 distill=$3 teacher train_data=${DATASET[$1]} distill_flag=()
+    if done_already "$dir"; then return 0; fi
+    if [[ $distill == 1 ]]; then
+        # sentence-level knowledge distillation: the fine-tuned GPT-2 decodes the training
+        # targets greedily; the adapters then learn from those instead of the gold ones
+        teacher=$RUNS/${t}_full
+        [[ $DRY_RUN == 1 || -f $teacher/vlm_config.json ]] || \
+            die "distillation of $t needs the fine-tuned GPT-2 in $teacher (stage finetune) or --no-distillation"
+        run "$PYTHON" sentence_distiller.py --task "$t" --no_sample --max_history "$(max_history "$t")" \
+            --model_checkpoint "$teacher" --dataset_path "${DATASET[$t]}" --dataset_cache "$CACHE" \
+            --output "$RUNS/distilled/$t.json" "${DECODE[@]+"${DECODE[@]}"}" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
+        # the distilled copy (train split with distilled targets, other splits unchanged)
+        train_data=$RUNS/distilled/$t.json
+        distill_flag=(--distillation)
+    fi
+    # shellcheck disable=SC2046
+    run "$PYTHON" train.py --task "$t" --dataset_path "$train_data" --dataset_cache "$CACHE" \
+        --model_checkpoint "$MODEL" --max_history "$(max_history "$t")" \
+        --adapter_bottleneck "$(bottleneck "$t")" $(hyper_flags $(adapter_hyper "$t" "$distill")) \
+        "${distill_flag[@]+"${distill_flag[@]}"}" --output_dir "$dir" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
+}
+
 stage_adapter() {
-    local t dir teacher train_data distill_flag
+    local t distill
     for t in "${TASKS[@]}"; do
         echo "== adapter: $t (bottleneck $(bottleneck "$t"), frozen GPT-2)"
-        dir=$RUNS/${t}_adapter
-        train_data=${DATASET[$t]}
-        distill_flag=()
-        if ! done_already "$dir"; then
-            if distilled "$t"; then
-                # sentence-level knowledge distillation: the fine-tuned GPT-2 decodes the training
-                # targets greedily; the adapters then learn from those instead of the gold ones
-                teacher=$RUNS/${t}_full
-                [[ $DRY_RUN == 1 || -f $teacher/vlm_config.json ]] || \
-                    die "distillation of $t needs the fine-tuned GPT-2 in $teacher (stage finetune) or --no-distillation"
-                run "$PYTHON" sentence_distiller.py --task "$t" --no_sample --max_history "$(max_history "$t")" \
-                    --model_checkpoint "$teacher" --dataset_path "${DATASET[$t]}" --dataset_cache "$CACHE" \
-                    --output "$RUNS/distilled/$t.json" "${DECODE[@]+"${DECODE[@]}"}" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
-                # the distilled copy (train split with distilled targets, other splits unchanged)
-                train_data=$RUNS/distilled/$t.json
-                distill_flag=(--distillation)
-            fi
-            # shellcheck disable=SC2046
-            run "$PYTHON" train.py --task "$t" --dataset_path "$train_data" --dataset_cache "$CACHE" \
-                --model_checkpoint "$MODEL" --max_history "$(max_history "$t")" \
-                --adapter_bottleneck "$(bottleneck "$t")" $(hyper_flags $(adapter_hyper "$t")) \
-                "${distill_flag[@]+"${distill_flag[@]}"}" --output_dir "$dir" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
-        fi
-        evaluate_single "$t" "$dir" "$RESULTS/adapter_result"
+        if distilled "$t"; then distill=1; else distill=0; fi
+        train_adapter "$t" "$RUNS/${t}_adapter" "$distill"
+        evaluate_single "$t" "$RUNS/${t}_adapter" "$RESULTS/adapter_result"
+    done
+}
+
+# The distillation ablation: the same adapters on the gold targets, for the tasks the adapter
+# stage distils (with --no-distillation the adapter stage is this already).
+stage_adapter_gold() {
+    local t
+    for t in "${TASKS[@]}"; do
+        distilled "$t" || continue
+        echo "== adapter_gold: $t (bottleneck $(bottleneck "$t"), gold targets)"
+        train_adapter "$t" "$RUNS/${t}_adapter_gold" 0
+        evaluate_single "$t" "$RUNS/${t}_adapter_gold" "$RESULTS/adapter_gold_result"
+    done
+}
+
+# Only the task's special-token embeddings learn (the authors' --emb_only), with the adapters'
+# epochs and learning rate.
+stage_emb_only() {
+    local t dir
+    for t in "${TASKS[@]}"; do
+        echo "== emb_only: $t (task embeddings only, frozen GPT-2)"
+        dir=$RUNS/${t}_emb_only
+        # shellcheck disable=SC2046
+        done_already "$dir" || run "$PYTHON" train.py --task "$t" --dataset_path "${DATASET[$t]}" \
+            --dataset_cache "$CACHE" --model_checkpoint "$MODEL" --max_history "$(max_history "$t")" \
+            --emb_only $(hyper_flags $(adapter_hyper "$t" 0)) --output_dir "$dir" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
+        evaluate_single "$t" "$dir" "$RESULTS/emb_only_result"
     done
 }
 
@@ -275,10 +339,11 @@ stage_multitask() {
 # One function, read whole before it starts: editing run.sh during a long run cannot derail it.
 main() {
     local stage ran=0
-    for stage in finetune adapter combine vlm multitask; do stage_on "$stage" && ran=1; done
+    for stage in ${ALL_STAGES//,/ }; do stage_on "$stage" && ran=1; done
     [[ $ran == 1 ]] || die "no stage left to run"
     if [[ $SMOKE == 1 ]]; then smoke_setup; fi
-    for stage in finetune adapter combine vlm multitask; do
+    if [[ $MINI == 1 ]]; then mini_setup; fi
+    for stage in ${ALL_STAGES//,/ }; do
         if stage_on "$stage"; then "stage_$stage"; fi
     done
     echo "== summary"

@@ -8,6 +8,8 @@ the setting's numbers come from:
     setting     metrics                                  checkpoint (parameter counts)
     finetune    RESULTS/GPT2_result/<task>_metrics.json  RUNS/<task>_full
     adapter     RESULTS/adapter_result/...               RUNS/<task>_adapter
+    adapter_gold RESULTS/adapter_gold_result/...         RUNS/<task>_adapter_gold
+    emb_only    RESULTS/emb_only_result/...              RUNS/<task>_emb_only
     vlm         RESULTS/VLM_result/...                   RUNS/VLM (manifest.json of combine_all.py)
     multitask   RESULTS/multitask_result/...             RUNS/multitask
 
@@ -36,6 +38,8 @@ from utils.tasks import GPT2_VOCAB_SIZE, TASKS  # noqa: E402
 SETTINGS = (
     ("finetune", "GPT-2 fine-tune", "GPT2_result", "{task}_full"),
     ("adapter", "Adapters", "adapter_result", "{task}_adapter"),
+    ("adapter_gold", "Adapters", "adapter_gold_result", "{task}_adapter_gold"),
+    ("emb_only", "Task embeddings only", "emb_only_result", "{task}_emb_only"),
     ("vlm", "VLM (combined)", "VLM_result", "VLM"),
     ("multitask", "Multi-task", "multitask_result", "multitask"),
 )
@@ -108,6 +112,15 @@ def checkpoint_parameters(folder, setting, task, cache):
     return count, 100.0 * count / cache[key]
 
 
+def run_label(folder, label):
+    """The setting's label; adapters trained on distilled targets say so."""
+    config_path = os.path.join(folder, "vlm_config.json")
+    if label == "Adapters" and os.path.isfile(config_path):
+        distilled = read_json(config_path, "checkpoint config").get("training_args", {}).get("distillation")
+        return label + (" + distillation" if distilled else " (gold targets)")
+    return label
+
+
 def collect(results_root, runs_root, tasks):
     """Rows {task, setting, label, parameters, extra_pct, scores} for every metrics file found."""
     rows, cache = [], {}
@@ -121,7 +134,7 @@ def collect(results_root, runs_root, tasks):
                       if k not in NOT_SCORES and isinstance(v, (int, float)) and not isinstance(v, bool)}
             run = os.path.join(runs_root, run_pattern.format(task=task))
             parameters, extra = checkpoint_parameters(run, setting, task, cache)
-            rows.append({"task": task, "setting": setting, "label": label, "parameters": parameters,
+            rows.append({"task": task, "setting": setting, "label": run_label(run, label), "parameters": parameters,
                          "extra_pct": extra, "scores": scores})
     return rows
 
@@ -190,7 +203,7 @@ def read_curves(runs_root, tasks):
                     if nll is not None:
                         points.append((record["epoch"], nll))
             if points:
-                curves[task][label] = points
+                curves[task][run_label(os.path.dirname(path), label)] = points
     return {task: c for task, c in curves.items() if c}
 
 
@@ -236,7 +249,7 @@ def write_report(results_root, runs_root, tasks):
 @exit_on_user_error
 def main(argv=None):
     parser = ArgumentParser(description="Collect the results of run.sh into summary.md, summary.csv and val_loss.png.")
-    parser.add_argument("results_root", help="folder holding GPT2_result/, adapter_result/, VLM_result/, multitask_result/")
+    parser.add_argument("results_root", help="folder holding GPT2_result/, adapter_result/, VLM_result/, multitask_result/, ...")
     parser.add_argument("--runs", default="runs/repro", help="folder holding the run folders (<task>_full, ...)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
     args = parser.parse_args(argv)

@@ -95,6 +95,50 @@ def test_dry_run_prints_the_pipeline_and_runs_nothing(dry):
     assert cmds[-1] == ["/bin/false", "-m", "engines.report", results, "--runs", runs, "--tasks", ",".join(ALL)]
 
 
+def test_mini_dry_run_is_every_stage_on_the_stand_in_and_the_samples():
+    result = run_sh("--mini", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    cmds = commands(result.stdout)
+    runs, results = "runs/mini", "results/mini"
+    for c in cmds:
+        if "--model_checkpoint" in c and c[1] in ("train.py", "train_vlm.py"):
+            assert flag(c, "--model_checkpoint") == "data/gpt2-stand-in"
+        if "--dataset_path" in c:  # the samples, or their distilled copy
+            task = flag(c, "--task")
+            expected = f"{runs}/distilled/{task}.json" if "--distillation" in c else f"data/samples/{task}.json"
+            assert flag(c, "--dataset_path") == expected
+    for task in ALL:
+        trains = {flag(c, "--output_dir"): c for c in script_calls(cmds, "train.py", task)}
+        distilled = task in ("mt", "summarization", "dialogue")
+        expected = [f"{runs}/{task}_{s}" for s in ("full", "adapter", *(["adapter_gold"] if distilled else []),
+                                                   "emb_only")]
+        assert list(trains) == expected
+        # the authors' epochs and learning rates, batches of 8 without accumulation
+        hyper = TASKS[task]
+        full, adapter, emb = trains[expected[0]], trains[expected[1]], trains[expected[-1]]
+        assert [flag(full, f) for f in ("--n_epochs", "--train_batch_size", "--gradient_accumulation_steps")] \
+            == [str(hyper.full_finetune.n_epochs), "8", "1"]
+        assert float(flag(full, "--lr")) == hyper.full_finetune.lr
+        assert ("--distillation" in adapter) == distilled
+        assert "--emb_only" in emb and "--adapter_bottleneck" not in emb
+        assert float(flag(emb, "--lr")) == hyper.adapter.lr
+        if distilled:
+            gold = trains[f"{runs}/{task}_adapter_gold"]
+            assert "--distillation" not in gold and flag(gold, "--dataset_path") == f"data/samples/{task}.json"
+            assert flag(gold, "--adapter_bottleneck") == flag(adapter, "--adapter_bottleneck")
+    outputs = {flag(c, "--output_dir") for c in script_calls(cmds, "evaluate.py")}
+    assert outputs == {f"{results}/{d}" for d in ("GPT2_result", "adapter_result", "adapter_gold_result",
+                                                  "emb_only_result")}
+    assert [flag(c, "--output_dir") for c in script_calls(cmds, "evaluate_vlm.py")] == [
+        f"{results}/VLM_result", f"{results}/multitask_result"]
+    assert cmds[-1] == ["/bin/false", "-m", "engines.report", results, "--runs", runs, "--tasks", ",".join(ALL)]
+
+
+def test_mini_and_smoke_exclude_each_other():
+    result = run_sh("--mini", "--smoke", "--dry-run")
+    assert result.returncode == 2 and result.stderr.startswith("run.sh: --smoke and --mini exclude each other")
+
+
 def test_default_dry_run_writes_into_runs_repro_and_results_without_creating_them():
     before = os.path.exists(os.path.join(REPO, "runs", "repro"))
     result = run_sh("--dry-run", "--stages", "finetune", "--tasks", "nlg")
@@ -198,16 +242,20 @@ def write_jsonl(path, records):
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def adapter_checkpoint(folder, tasks):
-    """vlm_config.json + adapters.safetensors: task t owns 10*(i+1) adapter and 3 embedding values."""
+def adapter_checkpoint(folder, tasks, distillation=None, adapters=True):
+    """vlm_config.json + adapters.safetensors: task t owns 10*(i+1) adapter (unless not adapters) and
+    3 embedding values; distillation=True/False goes into the recorded training arguments."""
     os.makedirs(folder, exist_ok=True)
     tensors = {}
     for i, t in enumerate(tasks):
-        tensors[f"adapters.{t}.0.project_down.weight"] = torch.zeros(2, 5 * (i + 1))
+        if adapters:
+            tensors[f"adapters.{t}.0.project_down.weight"] = torch.zeros(2, 5 * (i + 1))
         tensors[f"task_embeddings.{t}"] = torch.zeros(1, 3)
     save_file(tensors, os.path.join(folder, "adapters.safetensors"))
-    config = {"format": "vlm", "mode": "adapter", "tasks": {t: {"bottleneck": 2} for t in tasks},
+    config = {"format": "vlm", "mode": "adapter", "tasks": {t: {"bottleneck": 2 if adapters else 0} for t in tasks},
               "gpt2_config": dict(SMALL, vocab_size=GPT2_VOCAB_SIZE + 30)}
+    if distillation is not None:
+        config["training_args"] = {"distillation": distillation}
     with open(os.path.join(folder, "vlm_config.json"), "w") as f:
         json.dump(config, f)
 
@@ -220,12 +268,16 @@ def fake_tree(tmp_path):
     write_metrics(results, "VLM_result", "mt", {"bleu": 19.0, "rouge1": 0.5})
     write_metrics(results, "multitask_result", "mt", {"bleu": 18.0})
     write_metrics(results, "adapter_result", "nlg", {"BLEU": 0.625, "turns": 3})
+    write_metrics(results, "adapter_gold_result", "mt", {"bleu": 17.0})
+    write_metrics(results, "emb_only_result", "mt", {"bleu": 2.0})
     os.makedirs(f"{runs}/mt_full")
     save_file({"transformer.wte.weight": torch.zeros(7, 4), "transformer.h.0.bias": torch.zeros(5)},
               f"{runs}/mt_full/model.safetensors")
     with open(f"{runs}/mt_full/vlm_config.json", "w") as f:
         json.dump({"format": "vlm", "mode": "full", "tasks": {"mt": {"bottleneck": 0}}}, f)
-    adapter_checkpoint(f"{runs}/mt_adapter", ["mt"])          # mt: 10 + 3 = 13
+    adapter_checkpoint(f"{runs}/mt_adapter", ["mt"], distillation=True)  # mt: 10 + 3 = 13
+    adapter_checkpoint(f"{runs}/mt_adapter_gold", ["mt"], distillation=False)
+    adapter_checkpoint(f"{runs}/mt_emb_only", ["mt"], distillation=False, adapters=False)  # 3
     adapter_checkpoint(f"{runs}/multitask", ["nlg", "mt"])    # mt second: 20 + 3 = 23
     os.makedirs(f"{runs}/VLM")
     with open(f"{runs}/VLM/manifest.json", "w") as f:
@@ -250,6 +302,11 @@ def test_report_tables_csv_and_plot(fake_tree):
         ["mt", "finetune", "bleu", "20.5"], ["mt", "finetune", "rouge1", "0.25"],
         ["mt", "adapter", "parameters", "13"], ["mt", "adapter", "extra_parameters_pct", repr(100.0 * 13 / backbone)],
         ["mt", "adapter", "bleu", "19.0"], ["mt", "adapter", "rouge1", "0.5"],
+        ["mt", "adapter_gold", "parameters", "13"],
+        ["mt", "adapter_gold", "extra_parameters_pct", repr(100.0 * 13 / backbone)],
+        ["mt", "adapter_gold", "bleu", "17.0"],
+        ["mt", "emb_only", "parameters", "3"], ["mt", "emb_only", "extra_parameters_pct", repr(100.0 * 3 / backbone)],
+        ["mt", "emb_only", "bleu", "2.0"],
         ["mt", "vlm", "parameters", "50"], ["mt", "vlm", "extra_parameters_pct", "5.0"],
         ["mt", "vlm", "bleu", "19.0"], ["mt", "vlm", "rouge1", "0.5"],
         ["mt", "multitask", "parameters", "23"],
@@ -261,7 +318,9 @@ def test_report_tables_csv_and_plot(fake_tree):
         md = f.read().splitlines()
     assert "| setting | parameters | extra parameters (%) | bleu | rouge1 |" in md
     assert "| GPT-2 fine-tune | 33 | 100 | 20.5 | 0.25 |" in md
-    assert f"| Adapters | 13 | {100.0 * 13 / backbone:.4g} | 19 | 0.5 |" in md
+    assert f"| Adapters + distillation | 13 | {100.0 * 13 / backbone:.4g} | 19 | 0.5 |" in md
+    assert f"| Adapters (gold targets) | 13 | {100.0 * 13 / backbone:.4g} | 17 | — |" in md
+    assert f"| Task embeddings only | 3 | {100.0 * 3 / backbone:.4g} | 2 | — |" in md
     assert "| VLM (combined) | 50 | 5 | 19 | 0.5 |" in md
     assert f"| Multi-task | 23 | {100.0 * 23 / backbone:.4g} | 18 | — |" in md
     assert "| Adapters | — | — | 0.625 |" in md
@@ -269,7 +328,8 @@ def test_report_tables_csv_and_plot(fake_tree):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     from engines.report import read_curves
     assert read_curves(runs, ["mt", "nlg"]) == {
-        "mt": {"GPT-2 fine-tune": [(1, 3.0), (2, 2.5)], "Adapters": [(1, 3.5)], "Multi-task": [(1, 4.0)]},
+        "mt": {"GPT-2 fine-tune": [(1, 3.0), (2, 2.5)], "Adapters + distillation": [(1, 3.5)],
+               "Multi-task": [(1, 4.0)]},
         "nlg": {"Multi-task": [(1, 2.0)]}}
 
 
@@ -277,7 +337,8 @@ def test_report_without_results_is_one_line_error(tmp_path):
     result = run_script("-m", "engines.report", str(tmp_path), "--runs", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {tmp_path}: no <task>_metrics.json in any of "
-                                     "GPT2_result, adapter_result, VLM_result, multitask_result")
+                                     "GPT2_result, adapter_result, adapter_gold_result, emb_only_result, VLM_result, "
+                                     "multitask_result")
     result = run_script("-m", "engines.report", str(tmp_path), "--tasks", "mt,chat")
     assert result.returncode == 2
     assert "--tasks: unknown task 'chat'" in result.stderr
