@@ -69,13 +69,16 @@ def dataset_prompts(task, records, max_history, tokenizer, task_id):
 
 @torch.inference_mode()
 def teacher_forced_nll(model, task, records, max_history, task_id, batch_size, max_positions):
-    """Token-level mean NLL of the gold replies (for dialogue perplexity)."""
+    """Token-level mean NLL of the gold replies (for dialogue perplexity), under the distribution
+    decoding draws from: the tokens the task never generates (other tasks' special tokens, `<pad>`)
+    are left out of the softmax, so a combined model and the task's own checkpoint score alike."""
     from engines.generate import virtual_token_count
     from utils.data import with_virtual_tokens
     n_virtual = virtual_token_count(model, task_id)
     examples = training_examples(task, records, max_history, max_positions=max_positions - n_virtual, where=task.name)
     if n_virtual:
         examples = [with_virtual_tokens(e, n_virtual) for e in examples]
+    banned = list(banned_token_ids(task))
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
@@ -84,8 +87,10 @@ def teacher_forced_nll(model, task, records, max_history, task_id, batch_size, m
         extra = {"virtual_ids": batch["virtual_ids"]} if "virtual_ids" in batch else {}
         logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"],
                        task_ids=batch["task_ids"] if task_id >= 0 else None, use_cache=False, **extra).logits
+        logits = logits[:, :-1].float()
+        logits[..., banned] = -float("inf")  # a gold label is never banned: its own task's token or text
         labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
                                                  ignore_index=-100, reduction="sum")
         total += loss.item()
         count += (labels != -100).sum().item()
