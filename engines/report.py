@@ -216,11 +216,15 @@ def plot(curves, path):
     fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.5 * rows), squeeze=False)
     for ax in axes.flat[len(curves):]:
         ax.set_visible(False)
+    # One colour per setting across all panels, in order of first appearance.
+    labels = list(dict.fromkeys(label for runs in curves.values() for label in runs))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for ax, (task, runs) in zip(axes.flat, curves.items()):
         epochs = sorted({p[0] for points in runs.values() for p in points})
         ax.set_xticks(epochs if len(epochs) <= 12 else epochs[::math.ceil(len(epochs) / 12)])  # whole epochs
         for label, points in runs.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                    color=colors[label])
         ax.set_title(task)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation loss (NLL)")
