@@ -13,6 +13,11 @@
 #   adapter_gold  for the tasks whose adapters learn from distilled targets, adapters on the gold
 #                 targets as well -> adapter_gold_result/ (the distillation ablation)
 #   emb_only      only the task embeddings train (train.py --emb_only) -> emb_only_result/
+# and one more that only --stages names:
+#   methods       every per-task method (--methods) on each task with one shared budget: the
+#                 task's adapter epochs, batches and learning rate (--mini: 3 epochs), train.py
+#                 --method M -> methods_result/<M>/, collected into RESULTS/methods.md, methods.csv
+#                 and methods.png (python -m engines.methods_report)
 # and finally collects every metric into RESULTS/summary.md, summary.csv and val_loss.png
 # (python -m engines.report).
 #
@@ -37,6 +42,8 @@
 #   --out DIR               runs go to DIR/runs, results to DIR/results
 #                           (default: runs/repro and results)
 #   --no-distillation       train every adapter on the gold targets
+#   --methods LIST          comma-separated methods of the methods stage (default: all of
+#                           models/methods: adapter,houlsby,...,unipelt; composed ones as prefix+ln)
 #   --smoke                 tiny pipeline on the samples (default --out runs/smoke); it starts
 #                           afresh, deleting OUT/runs, OUT/results and OUT/data first
 #   --mini                  the comparison in miniature on the stand-in backbone and the samples
@@ -49,8 +56,11 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 export TOKENIZERS_PARALLELISM=false
 
-ALL_STAGES="finetune,adapter,adapter_gold,emb_only,combine,vlm,multitask"
+ALL_STAGES="finetune,adapter,adapter_gold,emb_only,combine,vlm,multitask,methods"
 DEFAULT_STAGES="finetune,adapter,combine,vlm,multitask"
+MINI_STAGES="finetune,adapter,adapter_gold,emb_only,combine,vlm,multitask"
+ALL_METHODS="adapter,houlsby,parallel,lora,prefix,prompt,ptuning,ln,adapterbias,compacter,krona,unipelt"
+METHOD_LIST=$ALL_METHODS
 ALL_TASKS="dialogue,qa,mt,summarization,nlg"
 STAGES=
 SKIP=()
@@ -76,6 +86,7 @@ while [[ $# -gt 0 ]]; do
         --stages) need_value "$@"; STAGES=$2; shift 2 ;;
         --skip) need_value "$@"; SKIP+=("$2"); shift 2 ;;
         --tasks) need_value "$@"; TASK_LIST=$2; shift 2 ;;
+        --methods) need_value "$@"; METHOD_LIST=$2; shift 2 ;;
         --model) need_value "$@"; MODEL=$2; shift 2 ;;
         --data) need_value "$@"; DATA=$2; shift 2 ;;
         --device) need_value "$@"; DEVICE=$2; shift 2 ;;
@@ -88,7 +99,7 @@ done
 # ---------------------------------------------------------------- checks of the choices
 [[ $SMOKE == 1 && $MINI == 1 ]] && die "--smoke and --mini exclude each other; choose one"
 if [[ -z $STAGES ]]; then
-    if [[ $MINI == 1 ]]; then STAGES=$ALL_STAGES; else STAGES=$DEFAULT_STAGES; fi
+    if [[ $MINI == 1 ]]; then STAGES=$MINI_STAGES; else STAGES=$DEFAULT_STAGES; fi
 fi
 if [[ -z $MODEL ]]; then
     if [[ $MINI == 1 ]]; then MODEL=data/gpt2-stand-in; else MODEL=gpt2; fi
@@ -97,6 +108,14 @@ in_list() { [[ ",$2," == *",$1,"* ]]; }
 IFS=, read -r -a TASKS <<< "$TASK_LIST"
 [[ ${#TASKS[@]} -gt 0 ]] || die "--tasks: empty list"
 for t in "${TASKS[@]}"; do in_list "$t" "$ALL_TASKS" || die "--tasks: unknown task '$t' (choose from $ALL_TASKS)"; done
+IFS=, read -r -a METHOD_NAMES <<< "$METHOD_LIST"
+[[ ${#METHOD_NAMES[@]} -gt 0 ]] || die "--methods: empty list"
+for m in "${METHOD_NAMES[@]}"; do
+    IFS=+ read -r -a parts <<< "$m"
+    for p in "${parts[@]}"; do
+        in_list "$p" "$ALL_METHODS" || die "--methods: unknown method '$p' (choose from $ALL_METHODS)"
+    done
+done
 IFS=, read -r -a WANTED <<< "$STAGES"
 for s in "${WANTED[@]}" "${SKIP[@]+"${SKIP[@]}"}"; do
     in_list "$s" "$ALL_STAGES" || die "unknown stage '$s' (choose from $ALL_STAGES)"
@@ -323,6 +342,29 @@ stage_vlm() {
         "${DECODE[@]+"${DECODE[@]}"}" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
 }
 
+# Every method of --methods on every task, with one shared budget per task: the adapters'
+# batches, accumulation, epochs and learning rate (--mini: 3 epochs), the gold targets.
+stage_methods() {
+    local t m dir epochs hyper
+    for t in "${TASKS[@]}"; do
+        read -r -a hyper <<< "$(adapter_hyper "$t" 0)"
+        epochs=${hyper[2]}
+        [[ $MINI == 1 ]] && epochs=3
+        for m in "${METHOD_NAMES[@]}"; do
+            echo "== methods: $t with $m"
+            dir=$RUNS/methods/${t}_$m
+            # shellcheck disable=SC2046
+            done_already "$dir" || run "$PYTHON" train.py --task "$t" --dataset_path "${DATASET[$t]}" \
+                --dataset_cache "$CACHE" --model_checkpoint "$MODEL" --max_history "$(max_history "$t")" \
+                --method "$m" $(hyper_flags "${hyper[0]}" "${hyper[1]}" "$epochs" "${hyper[3]}") \
+                --output_dir "$dir" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
+            evaluate_single "$t" "$dir" "$RESULTS/methods_result/$m"
+        done
+    done
+    echo "== methods: the comparison"
+    run "$PYTHON" -m engines.methods_report "$RESULTS" --runs "$RUNS" --tasks "$(IFS=,; echo "${TASKS[*]}")"
+}
+
 stage_multitask() {
     local pairs dir=$RUNS/multitask
     mapfile -t pairs < <(dataset_pairs)
@@ -346,6 +388,9 @@ main() {
     for stage in ${ALL_STAGES//,/ }; do
         if stage_on "$stage"; then "stage_$stage"; fi
     done
+    local summary=0
+    for stage in ${ALL_STAGES//,/ }; do [[ $stage != methods ]] && stage_on "$stage" && summary=1; done
+    [[ $summary == 1 ]] || return 0  # the methods stage wrote its own comparison
     echo "== summary"
     run "$PYTHON" -m engines.report "$RESULTS" --runs "$RUNS" --tasks "$(IFS=,; echo "${TASKS[*]}")"
 }

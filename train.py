@@ -33,6 +33,9 @@ def common_training_arguments(parser):
                         help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
     parser.add_argument("--local_rank", type=int, default=-1,
                         help="accepted for torch.distributed.launch; torchrun's environment is what is used")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_dir from its last complete checkpoint "
+                             "(give the run's own flags again)")
     return parser
 
 
@@ -61,9 +64,6 @@ def build_parser():
     parser.add_argument("--output_dir", type=str, default=None,
                         help="run folder (default: runs/<date>_<model>_<task>_<mode>_lr<lr>_ep<n>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of python and torch")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --output_dir from its last complete checkpoint "
-                             "(give the run's own flags again)")
     from engines.method_flags import add_method_arguments
     add_method_arguments(parser)
     return parser

@@ -6,12 +6,18 @@ decoded with task id -1 since it has no adapters).
 
     python train_vlm.py --gradient_accumulation_steps=16 --train_batch_size=1 --valid_batch_size=1 --n_epochs 3
     python train_vlm.py --tasks mt nlg --dataset_paths mt=data/NMT/data_en_ge.json nlg=data/NLG/data.json
+    python train_vlm.py --tasks mt nlg qa --method lora nlg=prefix+ln qa=adapter --lora_r 4
     torchrun --nproc_per_node 2 train_vlm.py ...             (distributed data parallel)
 
 Each epoch draws from task t a share proportional to n_t^(1/T) of all training examples
 (--temperature T; 1 = every example once, larger = closer to uniform over tasks). Batches mix
 tasks (--mix_tasks, the default) or hold one task each (--no-mix_tasks). Validation reports the
-token-level NLL and perplexity of every task after each epoch (metrics.jsonl)."""
+token-level NLL and perplexity of every task after each epoch (metrics.jsonl).
+
+--method gives every task, or each task (TASK=METHOD), any per-task method of train.py; tasks of
+different methods share batches and one forward pass, and each row's gradient reaches only its own
+task. Epoch checkpoints hold the training state: the same command with --resume continues a killed
+run and ends with the same weights."""
 import argparse
 import os
 import sys
@@ -54,6 +60,8 @@ def build_parser():
     parser.add_argument("--output_dir", type=str, default=None,
                         help="run folder (None: runs/<date>_VLM_multitask_<adapter|full>_<model>_T<T>_lr<lr>_ep<n>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of python, torch and the task sampler")
+    from engines.method_flags import add_method_arguments
+    add_method_arguments(parser, per_task=True)
     return parser
 
 

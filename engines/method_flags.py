@@ -28,12 +28,19 @@ def _parse(default):
     return type(default)
 
 
-def add_method_arguments(parser):
-    """--method and every method's option flags (default None: the paper's value)."""
+def add_method_arguments(parser, per_task=False):
+    """--method and every method's option flags (default None: the paper's value). per_task
+    (train_vlm.py): --method takes one method for every task and/or TASK=METHOD pairs."""
     group = parser.add_argument_group("per-task methods")
-    group.add_argument("--method", type=str, default=None,
-                       help=f"the task's module(s), joined by '+' (e.g. prefix+ln): {', '.join(METHODS)}; "
-                            "default: adapter with --adapter_bottleneck B > 0, else full fine-tuning")
+    if per_task:
+        group.add_argument("--method", nargs="+", default=None, metavar="[TASK=]METHOD",
+                           help=f"the tasks' module(s), joined by '+' (e.g. prefix+ln): {', '.join(METHODS)}; "
+                                "one name sets every task, TASK=METHOD one task (e.g. --method lora nlg=prefix+ln); "
+                                "default: every task's adapter with the task table's bottleneck")
+    else:
+        group.add_argument("--method", type=str, default=None,
+                           help=f"the task's module(s), joined by '+' (e.g. prefix+ln): {', '.join(METHODS)}; "
+                                "default: adapter with --adapter_bottleneck B > 0, else full fine-tuning")
     for name, cls in METHODS.items():
         for option, default in cls.defaults.items():
             if name == "adapter" and option == "bottleneck":
@@ -85,3 +92,48 @@ def resolve_methods(args, default_bottleneck):
 def method_tag(methods):
     """Short name of a task's methods for run folders: adapter100, lora, prefix+ln."""
     return "+".join(f"adapter{o['bottleneck']}" if n == "adapter" else n for n, o in methods.items())
+
+
+def task_method_specs(items, tasks):
+    """train_vlm.py's --method items -> {task: method spec}: a plain name sets every task (default
+    adapter), TASK=SPEC one task; unknown or repeated tasks and two plain names fail."""
+    plain = [item for item in items or [] if "=" not in item]
+    if len(plain) > 1:
+        raise VLMError(f"--method: {' '.join(plain)}: give one method for every task, then TASK=METHOD "
+                       f"for the tasks that differ")
+    specs = {task: plain[0] if plain else "adapter" for task in tasks}
+    named = set()
+    for item in items or []:
+        if "=" not in item:
+            continue
+        task, spec = (part.strip() for part in item.split("=", 1))
+        if task not in tasks:
+            raise VLMError(f"--method {item}: {task} is not in --tasks ({' '.join(tasks)})")
+        if task in named:
+            raise VLMError(f"--method {item}: {task} is given twice")
+        named.add(task)
+        specs[task] = spec
+    return specs
+
+
+def resolve_task_methods(args, bottlenecks):
+    """{task: {method: resolved options}} for train_vlm.py: each task's --method spec, the option
+    flags given for every task using that method, the adapter's bottleneck from `bottlenecks`
+    ({task: B}, the task table's). Option flags of a method no task uses are an error."""
+    specs = task_method_specs(args.method, list(bottlenecks))
+    names = {task: parse_method_spec(spec, "--method", f"{task}={spec}") for task, spec in specs.items()}
+    used = {name for task_names in names.values() for name in task_names}
+    for name in METHODS:
+        stray = given_options(args, name) if name not in used else {}
+        if stray:
+            raise VLMError(f"--{option_flag(name, next(iter(stray)))} is an option of {name}, which no task's "
+                           f"--method uses")
+    methods = {}
+    for task, task_names in names.items():
+        methods[task] = {}
+        for name in task_names:
+            options = given_options(args, name)
+            if name == "adapter":
+                options["bottleneck"] = bottlenecks[task]
+            methods[task][name] = method_class(name).resolve(options, f"--method {task}={specs[task]}")
+    return methods

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import time
 from datetime import datetime
 from itertools import chain
 from types import SimpleNamespace
@@ -24,19 +23,14 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader
 
-import ignite.distributed as idist
-from ignite.engine import Events
-from ignite.metrics import RunningAverage
-
-from engines.specs import adapter_specs
+from engines.method_flags import method_tag, resolve_task_methods
+from engines.specs import builtin_spec
 from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import collate, load_task_data, load_tokenizer, training_examples
 from utils.errors import VLMError
 from utils.tasks import TASKS, parse_dataset_paths
-from engines.training import (METRICS_FILE, CheckpointKeeper, MetricsLog, TrainResult, attach_lr_schedule,
-                            check_numbers, check_output_dir, checkpoint_saver, create_evaluator, create_trainer,
-                            json_ready, make_loader, open_run_outputs, parse_fp16, run_distributed, run_epochs,
-                            set_seed, trainable_line)
+from engines.training import (RunPlan, add_virtual_positions, check_numbers, check_run_folder, json_ready,
+                              make_loader, parse_fp16, run_distributed, train_run)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +39,10 @@ DEFAULTS = {"train_batch_size": 1, "valid_batch_size": 1, "gradient_accumulation
 # Their script defaulted to 6.25e-5 for every run: right for full fine-tuning, while adapters and
 # task embeddings start from scratch and train with 5e-4 in their single-task run.sh (qa, mt, summarization).
 DEFAULT_LR = {"adapter": 5e-4, "full": 6.25e-5}
+# The flags that decide the course of training: --resume refuses a run started with other values.
+RESUME_SETTINGS = ("tasks", "model_checkpoint", "dataset_paths", "no_adapter", "methods", "temperature", "mix_tasks",
+                   "max_history", "train_batch_size", "gradient_accumulation_steps", "lr", "max_norm", "n_epochs",
+                   "seed", "fp16")
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -78,12 +76,22 @@ def check_temperature(value):
         raise VLMError(f"--temperature must be a positive number (1: proportional to dataset size), got {value}")
 
 
+def run_tag(args, mode):
+    """adapter | full | the one method every task uses (lora, prefix+ln) | mixed."""
+    if mode == "full":
+        return "full"
+    names = {"+".join(methods) for methods in args.methods.values()}
+    if names == {"adapter"}:
+        return "adapter"
+    return method_tag(next(iter(args.methods.values()))) if len(names) == 1 else "mixed"
+
+
 def default_output_dir(args, mode, now=None):
-    """runs/<MonDD_HH-MM-SS>_VLM_multitask_<adapter|full>_<model>[_<tasks>]_T<T>_lr<lr>_ep<n>."""
+    """runs/<MonDD_HH-MM-SS>_VLM_multitask_<adapter|full|method|mixed>_<model>[_<tasks>]_T<T>_lr<lr>_ep<n>."""
     stamp = (now or datetime.now()).strftime("%b%d_%H-%M-%S")
     model = os.path.basename(os.path.normpath(args.model_checkpoint)) or "model"
     tasks = "" if len(args.tasks) == len(TASKS) else "_" + "-".join(args.tasks)
-    return os.path.join("runs", f"{stamp}_VLM_multitask_{mode}_{model}{tasks}_T{args.temperature:g}"
+    return os.path.join("runs", f"{stamp}_VLM_multitask_{run_tag(args, mode)}_{model}{tasks}_T{args.temperature:g}"
                                 f"_lr{args.lr:g}_ep{args.n_epochs}")
 
 
@@ -93,6 +101,12 @@ def prepare_multitask_args(args):
     mode = "full" if args.no_adapter else "adapter"
     args.tasks = parse_tasks(args.tasks)
     args.dataset_paths = task_dataset_paths(args.dataset_paths, args.tasks)
+    if args.no_adapter and args.method:
+        raise VLMError(f"--no_adapter fine-tunes all of GPT-2 with no per-task modules; drop --method "
+                       f"{' '.join(args.method)}")
+    # {task: {method: options}}; checked even with --no_adapter, so stray option flags fail
+    args.methods = resolve_task_methods(args, {name: TASKS[name].bottleneck for name in args.tasks}) \
+        if mode == "adapter" else {}
     check_temperature(args.temperature)
     for name, value in DEFAULTS.items():
         if getattr(args, name, None) is None:
@@ -105,8 +119,10 @@ def prepare_multitask_args(args):
     if not args.device:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.output_dir:
+        if getattr(args, "resume", False):
+            raise VLMError("--resume needs --output_dir: the folder of the run to continue")
         args.output_dir = default_output_dir(args, mode)
-    check_output_dir(args.output_dir)
+    check_run_folder(args)
     for task, path in args.dataset_paths.items():
         if not os.path.isfile(path):
             raise VLMError(f"--dataset_paths {task}={path}: dataset file not found")
@@ -226,18 +242,21 @@ def load_all_tasks(args, tokenizer):
     return data
 
 
-def task_examples(args, data, max_positions):
+def task_examples(args, data, max_positions, virtual_tokens=None):
     """{task: (train examples, validation examples)}, every example tagged with its task_id
-    (collate() reads it per row, so one batch can hold several tasks)."""
+    (collate() reads it per row, so one batch can hold several tasks) and led by its task's
+    virtual-token positions (`virtual_tokens`: {task: count}, prompt and p-tuning methods)."""
     examples = {}
     for name in args.tasks:
         task, path = TASKS[name], args.dataset_paths[name]
         max_history = task.max_history if args.max_history is None else args.max_history
+        n_virtual = (virtual_tokens or {}).get(name, 0)
         train_split, valid_split = task.splits
         pair = []
         for split in (train_split, valid_split):
-            split_examples = training_examples(task, data[name][split], max_history, max_positions=max_positions,
-                                               where=f"{path} split {split!r}")
+            split_examples = training_examples(task, data[name][split], max_history,
+                                               max_positions=max_positions - n_virtual, where=f"{path} split {split!r}")
+            split_examples = add_virtual_positions(split_examples, n_virtual)
             for example in split_examples:
                 example["task_id"] = task.task_id
             pair.append(split_examples)
@@ -273,98 +292,38 @@ def run_multitask(args):
     engines.training.TrainResult (the in-memory model, unwrapped; metrics on rank 0 only)."""
     mode = prepare_multitask_args(args)
     fp16 = parse_fp16(args.fp16)
-    return run_distributed(args.device, fp16, lambda device: _run(args, mode, device, fp16))
+    return run_distributed(args.device, fp16, lambda device: train_run(
+        args, device, fp16, RESUME_SETTINGS, lambda world_size, rank: multitask_plan(args, mode, world_size, rank)))
 
 
-def format_validation(epoch, per_task, mean):
-    parts = [f"{task} nll {m['nll']:.4f} ppl {m['ppl']:.3f}" for task, m in per_task.items()]
-    return f"validation after epoch {epoch}: " + ", ".join(parts) + f"; mean nll {mean:.4f}"
-
-
-def _run(args, mode, device, fp16):
-    world_size, rank = idist.get_world_size(), idist.get_rank()
-    main_process = rank == 0
-    set_seed(args.seed)
-
+def multitask_plan(args, mode, world_size, rank):
+    """train_vlm.py's RunPlan: every task's data in one sampler; each task's methods and rows on a
+    frozen backbone (mode adapter) or all of GPT-2 (full, rows decoded as plain GPT-2)."""
     tokenizer = load_tokenizer(args.model_checkpoint)
     data = load_all_tasks(args, tokenizer)  # bad data files stop here, before the model loads
-    specs = adapter_specs({name: TASKS[name].bottleneck for name in args.tasks}) if mode == "adapter" else []
+    specs = [builtin_spec(name, args.methods[name]) for name in args.tasks] if mode == "adapter" else []
     model = VersatileLM.from_pretrained(args.model_checkpoint, specs)
     fingerprint = backbone_fingerprint(model.gpt2) if mode == "adapter" else None
-    examples = task_examples(args, data, model.config.n_positions)
+    virtual = {name: model.tasks[name].num_virtual_tokens for name in args.tasks if name in model.tasks}
+    examples = task_examples(args, data, model.config.n_positions, virtual)
     train_loader, valid_loaders = make_multitask_loaders(examples, args, world_size, rank)
     sampler = train_loader.batch_sampler
 
-    model.to(device)
-    parameters = model.mark_trainable(mode, args.tasks)
-    if main_process:
-        print(trainable_line(model, mode, args.tasks))
+    def describe(device):
         for name in args.tasks:
-            logger.info("%s: %d training examples, %d drawn per epoch; %d validation examples", name,
-                        sampler.sizes[name], sampler.counts[name], len(examples[name][1]))
+            logger.info("%s: %d training examples, %d drawn per epoch; %d validation examples%s", name,
+                        sampler.sizes[name], sampler.counts[name], len(examples[name][1]),
+                        f"; {method_tag(args.methods[name])}" if mode == "adapter" else "")
         logger.info("%d batches per epoch and process (%s, temperature %g); mode %s on %s%s", len(train_loader),
                     "tasks mixed in batches" if args.mix_tasks else "one task per batch", args.temperature, mode,
                     device, f" x {world_size} processes" if world_size > 1 else "")
         for name in (n for n, count in sampler.counts.items() if count == 0):
             logger.warning("%s: temperature %g draws none of its examples per epoch", name, args.temperature)
-    use_task_ids = mode == "adapter"  # the full model has no adapters: its rows run as plain GPT-2
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
-    train_model = model
-    if world_size > 1:
-        # A batch need not hold every task, so some adapters get no gradient in a step.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=mode == "adapter")
 
-    trainer = create_trainer(train_model, optimizer, parameters, device, args.gradient_accumulation_steps,
-                             args.max_norm, fp16, use_task_ids)
-    evaluators = {name: create_evaluator(model, device, fp16, use_task_ids) for name in args.tasks}
-    attach_lr_schedule(trainer, optimizer, args.lr, args.n_epochs * len(train_loader))
-    RunningAverage(output_transform=lambda loss: loss).attach(trainer, "loss")
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
-
-    output_dir = args.output_dir
-    metrics_log = MetricsLog(os.path.join(output_dir, METRICS_FILE))
     extra = {"training_args": json_ready(args),
              "multitask": {"tasks": list(args.tasks), "temperature": args.temperature, "mix_tasks": args.mix_tasks,
                            "examples_per_epoch": dict(sampler.counts)}}
-    save = checkpoint_saver(model, tokenizer, mode, args.tasks, args.model_checkpoint, fingerprint, extra,
-                            f"multi-task {mode}")
-    keeper = CheckpointKeeper(output_dir, save)
-    pbar = None
-    tb_logger = None
-    start = time.time()
-
-    def validate(engine):
-        # Every process runs every task's evaluator in the same order: the metrics all-reduce.
-        per_task = {}
-        for name in args.tasks:
-            metrics = evaluators[name].run(valid_loaders[name]).metrics
-            per_task[name] = {"nll": metrics["nll"], "ppl": metrics["ppl"]}
-        if not main_process:
-            return
-        mean = sum(m["nll"] for m in per_task.values()) / len(per_task)
-        loss = engine.state.metrics.get("loss")
-        record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
-                  "train_loss": None if loss is None else float(loss),
-                  "val": {name: {"nll": m["nll"], "ppl": m["ppl"] if math.isfinite(m["ppl"]) else None}
-                          for name, m in per_task.items()},
-                  "val_nll_mean": mean, "lr": optimizer.param_groups[0]["lr"],
-                  "elapsed": round(time.time() - start, 3)}
-        metrics_log.add(record)
-        message = format_validation(engine.state.epoch, per_task, mean)
-        (pbar.log_message if pbar is not None else print)(message)
-
-    if main_process:
-        pbar, tb_logger = open_run_outputs(output_dir, args, trainer, evaluators, optimizer)
-    if args.eval_before_start:
-        trainer.add_event_handler(Events.STARTED, validate)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
-    if main_process:
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: keeper(e.state.epoch))
-
-    run_epochs(trainer, train_loader, args.n_epochs, validate, pbar, tb_logger, output_dir)
-    if main_process:
-        save(output_dir)
-        print(f"model saved to {output_dir}")
-    return TrainResult(model, tokenizer, output_dir, metrics_log.records, mode)
+    # A batch need not hold every task, so under DDP some tasks' modules get no gradient in a step.
+    return RunPlan(model, tokenizer, mode, list(args.tasks), mode, fingerprint, train_loader, valid_loaders,
+                   use_task_ids=mode == "adapter", extra=extra, per_task_metrics=True,
+                   find_unused_parameters=mode == "adapter", describe=describe)

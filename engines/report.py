@@ -77,9 +77,10 @@ def backbone_parameters(gpt2_config):
 
 
 def task_parameters(sizes, task):
-    """Parameters a task owns in an adapter file: its adapters and its task-embedding rows."""
+    """Parameters a task owns in an adapter file: its adapters or other methods' tensors and its
+    task-embedding rows."""
     return sum(n for key, n in sizes.items()
-               if key.startswith(f"adapters.{task}.") or key == f"task_embeddings.{task}")
+               if key.startswith((f"adapters.{task}.", f"methods.{task}.")) or key == f"task_embeddings.{task}")
 
 
 def checkpoint_parameters(folder, setting, task, cache):

@@ -148,12 +148,7 @@ def prepare_args(args):
         if resume:
             raise VLMError("--resume needs --output_dir: the folder of the run to continue")
         args.output_dir = default_output_dir(args, mode)
-    if resume:
-        if latest_complete_checkpoint(args.output_dir) is None:
-            raise VLMError(f"--resume: no complete {CHECKPOINT_PREFIX}<N>/ checkpoint (with {TRAINING_STATE}) "
-                           f"in --output_dir {args.output_dir}")
-    else:
-        check_output_dir(args.output_dir)
+    check_run_folder(args)
     if not os.path.isfile(args.dataset_path):
         raise VLMError(f"--dataset_path {args.dataset_path}: dataset file not found")
     return task, mode
@@ -594,7 +589,8 @@ def restore_optimizer(optimizer, state, tensors, where):
         raise VLMError(f"{where}: optimizer state does not fit this model ({error})") from None
 
 
-def write_training_state(path, trainer, optimizer, scheduler, sampler, args):
+def write_training_state(path, trainer, optimizer, scheduler, sampler, args, settings=RESUME_SETTINGS,
+                         running_loss=None):
     """The training-state files of a checkpoint folder; TRAINING_STATE (the JSON) comes last."""
     optimizer_json, tensors = optimizer_state(optimizer)
     random_json, random_tensors = random_states()
@@ -608,7 +604,8 @@ def write_training_state(path, trainer, optimizer, scheduler, sampler, args):
              "lr_scheduler": dict(scheduler.state_dict()) if scheduler is not None else None,
              "grad_scaler": dict(scaler.state_dict()) if scaler is not None else None,
              "optimizer": optimizer_json, "random": random_json,
-             "settings": {name: getattr(args, name) for name in RESUME_SETTINGS}}
+             "running_loss": None if running_loss is None else float(running_loss),
+             "settings": {name: getattr(args, name) for name in settings}}
     write_json(os.path.join(path, TRAINING_STATE), state)
 
 
@@ -627,8 +624,8 @@ def read_training_state(path):
     return state, tensors
 
 
-def check_resume_settings(state, args, path):
-    for name in RESUME_SETTINGS:
+def check_resume_settings(state, args, path, settings=RESUME_SETTINGS):
+    for name in settings:
         saved, now = state["settings"].get(name), getattr(args, name)
         if saved != now:
             raise VLMError(f"--resume: {path} was trained with --{name} {saved}, not {now}; "
@@ -801,7 +798,72 @@ def run_distributed(device_name, fp16, body):
         idist.finalize()
 
 
+@dataclass
+class RunPlan:
+    """What one training run trains and on which data, built by train.py's or train_vlm.py's side;
+    `train_run` does the rest the same way for both (engines, schedule, validation, checkpoints,
+    --resume, progress and the final save)."""
+    model: VersatileLM
+    tokenizer: object
+    mode: str               # the mark_trainable mode: full | adapter | emb_only | outputlayer_only
+    tasks: object           # a task name (train.py) or a list of names (train_vlm.py)
+    checkpoint_mode: str    # what the saved checkpoint is: "adapter" (task modules only) or "full"
+    fingerprint: object     # the frozen backbone's fingerprint, None when the backbone trains
+    train_loader: DataLoader
+    valid_loaders: dict     # {task: validation loader}
+    use_task_ids: bool      # rows run their task's modules (False: plain GPT-2, task id -1)
+    extra: dict             # extra checkpoint config entries
+    per_task_metrics: bool  # metrics.jsonl records "val": {task: ...} (train_vlm.py) or val_nll/val_ppl
+    find_unused_parameters: bool = False  # DDP: a batch may leave some tasks' modules without gradient
+    describe: object = None  # main process, after the trainable line: logs the data and the setting
+
+
+def format_validation(epoch, per_task, mean):
+    parts = [f"{task} nll {m['nll']:.4f} ppl {m['ppl']:.3f}" for task, m in per_task.items()]
+    return f"validation after epoch {epoch}: " + ", ".join(parts) + f"; mean nll {mean:.4f}"
+
+
+def check_run_folder(args):
+    """--output_dir for a new run must be new or empty; for --resume it must hold a complete checkpoint."""
+    if getattr(args, "resume", False):
+        if latest_complete_checkpoint(args.output_dir) is None:
+            raise VLMError(f"--resume: no complete {CHECKPOINT_PREFIX}<N>/ checkpoint (with {TRAINING_STATE}) "
+                           f"in --output_dir {args.output_dir}")
+    else:
+        check_output_dir(args.output_dir)
+
+
 def _run(args, task, mode, device, fp16):
+    return train_run(args, device, fp16, RESUME_SETTINGS,
+                     lambda world_size, rank: single_task_plan(args, task, mode, world_size, rank))
+
+
+def single_task_plan(args, task, mode, world_size, rank):
+    """train.py's RunPlan: one task's data and model (its methods, its rows, or all of GPT-2)."""
+    tokenizer = load_tokenizer(args.model_checkpoint)
+    data = load_splits(args, task, tokenizer)  # bad data files stop here, before the model loads
+    model = build_model(args, task, mode)
+    fingerprint = backbone_fingerprint(model.gpt2) if mode in ("adapter", "emb_only") else None
+    n_virtual = model.tasks[task.name].num_virtual_tokens if task.name in model.tasks else 0
+    train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions - n_virtual)
+    train_examples = add_virtual_positions(train_examples, n_virtual)
+    valid_examples = add_virtual_positions(valid_examples, n_virtual)
+    train_loader, valid_loader = make_loaders(train_examples, valid_examples, task.task_id, args, world_size, rank)
+
+    def describe(device):
+        logger.info("%s: %d training examples, %d batches per epoch and process, %d validation examples; mode %s on %s%s",
+                    task.name, len(train_examples), len(train_loader), len(valid_examples), mode, device,
+                    f" x {world_size} processes" if world_size > 1 else "")
+    return RunPlan(model, tokenizer, mode, task.name, "adapter" if mode in ("adapter", "emb_only") else "full",
+                   fingerprint, train_loader, {task.name: valid_loader}, task.name in model.tasks,
+                   {"training_args": json_ready(args)}, per_task_metrics=False, describe=describe)
+
+
+def train_run(args, device, fp16, settings, build_plan):
+    """The run loop of train.py and train_vlm.py: build_plan(world_size, rank) -> RunPlan, then
+    train it for args.n_epochs with args.lr, args.gradient_accumulation_steps, args.max_norm,
+    validating and checkpointing every epoch into args.output_dir; with args.resume, continue
+    from its last complete checkpoint (`settings`: the flags that must not change). Returns a TrainResult."""
     world_size, rank = idist.get_world_size(), idist.get_rank()
     main_process = rank == 0
     set_seed(args.seed)
@@ -809,38 +871,31 @@ def _run(args, task, mode, device, fp16):
     resume_path = latest_complete_checkpoint(args.output_dir) if getattr(args, "resume", False) else None
     if resume_path is not None:  # a damaged or mismatched state stops here, before data and model load
         resume_state, resume_tensors = read_training_state(resume_path)
-        check_resume_settings(resume_state, args, resume_path)
-    tokenizer = load_tokenizer(args.model_checkpoint)
-    data = load_splits(args, task, tokenizer)  # bad data files stop here, before the model loads
-    model = build_model(args, task, mode)
-    fingerprint = backbone_fingerprint(model.gpt2) if mode in ("adapter", "emb_only") else None
+        check_resume_settings(resume_state, args, resume_path, settings)
+    plan = build_plan(world_size, rank)
+    model, train_loader = plan.model, plan.train_loader
     if resume_path is not None:
         load_trained_weights(model, resume_path)
-    n_virtual = model.tasks[task.name].num_virtual_tokens if task.name in model.tasks else 0
-    train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions - n_virtual)
-    train_examples = add_virtual_positions(train_examples, n_virtual)
-    valid_examples = add_virtual_positions(valid_examples, n_virtual)
-    train_loader, valid_loader = make_loaders(train_examples, valid_examples, task.task_id, args, world_size, rank)
 
     model.to(device)
-    parameters = model.mark_trainable(mode, task.name)
+    parameters = model.mark_trainable(plan.mode, plan.tasks)
     if main_process:
-        print(trainable_line(model, mode, task.name))
-        logger.info("%s: %d training examples, %d batches per epoch and process, %d validation examples; mode %s on %s%s",
-                    task.name, len(train_examples), len(train_loader), len(valid_examples), mode, device,
-                    f" x {world_size} processes" if world_size > 1 else "")
-    use_task_ids = task.name in model.tasks
+        print(trainable_line(model, plan.mode, plan.tasks))
+        if plan.describe is not None:
+            plan.describe(device)
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     train_model = model
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=plan.find_unused_parameters)
 
     trainer = create_trainer(train_model, optimizer, parameters, device, args.gradient_accumulation_steps,
-                             args.max_norm, fp16, use_task_ids)
-    evaluator = create_evaluator(model, device, fp16, use_task_ids)
+                             args.max_norm, fp16, plan.use_task_ids)
+    evaluators = {name: create_evaluator(model, device, fp16, plan.use_task_ids) for name in plan.valid_loaders}
     scheduler = attach_lr_schedule(trainer, optimizer, args.lr, args.n_epochs * len(train_loader))
-    RunningAverage(output_transform=lambda loss: loss).attach(trainer, "loss")
+    running_loss = RunningAverage(output_transform=lambda loss: loss)
+    running_loss.attach(trainer, "loss")
     # The batch order of an epoch depends only on (seed, epoch): a resumed epoch replays it exactly.
     sampler = train_loader.batch_sampler
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
@@ -857,33 +912,50 @@ def _run(args, task, mode, device, fp16):
         sampler.set_epoch(resume_state["sampler_epoch"])
         metrics_log.records = read_metrics(os.path.join(output_dir, METRICS_FILE),
                                            resume_state["engine"]["iteration"])
-    checkpoint_mode = "adapter" if mode in ("adapter", "emb_only") else "full"
-    extra = {"training_args": json_ready(args)}
+        if resume_state.get("running_loss") is not None:
+            # After the metric's own reset at STARTED (registered before this), so the logged
+            # training loss continues as in the uninterrupted run.
+            trainer.add_event_handler(Events.STARTED, lambda _: setattr(running_loss, "_value",
+                                                                        resume_state["running_loss"]))
 
-    save = checkpoint_saver(model, tokenizer, checkpoint_mode, [task.name], args.model_checkpoint, fingerprint,
-                            extra, mode)
+    save = checkpoint_saver(model, plan.tokenizer, plan.checkpoint_mode,
+                            [plan.tasks] if isinstance(plan.tasks, str) else plan.tasks,
+                            args.model_checkpoint, plan.fingerprint, plan.extra, plan.mode)
     keeper = CheckpointKeeper(output_dir, save, save_state=lambda path: write_training_state(
-        path, trainer, optimizer, scheduler, sampler, args))
+        path, trainer, optimizer, scheduler, sampler, args, settings, running_loss._value))
     pbar = None
     tb_logger = None
     start = time.time()
 
     def validate(engine):
-        state = evaluator.run(valid_loader)
-        nll, ppl = state.metrics["nll"], state.metrics["ppl"]
+        # Every process runs every evaluator in the same order: the metrics all-reduce.
+        per_task = {}
+        for name, loader in plan.valid_loaders.items():
+            metrics = evaluators[name].run(loader).metrics
+            per_task[name] = {"nll": metrics["nll"], "ppl": metrics["ppl"]}
         if not main_process:
             return
         loss = engine.state.metrics.get("loss")
         record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
-                  "train_loss": None if loss is None else float(loss), "val_nll": nll,
-                  "val_ppl": ppl if math.isfinite(ppl) else None, "lr": optimizer.param_groups[0]["lr"],
-                  "elapsed": round(time.time() - start, 3)}
+                  "train_loss": None if loss is None else float(loss)}
+        if plan.per_task_metrics:
+            mean = sum(m["nll"] for m in per_task.values()) / len(per_task)
+            record["val"] = {name: {"nll": m["nll"], "ppl": m["ppl"] if math.isfinite(m["ppl"]) else None}
+                             for name, m in per_task.items()}
+            record["val_nll_mean"] = mean
+            message = format_validation(engine.state.epoch, per_task, mean)
+        else:
+            (nll, ppl), = ((m["nll"], m["ppl"]) for m in per_task.values())
+            record.update(val_nll=nll, val_ppl=ppl if math.isfinite(ppl) else None)
+            message = f"validation after epoch {engine.state.epoch}: nll {nll:.4f}, ppl {ppl:.3f}"
+        record.update(lr=optimizer.param_groups[0]["lr"], elapsed=round(time.time() - start, 3))
         metrics_log.add(record)
-        message = f"validation after epoch {engine.state.epoch}: nll {nll:.4f}, ppl {ppl:.3f}"
         (pbar.log_message if pbar is not None else logger.info)(message)
 
     if main_process:
-        pbar, tb_logger = open_run_outputs(output_dir, args, trainer, evaluator, optimizer)
+        pbar, tb_logger = open_run_outputs(output_dir, args, trainer,
+                                           evaluators if plan.per_task_metrics else next(iter(evaluators.values())),
+                                           optimizer)
     if args.eval_before_start and resume_path is None:  # a resumed run has that record already
         trainer.add_event_handler(Events.STARTED, validate)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
@@ -902,4 +974,4 @@ def _run(args, task, mode, device, fp16):
     if main_process:
         save(output_dir)
         print(f"model saved to {output_dir}")
-    return TrainResult(model, tokenizer, output_dir, metrics_log.records, mode)
+    return TrainResult(model, plan.tokenizer, output_dir, metrics_log.records, plan.mode)

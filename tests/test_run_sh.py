@@ -373,3 +373,84 @@ def test_smoke_run_completes_and_writes_the_summary(tmp_path):
     assert json.loads((out / "runs" / "mt_adapter" / "training_args.json").read_text())["distillation"] is True
     assert json.loads((out / "runs" / "VLM" / "manifest.json").read_text())["verification"][
         "max_abs_logit_difference"] == {"mt": 0.0}
+
+
+# --- the methods stage and its comparison (engines/methods_report.py) -----------------------------
+def test_methods_stage_trains_every_method_with_the_tasks_one_budget():
+    result = run_sh("--dry-run", "--stages", "methods", "--tasks", "mt,nlg", "--methods", "lora,prefix+ln",
+                    "--out", "/tmp/m")
+    assert result.returncode == 0, result.stderr
+    cmds = commands(result.stdout)
+    for task, budget in (("mt", ["8", "4", "8", "0.0005"]), ("nlg", ["8", "4", "10", "0.005"])):
+        trains = script_calls(cmds, "train.py", task)
+        assert [flag(c, "--method") for c in trains] == ["lora", "prefix+ln"]
+        for c, method in zip(trains, ("lora", "prefix+ln")):
+            assert [flag(c, f) for f in ("--train_batch_size", "--gradient_accumulation_steps", "--n_epochs")] + \
+                [str(float(flag(c, "--lr")))] == budget[:3] + [budget[3]]
+            assert flag(c, "--output_dir") == f"/tmp/m/runs/methods/{task}_{method}"
+            assert "--distillation" not in c and "--adapter_bottleneck" not in c
+        assert [flag(c, "--output_dir") for c in script_calls(cmds, "evaluate.py", task)] == [
+            "/tmp/m/results/methods_result/lora", "/tmp/m/results/methods_result/prefix+ln"]
+    report = [c for c in cmds if "engines.methods_report" in c]
+    assert report == [["/bin/false", "-m", "engines.methods_report", "/tmp/m/results", "--runs", "/tmp/m/runs",
+                       "--tasks", "mt,nlg"]]
+    assert not [c for c in cmds if "engines.report" in c]  # no summary of stages that did not run
+    mini = commands(run_sh("--dry-run", "--mini", "--stages", "methods", "--tasks", "mt", "--methods", "ln").stdout)
+    assert flag(script_calls(mini, "train.py", "mt")[0], "--n_epochs") == "3"
+    assert not script_calls(commands(run_sh("--dry-run", "--mini").stdout), "train.py", "mt")[-1].count("--method")
+
+
+def test_methods_stage_refuses_an_unknown_method():
+    result = run_sh("--dry-run", "--stages", "methods", "--methods", "lora,prefix+lorra")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("run.sh: --methods: unknown method 'lorra' (choose from adapter,houlsby,"
+                                     "parallel,lora,prefix,prompt,ptuning,ln,adapterbias,compacter,krona,unipelt)")
+
+
+def method_checkpoint(folder, task, keys, val_ppls):
+    """A task-modules checkpoint whose tensors are `keys` ({name: element count}) + 3 row values."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = {key: torch.zeros(n) for key, n in keys.items()}
+    tensors[f"task_embeddings.{task}"] = torch.zeros(1, 3)
+    save_file(tensors, os.path.join(folder, "adapters.safetensors"))
+    with open(os.path.join(folder, "vlm_config.json"), "w") as f:
+        json.dump({"format": "vlm", "mode": "adapter", "tasks": {task: {}},
+                   "gpt2_config": dict(SMALL, vocab_size=GPT2_VOCAB_SIZE + 30)}, f)
+    write_jsonl(os.path.join(folder, "metrics.jsonl"),
+                [{"epoch": i + 1, "val_nll": 1.0, "val_ppl": p} for i, p in enumerate(val_ppls)])
+
+
+def test_methods_report_table_csv_and_plot(fake_tree):
+    results, runs = fake_tree
+    write_metrics(results, "methods_result/lora", "mt", {"bleu": 12.5, "rouge1": 0.25})
+    write_metrics(results, "methods_result/prefix+ln", "mt", {"bleu": 7.0})
+    write_metrics(results, "methods_result/adapter", "mt", {"bleu": 19.0})
+    method_checkpoint(f"{runs}/methods/mt_lora", "mt", {"methods.mt.lora.0.q.a": 8, "methods.mt.lora.0.q.b": 4}, [9.0, 8.0])
+    method_checkpoint(f"{runs}/methods/mt_prefix+ln", "mt", {"methods.mt.prefix.keys": 6, "methods.mt.ln.0.ln_1.weight": 5}, [7.5])
+    method_checkpoint(f"{runs}/methods/mt_adapter", "mt", {"adapters.mt.0.project_down.weight": 20}, [6.0])
+    write_jsonl(f"{runs}/mt_full/metrics.jsonl", [{"epoch": 1, "val_nll": 3.0, "val_ppl": 20.1}])
+    result = run_script("-m", "engines.methods_report", results, "--runs", runs, "--tasks", "mt,nlg")
+    assert result.returncode == 0, result.stderr
+    backbone = small_backbone_parameters()
+    with open(os.path.join(results, "methods.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [
+        ["task", "method", "parameters", "extra_parameters_pct", "val_ppl", "bleu", "rouge1"],
+        ["mt", "fine-tune", "33", "100.0", "20.1", "20.5", "0.25"],  # the finetune stage's run, as reference
+        ["mt", "adapter", "23", repr(100.0 * 23 / backbone), "6.0", "19.0", ""],  # registry order
+        ["mt", "lora", "15", repr(100.0 * 15 / backbone), "8.0", "12.5", "0.25"],  # the last epoch's ppl
+        ["mt", "prefix+ln", "14", repr(100.0 * 14 / backbone), "7.5", "7.0", ""]]  # composed methods last
+    with open(os.path.join(results, "methods.md")) as f:
+        table = f.read()
+    assert "| lora | 15 | " + f"{100.0 * 15 / backbone:.4g}" + " | 8 | 12.5 | 0.25 |" in table
+    assert "## nlg" not in table  # no method ran on nlg
+    with open(os.path.join(results, "methods.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "wrote " in result.stdout
+
+
+def test_methods_report_without_method_results_is_one_error_line(fake_tree):
+    results, runs = fake_tree
+    result = run_script("-m", "engines.methods_report", results, "--runs", runs, "--tasks", "mt")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {results}/methods_result: no <method>/<task>_metrics.json for tasks mt"

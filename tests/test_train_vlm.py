@@ -4,22 +4,25 @@ trained, per-task validation), --no_adapter full fine-tuning, user errors and to
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from datetime import datetime
 
 import pytest
 import torch
 from conftest import REPO
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import train_vlm
 from models.checkpoint import load_checkpoint
-from engines.specs import adapter_specs
+from engines.specs import adapter_specs, builtin_spec
 from models.vlm import VersatileLM, backbone_fingerprint
 from engines import multitask
-from utils.data import IGNORE_INDEX, collate, load_task_data, load_tokenizer, training_examples
+from utils.data import IGNORE_INDEX, collate, load_task_data, load_tokenizer, training_examples, with_virtual_tokens
 from engines.multitask import MultiTaskBatchSampler
 from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
 from engines.training import backbone_parameter_count
@@ -72,14 +75,18 @@ def vlm_valid_examples(task_name, path):
     return training_examples(task, records, task.max_history, max_positions=512)
 
 
-def vlm_exact_nll(model, examples, task_id):
-    """Token-level mean NLL one example at a time (no padding, no batching, no other task)."""
+def vlm_exact_nll(model, examples, task_id, task_name=None):
+    """Token-level mean NLL one example at a time (no padding, no batching, no other task), led
+    by the task's virtual tokens when its method has them."""
+    n_virtual = model.tasks[task_name].num_virtual_tokens if task_name in model.tasks else 0
+    examples = [with_virtual_tokens(e, n_virtual) for e in examples] if n_virtual else examples
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for e in examples:
+            virtual = torch.tensor([e["virtual_ids"]]) if n_virtual else None
             loss = model(torch.tensor([e["input_ids"]]), token_type_ids=torch.tensor([e["token_type_ids"]]),
-                         task_ids=task_id, labels=torch.tensor([e["labels"]])).loss.item()
+                         task_ids=task_id, labels=torch.tensor([e["labels"]]), virtual_ids=virtual).loss.item()
             n = sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX)
             total, count = total + loss * n, count + n
     return total / count
@@ -93,7 +100,7 @@ def vlm_check_per_task_validation(records, model, data, task_ids):
             assert m["ppl"] == pytest.approx(math.exp(m["nll"]), rel=1e-12)
         assert r["val_nll_mean"] == pytest.approx((r["val"]["mt"]["nll"] + r["val"]["nlg"]["nll"]) / 2, rel=1e-12)
     for name in ("mt", "nlg"):
-        nll = vlm_exact_nll(model, vlm_valid_examples(name, data[name]), task_ids[name])
+        nll = vlm_exact_nll(model, vlm_valid_examples(name, data[name]), task_ids[name], name)
         assert records[-1]["val"][name]["nll"] == pytest.approx(nll, rel=1e-5), name
 
 
@@ -256,6 +263,97 @@ def test_single_task_batches_leave_the_backbone_and_other_rows_bit_identical(tmp
     assert result.metrics[-1]["epoch"] == 1 and set(result.metrics[-1]["val"]) == {"mt", "nlg"}
 
 
+# --- 2b. tasks of different methods in one run -------------------------------------------------
+MIXED_METHODS = ["--method", "lora", "nlg=prompt+ln", "--prompt_length", "3", "--lora_r", "2"]
+
+
+def test_tasks_of_different_methods_train_in_shared_batches(tmp_path, tiny_base, vlm_data, capsys):
+    """mt with LoRA and nlg with a 3-token soft prompt + LN-tuning in mixed batches: each task's
+    tensors all move, nothing else does, and the validation NLL of each task (its virtual tokens
+    in front for nlg) equals its exact one-example-at-a-time NLL."""
+    argv = vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "2", "--lr", "1e-2", "--train_batch_size", "4",
+                    *MIXED_METHODS)
+    args = train_vlm.parse_args(argv)
+    result = multitask.run_multitask(args)
+    assert args.methods == {"mt": {"lora": {"r": 2, "alpha": 32.0, "dropout": 0.1, "targets": ["q", "v"]}},
+                            "nlg": {"prompt": {"length": 3, "init_seed": 0}, "ln": {}}}
+    base = VersatileLM.from_pretrained(tiny_base, [builtin_spec(t, args.methods[t]) for t in ("mt", "nlg")])
+    assert vlm_trainable_line(capsys.readouterr().out).startswith(
+        f"trainable parameters: {base.count_trainable('adapter', ['mt', 'nlg']):,} (")
+    trained, initial = result.model.state_dict(), base.state_dict()
+    assert trained.keys() == initial.keys()
+    moved = {name for name, tensor in initial.items() if not torch.equal(trained[name], tensor)}
+    task_tensors = {name for name in initial if name.startswith("tasks.")}
+    assert {n.split(".")[1] for n in task_tensors} == {"mt", "nlg"}
+    assert task_tensors <= moved  # every LoRA factor, the prompt and every LayerNorm gain and bias
+    assert moved - task_tensors == {"gpt2.transformer.wte.weight", "gpt2.lm_head.weight"}  # the tied table
+    wte, base_wte = trained["gpt2.transformer.wte.weight"], initial["gpt2.transformer.wte.weight"]
+    assert torch.equal(wte[:GPT2_VOCAB_SIZE + 1], base_wte[:GPT2_VOCAB_SIZE + 1])
+    for name, task in TASKS.items():
+        rows = task_token_ids(task)
+        assert torch.equal(wte[rows], base_wte[rows]) == (name not in ("mt", "nlg")), name
+
+    out = tmp_path / "out"
+    model, _, config = load_checkpoint(str(out))
+    assert {t: e["methods"] for t, e in config["tasks"].items()} == args.methods
+    assert config["base_fingerprint"] == backbone_fingerprint(base.gpt2)
+    vlm_check_per_task_validation(result.metrics, model, vlm_data, {t: TASKS[t].task_id for t in ("mt", "nlg")})
+    assert "_VLM_multitask_mixed_" in multitask.default_output_dir(args, "adapter")
+
+
+def vlm_popen(argv, log):
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "train_vlm.py", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny_base):
+    """Mixed methods with LoRA dropout on (the random state matters): a run killed after its
+    first epoch checkpoint and resumed ends bit-identical to one that was never stopped."""
+    nlg, mt = tmp_path / "nlg.json", tmp_path / "mt.json"
+    names = [f"Place{i}" for i in range(40)]
+    nlg.write_text(json.dumps({"train": vlm_nlg(names[:36]), "valid": vlm_nlg(names[36:])}), encoding="utf-8")
+    pairs = [{"src": f"{s} {i}", "tgt": f"{t} {i}"} for i in range(6) for s, t in MT_PAIRS]
+    mt.write_text(json.dumps({"train": pairs[:32], "test": pairs[32:36]}, ensure_ascii=False), encoding="utf-8")
+    data = {"mt": str(mt), "nlg": str(nlg)}
+
+    def argv(out):
+        return vlm_argv(tmp_path, data, tiny_base, "--n_epochs", "3", "--lr", "1e-2", *MIXED_METHODS, out=out)
+    reference = vlm_popen(argv("full"), tmp_path / "full.log")
+    victim = vlm_popen(argv("killed"), tmp_path / "killed.log")
+    killed = tmp_path / "killed"
+    try:
+        deadline = time.time() + 120
+        while not (killed / "checkpoint_epoch1").is_dir():
+            assert victim.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-2000:]
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(30) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert reference.wait(300) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    assert not (killed / "vlm_config.json").exists()  # no final model: it was killed
+    state = json.loads((killed / "checkpoint_epoch1" / "training_state.json").read_text())
+    assert state["settings"]["methods"]["nlg"] == {"prompt": {"length": 3, "init_seed": 0}, "ln": {}}
+
+    resumed = vlm_popen(argv("killed") + ["--resume"], tmp_path / "resumed.log")
+    assert resumed.wait(300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert "resuming from" in (tmp_path / "resumed.log").read_text()
+    full = tmp_path / "full"
+    for name in ("adapters.safetensors", "checkpoint_epoch3/training_state.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(killed / name))
+        assert sorted(a) == sorted(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    strip = [{k: v for k, v in r.items() if k != "elapsed"} for r in vlm_metrics(full)]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed"} for r in vlm_metrics(killed)]
+
+    # Changing a setting that decides the course of training is refused, naming it.
+    changed = vlm_run_cli("train_vlm.py", *argv("killed"), "--resume", "--temperature", "2")
+    assert changed.returncode == 2 and "was trained with --temperature 1.0, not 2.0" in changed.stderr
+
+
 # --- 3. --no_adapter: multi-task full fine-tuning ------------------------------------------------
 def test_no_adapter_fine_tunes_gpt2_and_saves_a_full_checkpoint(tmp_path, tiny_base, vlm_data, capsys):
     argv = vlm_argv(tmp_path, vlm_data, tiny_base, "--no_adapter", "--n_epochs", "1", "--lr", "1e-3",
@@ -301,6 +399,15 @@ def test_no_adapter_fine_tunes_gpt2_and_saves_a_full_checkpoint(tmp_path, tiny_b
     (["--n_epochs", "-1"], "--n_epochs"),
     (["--lr", "0"], "--lr"),
     (["--fp16", "yes"], "--fp16"),
+    (["--method", "lora", "prefix"], "--method: lora prefix: give one method for every task"),
+    (["--method", "qa=lora"], "--method qa=lora: qa is not in --tasks (mt nlg)"),
+    (["--method", "mt=lora", "mt=ln"], "--method mt=ln: mt is given twice"),
+    (["--method", "nlg=lora+lora"], "--method nlg=lora+lora: a method is named twice"),
+    (["--method", "nlg=poetry"], "--method nlg=poetry: unknown method 'poetry' (choose from adapter, houlsby"),
+    (["--method", "lora", "--prefix_length", "3"], "--prefix_length is an option of prefix, which no task's --method uses"),
+    (["--no_adapter", "--method", "lora"], "--no_adapter fine-tunes all of GPT-2 with no per-task modules; drop --method lora"),
+    (["--method", "mt=lora", "--lora_r", "0"], "--method mt=lora: r must be at least 1, got 0"),
+    (["--resume"], "--resume: no complete checkpoint_epoch<N>/ checkpoint"),
 ])
 def test_bad_flags_give_one_error_line(tmp_path, tiny_base, vlm_data, capsys, extra, expected):
     with pytest.raises(SystemExit) as exit_info:
@@ -340,10 +447,11 @@ def test_defaults_are_the_authors_train_vlm_values():
 
 
 # --- distributed: torchrun with two CPU processes ------------------------------------------------
-def test_torchrun_two_processes_on_cpu(tmp_path, tiny_base, vlm_data):
+@pytest.mark.parametrize("methods", [[], MIXED_METHODS], ids=["adapters", "lora_and_prompt_ln"])
+def test_torchrun_two_processes_on_cpu(tmp_path, tiny_base, vlm_data, methods):
     out = tmp_path / "out"
     result = vlm_run_cli("--standalone", "--nproc_per_node", "2", "train_vlm.py",
-                         *vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "1", "--lr", "1e-2"),
+                         *vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "1", "--lr", "1e-2", *methods),
                          module="torch.distributed.run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trainable parameters:") == 1  # rank 0 only

@@ -20,15 +20,16 @@ def method_class(name, where="--method"):
     return METHODS[name]
 
 
-def parse_method_spec(spec, where="--method"):
-    """`prefix+ln` -> ["prefix", "ln"]: known names, none twice."""
+def parse_method_spec(spec, where="--method", shown=None):
+    """`prefix+ln` -> ["prefix", "ln"]: known names, none twice. Errors quote `shown` (default: spec)."""
     names = [part.strip() for part in str(spec).split("+")]
+    shown = spec if shown is None else shown
     if not all(names):
-        raise VLMError(f"{where} {spec}: expected method names joined by '+', e.g. prefix+ln")
+        raise VLMError(f"{where} {shown}: expected method names joined by '+', e.g. prefix+ln")
     for name in names:
-        method_class(name, where)
+        method_class(name, f"{where} {shown}")
     if len(set(names)) != len(names):
-        raise VLMError(f"{where} {spec}: a method is named twice")
+        raise VLMError(f"{where} {shown}: a method is named twice")
     return names
 
 
