@@ -7,7 +7,9 @@
 
 Sections (see bench/README.md): 1 decoding against the original decoding, 2 mixed-task batches,
 3 adapter overhead, 4 adapter training against full fine-tuning (time and peak memory, each in
-its own process), 5 padding of training batches, 6 evaluate.py end to end on 200 E2E MRs.
+its own process), 5 padding of training batches, 6 evaluate.py end to end on 200 E2E MRs,
+7 every per-task method (size, training cost against full fine-tuning, decoding overhead at
+batch 1 and 32), 8 one batch of six methods against six single-method batches.
 Writes results.json (with the `targets` list) and results.md to --output_dir (default bench/).
 """
 import argparse
@@ -289,17 +291,25 @@ def train_worker(args):
     task = TASKS[TRAIN_TASK]
     tokenizer = load_tokenizer()
     batches = training_batches(task, tokenizer, args.steps)
-    adapters = {task.name: task.bottleneck} if args.worker == "adapter" else {}
-    model = VersatileLM(build_backbone(args.size, device, torch.float32), adapter_specs(adapters))
+    from engines.specs import builtin_spec
+    from models.methods import method_class
+    if args.worker == "full":
+        specs = []
+    else:  # a method at its paper defaults (the adapter at the task's bottleneck)
+        specs = [builtin_spec(task.name, {name: method_class(name).resolve({"bottleneck": task.bottleneck}
+                                                                           if name == "adapter" else {})
+                                          for name in args.worker.split("+")})]
+    model = VersatileLM(build_backbone(args.size, device, torch.float32), specs)
     loaded = proc_status_bytes("VmRSS") if os.path.exists("/proc/self/status") else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         loaded = torch.cuda.memory_allocated()
-    parameters = model.mark_trainable(args.worker, task.name)
-    hyper = task.adapter if args.worker == "adapter" else task.full_finetune
+    mode = "full" if args.worker == "full" else "adapter"
+    parameters = model.mark_trainable(mode, task.name)
+    hyper = task.adapter if mode == "adapter" else task.full_finetune
     optimizer = torch.optim.AdamW(parameters, lr=hyper.lr, weight_decay=0.0)
     trainer = create_trainer(model, optimizer, parameters, device, gradient_accumulation_steps=1, max_norm=1.0,
-                             fp16=False, use_task_ids=bool(adapters))
+                             fp16=False, use_task_ids=bool(specs))
     clock, times = Clock(device), []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: times.append(-clock()))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.__setitem__(-1, times[-1] + clock()))
@@ -409,6 +419,106 @@ def bench_end_to_end(args, plan, device, clock, tokenizer):
             "outputs_equal": sum(a == b for a, b in zip(outputs, baseline)), "outputs_compared": len(baseline)}
 
 
+# --- 7. per-task methods: size, training cost, decoding overhead -------------------------------------
+MIXED_METHODS = ("adapter", "lora", "prefix", "prompt", "ln", "houlsby")  # section 8's six
+
+
+def method_model(size, device, dtype, methods, seed=1):
+    """The backbone with one bench task per method of `methods` (task ids 0, 1, ...; the paper's
+    default options, the adapter at bottleneck 100), every method tensor perturbed so that each
+    task changes the output (fresh methods start as the identity or near it)."""
+    from models.methods import method_class
+    from models.vlm import TaskSpec
+    specs = [TaskSpec(f"bench_{name}", i, (), {part: method_class(part).resolve({"bottleneck": 100} if part == "adapter" else {})
+                                              for part in name.split("+")})
+             for i, name in enumerate(methods)]
+    model = VersatileLM(build_backbone(size, device, dtype), specs).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for task in model.tasks.values():
+            for p in task.methods.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(p) * 0.02)
+    return model
+
+
+def method_prompts(tokenizer, rows, context, task_id):
+    """`rows` E2E prompts (the last `context` tokens each) routed to bench task `task_id`."""
+    task = TASKS["nlg"]
+    prompts = [keep_last(p, context) for p in task_prompts(task, E2E_200, tokenizer, rows)]
+    return [dataclasses.replace(p, task_id=task_id, banned_ids=banned_token_ids(task)) for p in prompts]
+
+
+def bench_methods(args, plan, device, clock, tokenizer):
+    names = args.methods
+    plain = compiled(PlainGPT2(build_backbone(args.size, device, args.dtype)), args).eval()
+    backbone = sum(p.numel() for p in plain.parameters()) - 30 * plain.config.n_embd  # GPT-2's own 50,257 rows
+    results = {}
+    for batch in (1, plan.forward_batch):
+        prompts = method_prompts(tokenizer, batch, plan.mixed_context, -1)
+        timed_generation(plain, prompts, 2, clock)  # warm-up
+        results[f"plain_batch{batch}"] = min(timed_generation(plain, prompts, plan.max_length, clock)["seconds"]
+                                             for _ in range(plan.repeats))
+    per_method = {}
+    for name in progress_bar(names, desc="7 methods: decoding", leave=False):
+        model = compiled(method_model(args.size, device, args.dtype, [name]), args)
+        trained = sum(p.numel() for p in model.tasks[f"bench_{name}"].methods.parameters())
+        model.export_methods()
+        saved = sum(p.numel() for p in model.tasks[f"bench_{name}"].methods.parameters())
+        entry = {"trainable_parameters": trained, "saved_parameters": saved,
+                 "extra_pct": 100.0 * saved / backbone}
+        for batch in (1, plan.forward_batch):
+            prompts = method_prompts(tokenizer, batch, plan.mixed_context, 0)
+            timed_generation(model, prompts, 2, clock)
+            seconds = min(timed_generation(model, prompts, plan.max_length, clock)["seconds"] for _ in range(plan.repeats))
+            entry[f"decoding_overhead_batch{batch}"] = seconds / results[f"plain_batch{batch}"] - 1.0
+        per_method[name] = entry
+        del model
+    for name in progress_bar(["full"] + names, desc="7 methods: training (one process each)", leave=False):
+        command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--size", args.size,
+                   "--device", str(device), "--steps", str(plan.train_steps)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise VLMError(f"training worker ({name}) failed: {done.stderr.strip().splitlines()[-1:]}")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        if name == "full":
+            full = run
+            continue
+        per_method[name].update(step_time_ratio=run["median_step_seconds"] / full["median_step_seconds"],
+                                peak_memory_ratio=run["peak_bytes"] / full["peak_bytes"],
+                                median_step_seconds=run["median_step_seconds"], peak_bytes=run["peak_bytes"])
+    return {"backbone_parameters": backbone, "task": TRAIN_TASK, "decoding_tokens": plan.max_length,
+            "decoding_batches": [1, plan.forward_batch], "plain_decoding_seconds": results,
+            "full_median_step_seconds": full["median_step_seconds"], "full_peak_bytes": full["peak_bytes"],
+            "methods": per_method}
+
+
+# --- 8. one batch, six methods -------------------------------------------------------------------------
+def bench_mixed_methods(args, plan, device, clock, tokenizer):
+    model = compiled(method_model(args.size, device, args.dtype, MIXED_METHODS), args)
+    model.export_methods()  # served form: plain prefixes, a prompt table row
+    by_method = {name: method_prompts(tokenizer, plan.mixed_rows, plan.mixed_context, i)
+                 for i, name in enumerate(MIXED_METHODS)}
+    mixed = [p for prompts in by_method.values() for p in prompts]
+    steps = plan.mixed_steps + 1
+    options = DecodingOptions(max_length=steps, min_length=steps, no_sample=True)
+    together = generate_batch(model, mixed, options)
+    apart = [o for prompts in by_method.values() for o in generate_batch(model, prompts, options)]
+    timed_generation(model, mixed, 2, clock)  # warm-up
+    repeats = {"mixed": [], "separate": []}
+    for _ in progress_bar(range(plan.mixed_repeats), desc="8 mixed methods", leave=False):  # interleaved
+        repeats["mixed"].append(timed_generation(model, mixed, steps, clock))
+        separate = [timed_generation(model, prompts, steps, clock) for prompts in by_method.values()]
+        repeats["separate"].append({k: sum(r[k] for r in separate) for k in separate[0]})
+    runs = {name: max(rs, key=lambda r: r["decode_tokens"] / r["decode_seconds"]) for name, rs in repeats.items()}
+    rate = {name: r["decode_tokens"] / r["decode_seconds"] for name, r in runs.items()}
+    whole = {name: r["tokens"] / r["seconds"] for name, r in runs.items()}
+    return {"methods": list(MIXED_METHODS), "rows_per_method": plan.mixed_rows, "context_tokens": plan.mixed_context,
+            "decode_steps": plan.mixed_steps, "runs": runs, "decode_tokens_per_s": rate, "whole_tokens_per_s": whole,
+            "mixed_vs_separate": rate["mixed"] / rate["separate"],
+            "mixed_vs_separate_whole": whole["mixed"] / whole["separate"],
+            "outputs_equal": sum(a == b for a, b in zip(together, apart)), "outputs_compared": len(apart)}
+
+
 # --- report ---------------------------------------------------------------------------------------
 def machine_info(device, args):
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -458,6 +568,12 @@ def targets(results):
         r = results["end_to_end"]
         out.append(entry("end to end: evaluate.py on 200 E2E MRs, speedup over original decoding", r["speedup"], ">=", 1))
         out.append(entry("end to end: evaluate.py outputs equal to the original's (share)",
+                         r["outputs_equal"] / r["outputs_compared"], ">=", 1.0))
+    if "mixed_methods" in results:
+        r = results["mixed_methods"]
+        out.append(entry("mixed methods: throughput, one 6x8 batch of six methods / 6 batches of 8",
+                         r["mixed_vs_separate"], ">=", 2))
+        out.append(entry("mixed methods: outputs equal to each method's own batch (share)",
                          r["outputs_equal"] / r["outputs_compared"], ">=", 1.0))
     return out
 
@@ -530,11 +646,35 @@ def markdown(report):
                   f"{e['baseline_mrs_decoded']} MRs, {e['baseline_estimated_seconds']:.0f} s estimated for all "
                   f"{e['mrs']} (decoding only). Speedup {e['speedup']:.1f}x; outputs equal "
                   f"{e['outputs_equal']}/{e['outputs_compared']}."]
+    if "methods" in r:
+        x = r["methods"]
+        b1, bn = x["decoding_batches"]
+        lines += ["", f"## 7. Per-task methods (paper defaults; training: {x['task']}, one process each, ratios to "
+                  f"full fine-tuning on the same batches)", "",
+                  f"| method | trainable | saved | extra parameters % | step time / full | peak memory / full | "
+                  f"decoding overhead, batch {b1} | batch {bn} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, m in x["methods"].items():
+            lines.append(f"| {name} | {m['trainable_parameters']:,} | {m['saved_parameters']:,} | {m['extra_pct']:.3g} | "
+                         f"{m['step_time_ratio']:.2f} | {m['peak_memory_ratio']:.2f} | "
+                         f"{100 * m[f'decoding_overhead_batch{b1}']:+.1f}% | {100 * m[f'decoding_overhead_batch{bn}']:+.1f}% |")
+    if "mixed_methods" in r:
+        x = r["mixed_methods"]
+        lines += ["", "## 8. One batch, six methods", "",
+                  f"{x['rows_per_method']} E2E prompts per method ({', '.join(x['methods'])}), the last "
+                  f"{x['context_tokens']} tokens each, {x['decode_steps']} decoding steps timed after the prompt pass.", "",
+                  "| batching | decoding tokens/s | whole tokens/s |", "|---|---|---|",
+                  f"| one batch of {x['rows_per_method'] * len(x['methods'])}, six methods | "
+                  f"{x['decode_tokens_per_s']['mixed']:.1f} | {x['whole_tokens_per_s']['mixed']:.1f} |",
+                  f"| six batches of {x['rows_per_method']}, one method each | "
+                  f"{x['decode_tokens_per_s']['separate']:.1f} | {x['whole_tokens_per_s']['separate']:.1f} |",
+                  "", f"Mixed / separate: {x['mixed_vs_separate']:.2f}x decoding, {x['mixed_vs_separate_whole']:.2f}x "
+                  f"whole; outputs equal {x['outputs_equal']}/{x['outputs_compared']}."]
     return "\n".join(lines) + "\n"
 
 
 SECTIONS = {"decoding": bench_decoding, "mixed": bench_mixed, "adapter_overhead": bench_adapter_overhead,
-            "training": bench_training, "padding": bench_padding, "end_to_end": bench_end_to_end}
+            "training": bench_training, "padding": bench_padding, "end_to_end": bench_end_to_end,
+            "methods": bench_methods, "mixed_methods": bench_mixed_methods}
 
 
 def parse_args(argv):
@@ -550,13 +690,21 @@ def parse_args(argv):
                         help="torch.compile mode, e.g. reduce-overhead (CUDA graphs on GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "bench"), help="where results.json/.md go")
-    parser.add_argument("--worker", choices=["full", "adapter"], help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods of section 7 (default: every registered method)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # full, or a method name
     parser.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise VLMError(f"--device {args.device}: CUDA is not available on this machine")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise VLMError(f"--device {args.device}: use cpu, cuda or cuda:N")
+    from models.methods import METHODS, parse_method_spec
+    args.methods = [m for m in (args.methods or ",".join(METHODS)).split(",") if m]
+    for name in args.methods:
+        parse_method_spec(name, "--methods")
+    if not args.methods:
+        raise VLMError("--methods: name at least one method")
     args.dtype = getattr(torch, args.dtype)
     if args.dtype != torch.float32 and args.device == "cpu":
         raise VLMError(f"--dtype {args.dtype}: half precision is for --device cuda")

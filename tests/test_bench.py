@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import pytest
 import torch
 from conftest import REPO, run_script, tiny_gpt2
 
@@ -50,7 +51,9 @@ def test_original_padding_pads_every_row_to_the_given_width():
 
 
 def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokenizer):
-    done = run_script("bench/run.py", "--size", "tiny", "--quick", "--output_dir", str(tmp_path), timeout=900)
+    sections = ["decoding", "mixed", "adapter_overhead", "training", "padding", "end_to_end"]  # 7, 8: below
+    done = run_script("bench/run.py", "--size", "tiny", "--quick", "--sections", *sections, "--output_dir",
+                      str(tmp_path), timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["results"]) == {"decoding", "mixed", "adapter_overhead", "training", "padding", "end_to_end"}
@@ -102,3 +105,29 @@ def test_task_rows_leave_no_table_gradient():
     model(ids, token_type_ids=ids, task_ids=TASKS["mt"].task_id, labels=ids).loss.backward()
     assert gpt2.transformer.wte.weight.grad is None
     assert model.task_rows.rows["mt"].grad.shape == (len(TASKS["mt"].special_tokens), 64)
+
+
+def test_method_sections_report_every_method_and_equal_mixed_outputs(tmp_path):
+    done = run_script("bench/run.py", "--size", "tiny", "--quick", "--sections", "methods", "mixed_methods",
+                      "--methods", "lora,prefix+ln", "--output_dir", str(tmp_path), timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    methods = report["results"]["methods"]
+    assert list(methods["methods"]) == ["lora", "prefix+ln"]
+    d, layers = 128, 2  # the tiny shape
+    lora = methods["methods"]["lora"]
+    assert lora["trainable_parameters"] == lora["saved_parameters"] == layers * 2 * 4 * (d + d)  # q and v, r 4
+    prefix = methods["methods"]["prefix+ln"]
+    # trained through the reparameterization MLP, saved as plain prefixes (10 keys and values per layer) + LN gains
+    assert prefix["saved_parameters"] == layers * 2 * 10 * d + (2 * layers + 1) * 2 * d < prefix["trainable_parameters"]
+    for m in methods["methods"].values():
+        assert m["extra_pct"] == pytest.approx(100 * m["saved_parameters"] / methods["backbone_parameters"])
+        assert m["step_time_ratio"] > 0 and 0 < m["peak_memory_ratio"] < 1.5
+        assert {"decoding_overhead_batch1", "decoding_overhead_batch8"} <= set(m)
+    mixed = report["results"]["mixed_methods"]
+    assert mixed["outputs_equal"] == mixed["outputs_compared"] == 48  # 6 methods x 8 rows, each as in its own batch
+    names = [t["name"] for t in report["targets"]]
+    assert names == ["mixed methods: throughput, one 6x8 batch of six methods / 6 batches of 8",
+                     "mixed methods: outputs equal to each method's own batch (share)"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| prefix+ln |" in table and "## 8. One batch, six methods" in table
