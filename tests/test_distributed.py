@@ -26,7 +26,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import train
 from models.checkpoint import ADAPTER_WEIGHTS
-from engines.specs import adapter_specs
+from engines.specs import builtin_spec
+from models.methods import method_class
 from models.checkpoint import task_state_dict
 from models.vlm import VersatileLM
 from engines import training
@@ -71,9 +72,19 @@ def nlg_data(tmp_path_factory):
     return str(path)
 
 
-def argv(tmp_path, data, base, out, accumulation):
+# The task's module under test: its train.py flags and its options (no dropout: one process and
+# two must draw nothing random). Prefix, prompt and LoRA are the methods whose rows differ in shape.
+METHOD_CASES = {"adapter": (["--adapter_bottleneck", "8"], {"adapter": {"bottleneck": 8}}),
+                "lora+ln": (["--method", "lora+ln", "--lora_dropout", "0"],
+                            {"lora": {"dropout": 0.0}, "ln": {}}),
+                "prefix": (["--method", "prefix", "--prefix_length", "4", "--prefix_hidden", "16"],
+                           {"prefix": {"length": 4, "hidden": 16}}),
+                "prompt": (["--method", "prompt", "--prompt_length", "4"], {"prompt": {"length": 4}})}
+
+
+def argv(tmp_path, data, base, out, accumulation, method="adapter"):
     return ["--task", "nlg", "--dataset_path", data, "--dataset_cache", "", "--model_checkpoint", base,
-            "--device", "cpu", "--output_dir", str(tmp_path / out), "--adapter_bottleneck", "8",
+            "--device", "cpu", "--output_dir", str(tmp_path / out), *METHOD_CASES[method][0],
             "--train_batch_size", "2", "--valid_batch_size", "2", "--gradient_accumulation_steps",
             str(accumulation), "--n_epochs", "2", "--lr", "1e-2", "--max_norm", "0.5", "--seed", "3",
             "--eval_before_start"]
@@ -91,18 +102,19 @@ def per_step_schedule(trainer, optimizer, lr, total_iterations, accumulation=2):
     return scheduler
 
 
+@pytest.mark.parametrize("method", list(METHOD_CASES))
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no_dropout_base, nlg_data,
-                                                                    monkeypatch):
+                                                                    monkeypatch, method):
     env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-               *argv(tmp_path, nlg_data, no_dropout_base, "ddp", accumulation=1)]
+               *argv(tmp_path, nlg_data, no_dropout_base, "ddp", accumulation=1, method=method)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     monkeypatch.setattr(training, "attach_lr_schedule", per_step_schedule)
     single = training.run_training(train.parse_args(argv(tmp_path, nlg_data, no_dropout_base, "single",
-                                                         accumulation=2)))
+                                                         accumulation=2, method=method)))
 
     ddp_records, single_records = metrics(tmp_path / "ddp"), metrics(single.output_dir)
     # 8 batches an epoch: 4 iterations per process, 8 in one process; 4 optimizer steps either way.
@@ -119,7 +131,8 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no
     ddp_weights = load_file(os.path.join(tmp_path / "ddp", ADAPTER_WEIGHTS))
     single_weights = load_file(os.path.join(single.output_dir, ADAPTER_WEIGHTS))
     assert sorted(ddp_weights) == sorted(single_weights)
-    initial = task_state_dict(VersatileLM.from_pretrained(no_dropout_base, adapter_specs({"nlg": 8})), ["nlg"])
+    options = {name: method_class(name).resolve(o) for name, o in METHOD_CASES[method][1].items()}
+    initial = task_state_dict(VersatileLM.from_pretrained(no_dropout_base, [builtin_spec("nlg", options)]), ["nlg"])
     moved = 0
     for name, tensor in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], tensor, rtol=0, atol=1e-5, msg=name)
