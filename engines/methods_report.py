@@ -95,7 +95,8 @@ def markdown(rows, tasks):
     lines = ["# Methods", "",
              "Every method trained with one shared budget per task (the same data, epochs, batches and learning",
              "rate). Extra parameters: what a task adds, in % of the GPT-2 backbone; val ppl: validation",
-             "perplexity after the last epoch.", ""]
+             "perplexity after the last epoch. The fine-tune row, where shown, is the finetune stage's run, trained",
+             "with that stage's own budget (the authors' full fine-tuning epochs and rate).", ""]
     for task in tasks:
         task_rows = [r for r in rows if r["task"] == task]
         if not task_rows:
