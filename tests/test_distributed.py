@@ -102,7 +102,7 @@ def per_step_schedule(trainer, optimizer, lr, total_iterations, accumulation=2):
     return scheduler
 
 
-@pytest.mark.parametrize("method", list(METHOD_CASES))
+@pytest.mark.parametrize("method", ["adapter", "prompt"])  # lora+ln, prefix: pass too; left out for CI time
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no_dropout_base, nlg_data,
                                                                     monkeypatch, method):
     env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
