@@ -45,7 +45,7 @@ from utils.io import write_json, write_text  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
 from utils.tasks import TASKS, banned_token_ids, task_token_ids  # noqa: E402
 from engines.specs import adapter_specs  # noqa: E402
-from engines.training import create_trainer  # noqa: E402
+from engines.training import backbone_parameter_count, create_trainer  # noqa: E402
 
 SIZES = {"tiny": dict(n_layer=2, n_embd=128, n_head=4),
          "small": dict(n_layer=12, n_embd=768, n_head=12),     # GPT-2 small, 124M
@@ -451,7 +451,7 @@ def method_prompts(tokenizer, rows, context, task_id):
 def bench_methods(args, plan, device, clock, tokenizer):
     names = args.methods
     plain = compiled(PlainGPT2(build_backbone(args.size, device, args.dtype)), args).eval()
-    backbone = sum(p.numel() for p in plain.parameters()) - 30 * plain.config.n_embd  # GPT-2's own 50,257 rows
+    backbone = backbone_parameter_count(plain)  # GPT-2's own 50,257 rows, no added ones
     results = {}
     for batch in (1, plan.forward_batch):
         prompts = method_prompts(tokenizer, batch, plan.mixed_context, -1)

@@ -21,18 +21,17 @@ and its own special-token rows, in % of the backbone with GPT-2's 50,257-row voc
 """
 import csv
 import io
-import json
 import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engines.report import METRICS_FILE, NOT_SCORES, checkpoint_parameters, fmt, read_json  # noqa: E402
+from engines.report import (METRICS_FILE, NOT_SCORES, checkpoint_parameters, fmt, metrics_records,  # noqa: E402
+                            parse_report_args, read_json)
 from models.methods import METHODS  # noqa: E402
-from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
+from utils.errors import VLMError, exit_on_user_error  # noqa: E402
 from utils.io import atomic_path, write_text  # noqa: E402
-from utils.tasks import TASKS  # noqa: E402
 
 RESULTS_DIR = "methods_result"
 RUNS_DIR = "methods"
@@ -47,15 +46,8 @@ def last_val_ppl(run):
     if not os.path.isfile(path):
         return None
     ppl = None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VLMError(f"{path}: line {number} is not valid JSON ({e})") from None
-            ppl = record.get("val_ppl", ppl)
+    for record in metrics_records(path):
+        ppl = record.get("val_ppl", ppl)
     return ppl
 
 
@@ -176,18 +168,11 @@ def write_methods_report(results_root, runs_root, tasks):
 
 @exit_on_user_error
 def main(argv=None):
-    parser = ArgumentParser(description="Collect run.sh --stages methods into methods.md, methods.csv and methods.png.")
-    parser.add_argument("results_root", help="folder holding methods_result/<method>/ (and GPT2_result/)")
-    parser.add_argument("--runs", default="runs/repro", help="folder holding methods/<task>_<method>/ (and <task>_full)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
-    args = parser.parse_args(argv)
-    tasks = [t for t in args.tasks.split(",") if t]
-    for task in tasks:
-        if task not in TASKS:
-            raise VLMError(f"--tasks: unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if not os.path.isdir(args.results_root):
-        raise VLMError(f"{args.results_root}: results folder not found")
-    rows, written = write_methods_report(args.results_root, args.runs, tasks)
+    results_root, runs_root, tasks = parse_report_args(
+        argv, "Collect run.sh --stages methods into methods.md, methods.csv and methods.png.",
+        "folder holding methods_result/<method>/ (and GPT2_result/)",
+        "folder holding methods/<task>_<method>/ (and <task>_full)")
+    rows, written = write_methods_report(results_root, runs_root, tasks)
     print(markdown(rows, tasks))
     print("wrote " + ", ".join(written))
 

@@ -180,6 +180,18 @@ def csv_text(rows):
     return out.getvalue()
 
 
+def metrics_records(path):
+    """The records of a run's metrics.jsonl, in order (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise VLMError(f"{path}: line {number} is not valid JSON ({e})") from None
+
+
 def read_curves(runs_root, tasks):
     """{task: {setting label: [(epoch, validation nll), ...]}} from the runs' metrics.jsonl."""
     curves = {task: {} for task in tasks}
@@ -191,18 +203,11 @@ def read_curves(runs_root, tasks):
             if not os.path.isfile(path):
                 continue
             points = []
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise VLMError(f"{path}: line {number} is not valid JSON ({e})") from None
-                    # train.py: "val_nll"; train_vlm.py: "val": {task: {"nll", "ppl"}}
-                    nll = record.get("val", {}).get(task, {}).get("nll") if "val" in record else record.get("val_nll")
-                    if nll is not None:
-                        points.append((record["epoch"], nll))
+            for record in metrics_records(path):
+                # train.py: "val_nll"; train_vlm.py: "val": {task: {"nll", "ppl"}}
+                nll = record.get("val", {}).get(task, {}).get("nll") if "val" in record else record.get("val_nll")
+                if nll is not None:
+                    points.append((record["epoch"], nll))
             if points:
                 curves[task][run_label(os.path.dirname(path), label)] = points
     return {task: c for task, c in curves.items() if c}
@@ -251,11 +256,11 @@ def write_report(results_root, runs_root, tasks):
     return rows, written
 
 
-@exit_on_user_error
-def main(argv=None):
-    parser = ArgumentParser(description="Collect the results of run.sh into summary.md, summary.csv and val_loss.png.")
-    parser.add_argument("results_root", help="folder holding GPT2_result/, adapter_result/, VLM_result/, multitask_result/, ...")
-    parser.add_argument("--runs", default="runs/repro", help="folder holding the run folders (<task>_full, ...)")
+def parse_report_args(argv, description, results_help, runs_help):
+    """(results root, runs root, [tasks]) of a report command line, checked."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("results_root", help=results_help)
+    parser.add_argument("--runs", default="runs/repro", help=runs_help)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -264,7 +269,16 @@ def main(argv=None):
             raise VLMError(f"--tasks: unknown task {task!r}; choose from {', '.join(TASKS)}")
     if not os.path.isdir(args.results_root):
         raise VLMError(f"{args.results_root}: results folder not found")
-    rows, written = write_report(args.results_root, args.runs, tasks)
+    return args.results_root, args.runs, tasks
+
+
+@exit_on_user_error
+def main(argv=None):
+    results_root, runs_root, tasks = parse_report_args(
+        argv, "Collect the results of run.sh into summary.md, summary.csv and val_loss.png.",
+        "folder holding GPT2_result/, adapter_result/, VLM_result/, multitask_result/, ...",
+        "folder holding the run folders (<task>_full, ...)")
+    rows, written = write_report(results_root, runs_root, tasks)
     print(markdown(rows, tasks))
     print("wrote " + ", ".join(written))
 

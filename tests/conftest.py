@@ -73,6 +73,14 @@ def no_logged_deprecations():
         pytest.fail(f"transformers logged a deprecation: {found[0]}", pytrace=False)
 
 
+def popen_script(script, argv, log):
+    """Start one of the repo's scripts in the background (stderr to `log`), for tests that kill it.
+    One torch thread in every run: the same float sums, so runs compare bit for bit."""
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, script, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+
+
 def run_script(*args, stdin=None, cwd=REPO, timeout=600, env=None):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess. `env`: extra
     variables. A deprecation warning on its stderr fails the test (the script's user would see it)."""

@@ -4,13 +4,11 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import popen_script
 from safetensors.torch import load_file, save_file
 
 import train
@@ -47,10 +45,7 @@ def resume_without_output_dir(argv):
 
 
 def resume_popen(argv, log):
-    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               OMP_NUM_THREADS="1")  # the same thread count in every run: the same float sums
-    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"))
+    return popen_script("train.py", argv, log)
 
 
 def resume_tensors(path):

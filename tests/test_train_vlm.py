@@ -13,7 +13,7 @@ from datetime import datetime
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, popen_script
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -302,9 +302,7 @@ def test_tasks_of_different_methods_train_in_shared_batches(tmp_path, tiny_base,
 
 
 def vlm_popen(argv, log):
-    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "train_vlm.py", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"))
+    return popen_script("train_vlm.py", argv, log)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny_base):
