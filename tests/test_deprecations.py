@@ -43,7 +43,7 @@ def test_pytest_configuration_fails_tests_on_library_deprecations(tmp_path):
     (tmp_path / "tests").mkdir()
     shutil.copy(f"{REPO}/tests/conftest.py", tmp_path / "tests" / "conftest.py")
     (tmp_path / "tests" / "test_probes.py").write_text(PROBES)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "tests"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-n", "0", "tests"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=f"{tmp_path}/tests", HF_HUB_OFFLINE="1"))
     out = done.stdout

@@ -38,7 +38,8 @@ def test_hub_name_without_hub_fails_fast_with_a_way_to_get_the_weights(monkeypat
              else ["--task", "nlg", "--no_sample", "--input", "name[The Vaults]"])
     done, seconds = run_without_hub(monkeypatch, tmp_path, script, "--model_checkpoint", "gpt2", "--device", "cpu", *extra)
     assert done.returncode == 2
-    assert seconds < 10, f"took {seconds:.1f} s"
+    # a hub that retries with back-off takes minutes; 30 s leaves room for a loaded machine (two test workers)
+    assert seconds < 30, f"took {seconds:.1f} s"
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
