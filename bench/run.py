@@ -9,10 +9,12 @@ Sections (see bench/README.md): 1 decoding against the original decoding, 2 mixe
 3 adapter overhead, 4 adapter training against full fine-tuning (time and peak memory, each in
 its own process), 5 padding of training batches, 6 evaluate.py end to end on 200 E2E MRs,
 7 every per-task method (size, training cost against full fine-tuning, decoding overhead at
-batch 1 and 32), 8 one batch of six methods against six single-method batches.
+batch 1 and 32), 8 one batch of six methods against six single-method batches, 9 one batch of five
+LoRA tasks against HF PEFT's `adapter_names` on the same weights (and our two LoRA routings).
 Writes results.json (with the `targets` list) and results.md to --output_dir (default bench/).
 """
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -37,7 +39,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from bench.baseline import decode_original  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.vlm import VersatileLM, add_special_token_rows, backbone_fingerprint  # noqa: E402
-from utils.data import LengthGroupedBatchSampler, collate, load_task_data, load_tokenizer, training_examples  # noqa: E402
+from utils.data import PAD_ID, LengthGroupedBatchSampler, collate, load_task_data, load_tokenizer, training_examples  # noqa: E402
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 from engines.evaluation import dataset_prompts, decode_text  # noqa: E402
 from engines.generate import DecodingOptions, generate_batch  # noqa: E402
@@ -432,7 +434,11 @@ def method_model(size, device, dtype, methods, seed=1):
     specs = [TaskSpec(f"bench_{name}", i, (), {part: method_class(part).resolve({"bottleneck": 100} if part == "adapter" else {})
                                               for part in name.split("+")})
              for i, name in enumerate(methods)]
-    model = VersatileLM(build_backbone(size, device, dtype), specs).eval()
+    return perturbed(VersatileLM(build_backbone(size, device, dtype), specs).eval(), seed)
+
+
+def perturbed(model, seed):
+    """Every task's method tensors moved by N(0, 0.02): fresh methods start as the identity or near it."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for task in model.tasks.values():
@@ -519,6 +525,109 @@ def bench_mixed_methods(args, plan, device, clock, tokenizer):
             "outputs_equal": sum(a == b for a, b in zip(together, apart)), "outputs_compared": len(apart)}
 
 
+# --- 9. mixed LoRA: ours against HF PEFT's adapter_names --------------------------------------------
+LORA_TASKS = 5
+
+
+def peft_lora_twin(gpt2, model, names):
+    """HF PEFT's LoRA with the same function as our tasks `names` (LoRA on q and v, rank r each):
+    PEFT adapts GPT-2's fused c_attn as one projection, so each task is one LoRA of rank 2r there,
+    A stacked [A_q; A_v] and B block-diagonal into q's and v's columns (the test of PEFT agreement
+    uses the same mapping)."""
+    import peft
+    first = model.tasks[names[0]].methods["lora"]
+    r, d = first.options["r"], first.shape.d_model
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=2 * r, lora_alpha=2 * first.options["alpha"],
+                             target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+    twin = peft.get_peft_model(gpt2, config, adapter_name=names[0])
+    for name in names[1:]:
+        twin.add_adapter(name, config)
+    with torch.no_grad():
+        for name in names:
+            lora = model.tasks[name].methods["lora"]
+            for layer, block in enumerate(twin.base_model.model.transformer.h):
+                q, v = lora.pairs[f"{layer}_q"], lora.pairs[f"{layer}_v"]
+                block.attn.c_attn.lora_A[name].weight.copy_(torch.cat([q.A, v.A]))
+                b = torch.zeros_like(block.attn.c_attn.lora_B[name].weight)  # (3d, 2r)
+                b[:d, :r], b[2 * d:, r:] = q.B, v.B
+                block.attn.c_attn.lora_B[name].weight.copy_(b)
+    twin.generation_config.eos_token_id = None  # exactly `steps` tokens per row, as ours
+    return twin.eval()
+
+
+def peft_generation(twin, prompts, names, steps, clock):
+    """PEFT's generate over the same left-padded rows, each row naming its adapter."""
+    width = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
+    types, mask = ids.clone(), torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        n = len(p.input_ids)
+        ids[row, width - n:], types[row, width - n:] = torch.tensor(p.input_ids), torch.tensor(p.token_type_ids)
+        mask[row, width - n:] = 1
+    device = twin.device
+    start = clock()
+    with torch.no_grad():
+        out = twin.generate(input_ids=ids.to(device), token_type_ids=types.to(device), attention_mask=mask.to(device),
+                            adapter_names=names, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                            pad_token_id=PAD_ID)
+    seconds = clock() - start
+    return {"seconds": seconds, "tokens": steps * len(prompts)}, out[:, width:].tolist()
+
+
+def bench_mixed_lora(args, plan, device, clock, tokenizer):
+    import warnings
+
+    import peft
+    from models.methods import lora as lora_module
+    from models.methods import method_class
+    from models.vlm import TaskSpec
+    lora = method_class("lora").resolve({"dropout": 0.0})  # the paper's rank 4, alpha 32, q and v
+    names = [f"bench_lora{i}" for i in range(LORA_TASKS)]
+    backbone = build_backbone(args.size, device, args.dtype)
+    reference = copy.deepcopy(backbone)
+    model = perturbed(VersatileLM(backbone, [TaskSpec(n, i, (), {"lora": lora}) for i, n in enumerate(names)]).eval(), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = peft_lora_twin(reference, model, names)
+    # rows_per_task real E2E prompts for each task, every task its own prompts, no tokens banned
+    prompts = task_prompts(TASKS["nlg"], E2E_200, tokenizer, LORA_TASKS * plan.mixed_rows)
+    if len(prompts) < LORA_TASKS * plan.mixed_rows:
+        raise VLMError(f"{E2E_200}: fewer than {LORA_TASKS * plan.mixed_rows} prompts")
+    rows = [dataclasses.replace(keep_last(p, plan.mixed_context), task_id=i // plan.mixed_rows, banned_ids=(), stop_ids=())
+            for i, p in enumerate(prompts)]
+    row_names = [names[p.task_id] for p in rows]
+    steps = plan.mixed_steps + 1
+    options = DecodingOptions(max_length=steps, min_length=steps, no_sample=True)
+
+    def ours(routing):
+        lora_module.ROUTING = routing
+        try:
+            start = clock()
+            out = generate_batch(model, rows, options)
+            return {"seconds": clock() - start, "tokens": sum(map(len, out))}, out
+        finally:
+            lora_module.ROUTING = "gather"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_generation(twin, rows[:2], row_names[:2], 2, clock)  # warm-up
+        ours("gather")
+        repeats, outputs = {"gather": [], "slice": [], "peft": []}, {}
+        for _ in progress_bar(range(plan.mixed_repeats), desc="9 mixed LoRA", leave=False):  # interleaved
+            for routing in ("gather", "slice"):
+                run, outputs[routing] = ours(routing)
+                repeats[routing].append(run)
+            run, outputs["peft"] = peft_generation(twin, rows, row_names, steps, clock)
+            repeats["peft"].append(run)
+    rate = {name: max(r["tokens"] / r["seconds"] for r in rs) for name, rs in repeats.items()}
+    return {"tasks": LORA_TASKS, "rows_per_task": plan.mixed_rows, "context_tokens": plan.mixed_context,
+            "steps": steps, "lora": lora, "peft": peft.__version__, "tokens_per_s": rate,
+            "ours_vs_peft": rate["gather"] / rate["peft"], "gather_vs_slice": rate["gather"] / rate["slice"],
+            "same_tokens_as_peft": sum(a == b for a, b in zip(outputs["gather"], outputs["peft"])),
+            "same_tokens_gather_slice": sum(a == b for a, b in zip(outputs["gather"], outputs["slice"])),
+            "rows": len(rows)}
+
+
 # --- report ---------------------------------------------------------------------------------------
 def machine_info(device, args):
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -575,6 +684,11 @@ def targets(results):
                          r["mixed_vs_separate"], ">=", 2))
         out.append(entry("mixed methods: outputs equal to each method's own batch (share)",
                          r["outputs_equal"] / r["outputs_compared"], ">=", 1.0))
+    if "mixed_lora" in results:
+        r = results["mixed_lora"]
+        out.append(entry(f"mixed LoRA: tokens/s, ours / HF PEFT adapter_names ({r['tasks']} tasks x {r['rows_per_task']} rows)",
+                         r["ours_vs_peft"], ">=", 1.5))
+        out.append(entry("mixed LoRA: same tokens as PEFT's (share)", r["same_tokens_as_peft"] / r["rows"], ">=", 1.0))
     return out
 
 
@@ -669,12 +783,26 @@ def markdown(report):
                   f"{x['decode_tokens_per_s']['separate']:.1f} | {x['whole_tokens_per_s']['separate']:.1f} |",
                   "", f"Mixed / separate: {x['mixed_vs_separate']:.2f}x decoding, {x['mixed_vs_separate_whole']:.2f}x "
                   f"whole; outputs equal {x['outputs_equal']}/{x['outputs_compared']}."]
+    if "mixed_lora" in r:
+        x = r["mixed_lora"]
+        t = x["tokens_per_s"]
+        lines += ["", f"## 9. Mixed LoRA against HF PEFT {x['peft']}", "",
+                  f"{x['tasks']} LoRA tasks (rank {x['lora']['r']}, alpha {x['lora']['alpha']:g}, "
+                  f"{' and '.join(x['lora']['targets'])}) x {x['rows_per_task']} E2E prompts each in one batch, the last "
+                  f"{x['context_tokens']} tokens of each, {x['steps']} greedy tokens per row, the same weights; "
+                  "tokens/s of the whole call.", "",
+                  "| implementation | tokens/s |", "|---|---|",
+                  f"| ours, batched gathers of each row's LoRA (default) | {t['gather']:.1f} |",
+                  f"| ours, one sub-batch per task in every projection | {t['slice']:.1f} |",
+                  f"| HF PEFT, `generate(adapter_names=...)` | {t['peft']:.1f} |",
+                  "", f"Ours / PEFT {x['ours_vs_peft']:.2f}x; gather / slice {x['gather_vs_slice']:.2f}x; same tokens as "
+                  f"PEFT {x['same_tokens_as_peft']}/{x['rows']}, gather as slice {x['same_tokens_gather_slice']}/{x['rows']}."]
     return "\n".join(lines) + "\n"
 
 
 SECTIONS = {"decoding": bench_decoding, "mixed": bench_mixed, "adapter_overhead": bench_adapter_overhead,
             "training": bench_training, "padding": bench_padding, "end_to_end": bench_end_to_end,
-            "methods": bench_methods, "mixed_methods": bench_mixed_methods}
+            "methods": bench_methods, "mixed_methods": bench_mixed_methods, "mixed_lora": bench_mixed_lora}
 
 
 def parse_args(argv):
