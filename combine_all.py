@@ -5,6 +5,10 @@ every task's adapters and task embeddings (an adapter checkpoint that load_check
     python combine_all.py --vlm runs/VLM runs/qa_adapter --output_dir runs/VLM            # add a task
     python combine_all.py --vlm runs/VLM --replace runs/mt_adapter_v2 --output_dir runs/VLM
     python combine_all.py --vlm runs/VLM --remove nlg --output_dir runs/VLM_without_nlg
+    python combine_all.py --vlm runs/VLM runs/sentiment_ptuning --task_file tasks.json --output_dir runs/VLM
+
+A user task's checkpoint records its template (the VLM keeps it); --task_file updates the
+recorded templates from the file (metric, label map, stop rule; the prompt itself must not change).
 
 Before writing, every task's logits in the combined model are checked to equal its source
 checkpoint's exactly; DIR/manifest.json records the tasks, their sizes and the backbone.
@@ -25,6 +29,8 @@ def parse_args(argv=None):
                         help="a given checkpoint replaces the --vlm's adapter for its task")
     parser.add_argument("--remove", action="append", default=[], metavar="TASK",
                         help="remove this task from the --vlm (repeatable)")
+    parser.add_argument("--task_file", default=None,
+                        help="JSON task file: its user tasks' templates replace the ones the checkpoints record")
     parser.add_argument("--base_model", default=None,
                         help="load the backbone from here instead of the path the checkpoints record "
                              "(it must have the same fingerprint); recorded in the output")
@@ -38,6 +44,10 @@ def main(argv=None):
     checkpoints = load_task_checkpoints(args.checkpoints)
     base = load_task_checkpoint(args.vlm) if args.vlm else None
     combined = combine(checkpoints, base, remove=args.remove, replace=args.replace)
+    if args.task_file:
+        from engines.specs import refresh_templates
+        from utils.task_file import load_task_file
+        combined.task_meta = refresh_templates(combined.task_meta, load_task_file(args.task_file), args.task_file)
     for checkpoint in [c for c in [*checkpoints, base] if c is not None and c.all_rows]:
         print(f"note: {checkpoint.path} stores all special-token rows; only its own task's rows are combined")
     for task, source in combined.sources.items():

@@ -2,10 +2,15 @@
 
     python evaluate.py --task mt --no_sample --model_checkpoint runs/<checkpoint>
     python evaluate.py --task nlg --no_sample --model_checkpoint runs/<checkpoint> --input "name[The Vaults], eatType[pub]"
+    python evaluate.py --task sentiment --task_file data/tasks/nemo_article.json --dataset_path data/samples/sentiment \
+        --no_sample --model_checkpoint runs/<p-tuned checkpoint>          (a user task; its template is also in the checkpoint)
+    python evaluate.py --task sentiment --task_file ... --model_checkpoint data/gpt2-stand-in --shots 4   (4-shot prompting)
     echo '{"src": "a man is sleeping ."}' | python evaluate.py --task mt --no_sample --model_checkpoint runs/<ckpt> --input -
 """
+import dataclasses
 import json
 import logging
+import os
 import random
 import sys
 
@@ -13,7 +18,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
-from engines.evaluation import decode_text, evaluate_task, format_metrics, user_prompt
+from engines.evaluation import evaluate_task, format_metrics, task_output, user_prompt
 from engines.generate import DecodingOptions, generate
 from utils.tasks import get_task
 
@@ -22,7 +27,10 @@ def decoding_arguments(parser):
     """Flags shared by evaluate.py and evaluate_vlm.py (the authors' names and defaults)."""
     parser.add_argument("--model_checkpoint", type=str, default="", help="checkpoint folder (or a GPT-2 name/folder)")
     parser.add_argument("--model", type=str, default="gpt2", help="model type; only gpt2 (kept for compatibility)")
-    parser.add_argument("--dataset_path", type=str, default="", help="dataset JSON (default: the task's path)")
+    parser.add_argument("--dataset_path", type=str, default="",
+                        help="dataset JSON (default: the task's path); a user task's folder of train/valid/test.jsonl")
+    parser.add_argument("--task_file", type=str, default=None,
+                        help="JSON task file of user tasks (default: the templates the checkpoint records)")
     parser.add_argument("--dataset_cache", type=str, default="./dataset_cache", help="prefix of the tokenization cache")
     parser.add_argument("--max_history", type=int, default=None, help="previous turns kept (default: the task's)")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -40,6 +48,24 @@ def decoding_arguments(parser):
     parser.add_argument("--input", type=str, default=None,
                         help="decode your own input instead of a dataset: text, or - for JSON lines on stdin")
     return parser
+
+
+def known_user_tasks(args, config=None):
+    """User tasks by name: the checkpoint's recorded templates, then --task_file's (which win)."""
+    from models.checkpoint import CONFIG_NAME
+    from utils.task_file import load_task_file, recorded_user_tasks
+    tasks = dict(recorded_user_tasks(config, os.path.join(args.model_checkpoint, CONFIG_NAME))) if config else {}
+    if args.task_file:
+        for name, task in load_task_file(args.task_file).items():
+            recorded = tasks.get(name)
+            tasks[name] = task if recorded is None else dataclasses.replace(task, task_id=recorded.task_id)
+    return tasks
+
+
+def checkpoint_config(path):
+    """The vlm_config.json of a checkpoint folder, or None (a plain GPT-2 folder or hub name)."""
+    from models.checkpoint import CONFIG_NAME, read_config
+    return read_config(path) if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
 
 
 def check_decoding_arguments(args):
@@ -87,20 +113,30 @@ def decode_user_input(model, tokenizer, task, args, options, task_id):
     prompts = [user_prompt(task, item, tokenizer, max_history, task_id, where) for item, where in items]
     outputs = generate(model, prompts, options, batch_size=args.batch_size, progress=False)
     for (item, _), ids in zip(items, outputs):
-        text = decode_text(tokenizer, ids, cleanup=not args.raw_text)
+        text = task_output(task, tokenizer, ids, cleanup=not args.raw_text)
         print(json.dumps({"input": item, "output": text}, ensure_ascii=False) if args.input == "-" else text)
 
 
 @exit_on_user_error
 def main(argv=None):
     parser = decoding_arguments(ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--task", type=str, default="dialogue", help="mt, summarization, dialogue, qa or nlg")
+    parser.add_argument("--task", type=str, default="dialogue",
+                        help="mt, summarization, dialogue, qa or nlg, or a user task (of --task_file or the checkpoint)")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="user tasks: put k solved training examples in front of every prompt (few-shot prompting)")
     parser.add_argument("--adapter_bottleneck", type=int, default=0,
                         help="accepted for compatibility; the bottleneck is read from the checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    task = get_task(args.task)
+    if args.shots < 0:
+        raise VLMError(f"--shots must be 0 or more, got {args.shots}")
+    config = checkpoint_config(args.model_checkpoint) if args.model_checkpoint else None
+    task = get_task(args.task, known_user_tasks(args, config))
     options = check_decoding_arguments(args)
+    dataset_path = args.dataset_path or task.default_dataset
+    if task.layout == "template" and args.input is None:
+        from engines.training import check_dataset_path
+        check_dataset_path(task, dataset_path)
 
     model, tokenizer, config = load_checkpoint(args.model_checkpoint, args.device)
     tasks = config.get("tasks", {})
@@ -119,9 +155,9 @@ def main(argv=None):
         decode_user_input(model, tokenizer, task, args, options, task_id)
         return
     output_dir = args.output_dir or ("results/adapter_result" if config["mode"] == "adapter" else "results/GPT2_result")
-    result = evaluate_task(model, tokenizer, task, args.dataset_path or task.default_dataset, options, task_id,
+    result = evaluate_task(model, tokenizer, task, dataset_path, options, task_id,
                            max_history=args.max_history, batch_size=args.batch_size, output_dir=output_dir,
-                           dataset_cache=args.dataset_cache, cleanup=not args.raw_text)
+                           dataset_cache=args.dataset_cache, cleanup=not args.raw_text, shots=args.shots)
     print(format_metrics(result))
     print(f"outputs, references and {task.name}_metrics.json written to {output_dir}")
 

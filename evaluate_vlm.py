@@ -4,6 +4,8 @@
     python evaluate_vlm.py --task all --no_sample --model_checkpoint runs/VLM \\
         --dataset_paths mt=data/NMT/data_en_ge.json nlg=data/NLG/data.json
     python evaluate_vlm.py --task nlg --no_sample --model_checkpoint runs/VLM --input "name[The Vaults], eatType[pub]"
+    python evaluate_vlm.py --task all --no_sample --model_checkpoint runs/VLM \
+        --dataset_paths sentiment=data/samples/sentiment mt=data/samples/mt.json     (a user task's folder)
 
 Each task decodes exactly as evaluate.py does on that task's own checkpoint (other tasks' special
 tokens are never generated). `--task all` puts every task's prompts in one list, so rows of different
@@ -14,7 +16,7 @@ import logging
 import os
 from dataclasses import asdict
 
-from evaluate import check_decoding_arguments, decode_user_input, decoding_arguments
+from evaluate import check_decoding_arguments, decode_user_input, decoding_arguments, known_user_tasks
 from models.checkpoint import CONFIG_NAME, load_checkpoint, read_config
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
 from engines.evaluation import dataset_prompts, evaluation_records, finish_task, format_metrics
@@ -33,19 +35,21 @@ def checkpoint_tasks(path):
     tasks = read_config(path).get("tasks") or {}
     if not isinstance(tasks, dict) or not tasks:
         raise VLMError(f"{os.path.join(path, CONFIG_NAME)}: the checkpoint holds no tasks")
-    unknown = [name for name in tasks if name not in TASKS]
+    unknown = [name for name, entry in tasks.items()
+               if name not in TASKS and not (isinstance(entry, dict) and "template" in entry)]
     if unknown:
         raise VLMError(f"{os.path.join(path, CONFIG_NAME)}: unknown task {unknown[0]!r} in the checkpoint config")
     return tasks
 
 
-def select_tasks(args, held):
-    """Task names to evaluate (checkpoint order for `all`) and each one's dataset file."""
-    names = list(held) if args.task == "all" else [get_task(args.task).name]
+def select_tasks(args, held, user_tasks):
+    """Task names to evaluate (checkpoint order for `all`) and each one's dataset file (a user
+    task's folder, which --dataset_paths or --dataset_path must give)."""
+    names = list(held) if args.task == "all" else [get_task(args.task, user_tasks).name]
     for name in names:
         if name not in held:
             raise VLMError(f"--task {name}: {args.model_checkpoint} holds {', '.join(held)}, not {name}")
-    paths = parse_dataset_paths(args.dataset_paths)
+    paths = parse_dataset_paths(args.dataset_paths, user_tasks)
     for name, path in paths.items():
         if name not in held:
             raise VLMError(f"--dataset_paths {name}={path}: {args.model_checkpoint} holds "
@@ -56,7 +60,12 @@ def select_tasks(args, held):
         if names[0] in paths:
             raise VLMError(f"--dataset_path and --dataset_paths both give the {names[0]} file; keep one")
         paths[names[0]] = args.dataset_path
-    return {name: paths.get(name, TASKS[name].default_dataset) for name in names}
+    from engines.training import check_dataset_path
+    for name in names:
+        task = get_task(name, user_tasks)
+        if task.layout == "template" and args.input is None:
+            check_dataset_path(task, paths.get(name), f"--dataset_paths {name}={paths.get(name)}")
+    return {name: paths.get(name, get_task(name, user_tasks).default_dataset) for name in names}
 
 
 def adapter_task_id(model, task):
@@ -64,7 +73,7 @@ def adapter_task_id(model, task):
     return model.task_id(task.name)
 
 
-def evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir):
+def evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir, user_tasks=None):
     """Decode the evaluation splits of all tasks together and score each; returns {task: metrics}.
 
     All prompts go to ONE generate() call, so its length-sorted batches mix tasks and each forward
@@ -72,7 +81,7 @@ def evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir):
     other rows of its batch, so every task gets the outputs of a single-task run."""
     parts, prompts = [], []
     for name, path in dataset_paths.items():
-        task = TASKS[name]
+        task = get_task(name, user_tasks)
         task_id = adapter_task_id(model, task)
         max_history = task.max_history if args.max_history is None else args.max_history
         records = evaluation_records(task, path, tokenizer, args.dataset_cache)
@@ -112,21 +121,22 @@ def main(argv=None):
                         help="dataset file per task (default: each task's path in the task table)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.task != "all":
-        get_task(args.task)
     if args.task == "all" and args.input is not None:
         raise VLMError("--input decodes one task: give --task TASK, not all")
-    options = check_decoding_arguments(args)
     held = checkpoint_tasks(args.model_checkpoint)
-    dataset_paths = select_tasks(args, held)
+    user_tasks = known_user_tasks(args, read_config(args.model_checkpoint))
+    if args.task != "all":
+        get_task(args.task, user_tasks)
+    options = check_decoding_arguments(args)
+    dataset_paths = select_tasks(args, held, user_tasks)
 
     model, tokenizer, _ = load_checkpoint(args.model_checkpoint, args.device)
     if args.input is not None:
-        task = TASKS[args.task]
+        task = get_task(args.task, user_tasks)
         decode_user_input(model, tokenizer, task, args, options, adapter_task_id(model, task))
         return
     output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
-    results = evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir)
+    results = evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir, user_tasks)
     for result in results.values():
         print(format_metrics(result))
     if args.task == "all":

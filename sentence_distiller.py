@@ -16,16 +16,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from evaluate import check_decoding_arguments, decoding_arguments  # noqa: E402
+from evaluate import check_decoding_arguments, checkpoint_config, decoding_arguments, known_user_tasks  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
-from engines.distill import check_paths, distill_dataset, distilled_path  # noqa: E402
+from engines.distill import check_paths, distill_dataset, distill_template_dataset, distilled_path  # noqa: E402
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 from utils.tasks import get_task  # noqa: E402
 
 
 def build_parser():
     parser = decoding_arguments(ArgumentParser(description=__doc__.split("\n\n")[0]))
-    parser.add_argument("--task", type=str, default="dialogue", help="mt, summarization, dialogue, qa or nlg")
+    parser.add_argument("--task", type=str, default="dialogue",
+                        help="mt, summarization, dialogue, qa or nlg, or a user task (of --task_file or the teacher)")
     parser.add_argument("--output", type=str, default=None,
                         help="distilled dataset to write (default: <dataset stem>.distilled.json beside the dataset)")
     parser.add_argument("--adapter_bottleneck", type=int, default=0,
@@ -37,18 +38,23 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    task = get_task(args.task)
+    task = get_task(args.task, known_user_tasks(args, checkpoint_config(args.model_checkpoint)
+                                                if args.model_checkpoint else None))
     # Flags shared with evaluate.py that mean nothing here: refuse them rather than ignore them.
     for flag in ("input", "output_dir"):
         if getattr(args, flag) is not None:
             raise VLMError(f"--{flag}: not used by sentence_distiller.py (the distilled dataset goes to --output)")
     options = check_decoding_arguments(args)
     dataset_path = args.dataset_path or task.default_dataset
-    output = args.output or distilled_path(dataset_path)
+    output = args.output or distilled_path(dataset_path, task)
     max_history = task.max_history if args.max_history is None else args.max_history
     if max_history < 0:
         raise VLMError(f"--max_history must be 0 or more, got {max_history}")
-    check_paths(dataset_path, output)  # before the teacher loads: cheap mistakes first
+    if task.layout == "template":
+        from engines.training import check_dataset_path
+        check_dataset_path(task, dataset_path)
+    else:
+        check_paths(dataset_path, output)  # before the teacher loads: cheap mistakes first
     if not os.path.isdir(args.model_checkpoint):
         raise VLMError(f"--model_checkpoint {args.model_checkpoint}: teacher checkpoint folder not found")
 
@@ -61,11 +67,16 @@ def main(argv=None):
         print("note: sampling the distilled targets; the authors distilled with --no_sample (greedy)",
               file=sys.stderr)
 
-    total, decoded = distill_dataset(model, tokenizer, task, dataset_path, output, options, task_id, max_history,
-                                     args.model_checkpoint, batch_size=args.batch_size,
-                                     dataset_cache=args.dataset_cache)
+    if task.layout == "template":
+        total, decoded = distill_template_dataset(model, tokenizer, task, dataset_path, output, options, task_id,
+                                                  args.model_checkpoint, batch_size=args.batch_size)
+    else:
+        total, decoded = distill_dataset(model, tokenizer, task, dataset_path, output, options, task_id,
+                                         max_history, args.model_checkpoint, batch_size=args.batch_size,
+                                         dataset_cache=args.dataset_cache)
     print(f"{total} training examples distilled ({decoded} decoded in this run) -> {output}")
-    print(f"train on them with: python train.py --task {task.name} --distillation --dataset_path {dataset_path}")
+    task_file = f" --task_file {args.task_file or 'FILE'}" if task.layout == "template" else ""
+    print(f"train on them with: python train.py --task {task.name}{task_file} --distillation --dataset_path {dataset_path}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def common_training_arguments(parser):
                         help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
     parser.add_argument("--local_rank", type=int, default=-1,
                         help="accepted for torch.distributed.launch; torchrun's environment is what is used")
+    parser.add_argument("--task_file", type=str, default=None,
+                        help="JSON task file of user tasks (NeMo-style prompt templates), whose names --task(s) then take")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir from its last complete checkpoint "
                              "(give the run's own flags again)")
@@ -44,8 +46,10 @@ def build_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common_training_arguments(parser)
     parser.add_argument("--dataset_path", type=str, default=None,
-                        help="dataset JSON (default: the task's path from the authors' run.sh)")
-    parser.add_argument("--task", type=str, default="dialogue", help="dialogue, qa, mt, summarization or nlg")
+                        help="dataset JSON (default: the task's path from the authors' run.sh); "
+                             "for a user task, its folder of train/valid/test.jsonl")
+    parser.add_argument("--task", type=str, default="dialogue",
+                        help="dialogue, qa, mt, summarization or nlg, or a task of --task_file")
     parser.add_argument("--max_history", type=int, default=None, help="previous exchanges kept (dialogue, qa)")
     parser.add_argument("--train_batch_size", type=int, default=None, help="batch size for training")
     parser.add_argument("--valid_batch_size", type=int, default=None,

@@ -37,9 +37,10 @@ def build_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common_training_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
-                        help=f"tasks trained together ({', '.join(TASKS)})")
+                        help=f"tasks trained together ({', '.join(TASKS)}, and tasks of --task_file)")
     parser.add_argument("--dataset_paths", nargs="+", default=[], metavar="TASK=PATH",
-                        help="dataset JSON per task; a task not named here reads its path from the authors' run.sh")
+                        help="dataset JSON per task (a user task: its folder of train/valid/test.jsonl); "
+                             "a built-in task not named here reads its path from the authors' run.sh")
     parser.add_argument("--no_adapter", action="store_true",
                         help="full fine-tuning of GPT-2 on all tasks, no adapters (default: adapters, frozen GPT-2)")
     parser.add_argument("--temperature", type=float, default=1.0,

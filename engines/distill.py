@@ -21,8 +21,11 @@ DISTILLED_SUFFIX = ".distilled.json"
 PARTIAL_SUFFIX = ".partial.jsonl"
 
 
-def distilled_path(dataset_path):
-    """`data/x.json` -> `data/x.distilled.json`: where the distiller writes and train.py looks."""
+def distilled_path(dataset_path, task=None):
+    """`data/x.json` -> `data/x.distilled.json`: where the distiller writes and train.py looks; a
+    user task's folder `data/x` -> the folder `data/x.distilled`."""
+    if task is not None and task.layout == "template":
+        return os.path.normpath(dataset_path) + ".distilled"
     return os.path.splitext(dataset_path)[0] + DISTILLED_SUFFIX
 
 
@@ -203,5 +206,57 @@ def distill_dataset(model, tokenizer, task, dataset_path, output_path, options, 
     distilled = dict(dataset)
     distilled[train_split] = attach_targets(task, raw_records, positions, [done[i] for i in range(len(prompts))])
     write_json(output_path, distilled, indent=None)
+    os.remove(progress_file)
+    return len(prompts), len(prompts) - resumed
+
+
+# --- user tasks --------------------------------------------------------------------------------
+def distill_template_dataset(model, tokenizer, task, folder, output_folder, options, task_id, checkpoint,
+                             batch_size=32, progress=True):
+    """A user task: decode every train.jsonl record's prompt with the teacher and write the folder
+    `output_folder` (train.jsonl with each record's `distillated_tgt`: the teacher's answer, cut at
+    the task's stop rule; valid.jsonl and test.jsonl copied). Written beside and renamed into
+    place; resumable from `<output_folder>.partial.jsonl` as distill_dataset is."""
+    import shutil
+    import tempfile
+
+    from engines.evaluation import template_prompt
+    from utils.templates import SPLIT_FILES, cut_at_stop, template_dataset, user_task_split_path
+    if os.path.realpath(output_folder) == os.path.realpath(folder):
+        raise VLMError(f"--output {output_folder}: is the dataset folder itself; the distilled copy needs another "
+                       f"name (default: {distilled_path(folder, task)})")
+    if os.path.exists(output_folder) and (not os.path.isdir(output_folder) or os.listdir(output_folder)):
+        raise VLMError(f"--output {output_folder}: exists; remove it or choose another folder")
+    train_path = user_task_split_path(folder, "train")
+    items = template_dataset(task, folder, tokenizer, ["train"])["train"]
+    prompts = [template_prompt(task, item, task_id) for item in items]
+    for index, prompt in enumerate(prompts):
+        prompt.meta["index"] = index
+    with open(train_path, "rb") as f:
+        raw = f.read()
+    settings = run_settings(task, raw, checkpoint, options, 0, len(prompts))
+    progress_file = partial_path(os.path.normpath(output_folder))
+    done = read_partial(progress_file, settings)
+    resumed = len(done)
+    writer = PartialWriter(progress_file, settings)
+    decode_pending(model, tokenizer, prompts, done, options, batch_size, writer, progress, desc=task.name)
+    parent = os.path.dirname(os.path.abspath(output_folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_folder))}.", dir=parent)
+    try:
+        lines = [json.dumps(dict(item["record"], distillated_tgt=cut_at_stop(done[i], task)), ensure_ascii=False)
+                 for i, item in enumerate(items)]
+        with open(os.path.join(tmp, SPLIT_FILES["train"]), "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+        for split in ("valid", "test"):
+            source = os.path.join(folder, SPLIT_FILES[split])
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(tmp, SPLIT_FILES[split]))
+        if os.path.isdir(output_folder):
+            os.rmdir(output_folder)  # empty (checked above)
+        os.replace(tmp, output_folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.remove(progress_file)
     return len(prompts), len(prompts) - resumed

@@ -12,6 +12,8 @@ from engines.generate import Prompt, generate
 from utils.io import write_json, write_lines
 from utils.errors import VLMError
 from utils.tasks import banned_token_ids, task_token_ids
+from utils.templates import NO_SEGMENT, cut_at_stop
+from utils.templates import stop_ids as template_stop_ids
 
 
 def clean_up_tokenization(text):
@@ -28,6 +30,13 @@ def decode_text(tokenizer, ids, cleanup=True):
     return clean_up_tokenization(text) if cleanup else text
 
 
+def task_output(task, tokenizer, ids, cleanup=True):
+    """The text of a decoded reply: a user task's answer is cut at its stop rule and not cleaned."""
+    if task.layout == "template":
+        return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), task)
+    return decode_text(tokenizer, ids, cleanup)
+
+
 def mr_key(slots):
     """A meaning representation as text, in the E2E style: `name[The Vaults], eatType[pub]`."""
     return ", ".join(f"{slot}[{value}]" for slot, value in slots)
@@ -41,10 +50,24 @@ def make_prompt(task, context, task_id, meta=None):
                   banned_token_ids(task), dict(meta or {}))
 
 
-def dataset_prompts(task, records, max_history, tokenizer, task_id):
+def template_prompt(task, item, task_id, shots=()):
+    """The decoding prompt of one record of a user task (utils.templates.template_item), with the
+    token ids of `shots` solved examples in front (--shots k, utils.templates.few_shot_text)."""
+    prompt = item["prompt"]
+    shots = list(shots)
+    return Prompt(shots + prompt["input_ids"], [NO_SEGMENT] * len(shots) + prompt["token_type_ids"], task_id,
+                  template_stop_ids(task), banned_token_ids(task),
+                  {"reference": item["answer"], "where": item["where"], "record": item["record"]},
+                  virtual_ids=[-1] * len(shots) + prompt["virtual_ids"], max_length=task.max_answer_tokens)
+
+
+def dataset_prompts(task, records, max_history, tokenizer, task_id, shots=()):
     """One prompt per example of an evaluation split (per unique MR for nlg), with its reference.
 
-    As the authors' evaluate.py: sources cut, targets whole, persona not rotated."""
+    As the authors' evaluate.py: sources cut, targets whole, persona not rotated. A user task's
+    prompts are its template's, each with `shots` (token ids of solved examples) in front."""
+    if task.layout == "template":
+        return [template_prompt(task, item, task_id, shots) for item in records]
     prompts, by_mr = [], {}
     for context, target, record, utterance in iter_contexts(task, records, max_history,
                                                             rotate_persona=False, for_training=False):
@@ -118,10 +141,39 @@ SCORERS = {
 }
 
 
+def template_scores(task, outputs, references):
+    """A user task's metric (its task file's `metric`), on the answers cut at its stop rule."""
+    if task.metric == "accuracy":
+        return {"accuracy": metrics.label_accuracy(outputs, references, task.label_map)}
+    if task.metric == "intent_slot":
+        return metrics.intent_slot_scores(outputs, references)
+    if task.metric == "exact_match":
+        return {"exact_match": metrics.exact_match(outputs, references)}
+    if task.metric == "token_f1":
+        return {"token_f1": metrics.token_f1(outputs, references)}
+    if task.metric == "bleu":
+        return {"bleu": metrics.moses_bleu(outputs, references)}
+    return metrics.rouge_scores(outputs, references)
+
+
+def one_line(text):
+    """An answer on one line of `<task>_output.txt`: newlines (and backslashes) escaped as in JSON."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
 def write_outputs(task, prompts, outputs, output_dir):
     """The files the authors wrote (`<task>_output.txt`, `<task>_ref.txt`, ...), in the formats the
-    official scorers read."""
+    official scorers read. A user task: `<task>_output.txt` and `<task>_ref.txt` (one answer a
+    line, newlines escaped as \\n) and `<task>_predictions.jsonl` (record, prediction, reference)."""
     path = lambda name: os.path.join(output_dir, f"{task.name}_{name}")  # noqa: E731
+    if task.layout == "template":
+        write_lines(path("output.txt"), [one_line(o) for o in outputs])
+        write_lines(path("ref.txt"), [one_line(p.meta["reference"]) for p in prompts])
+        import json
+        write_lines(path("predictions.jsonl"), [json.dumps({"where": p.meta["where"], "record": p.meta["record"],
+                                                           "prediction": o, "reference": p.meta["reference"]},
+                                                          ensure_ascii=False) for p, o in zip(prompts, outputs)])
+        return
     if task.name == "qa":
         predictions = [{"id": p.meta["id"], "turn_id": p.meta["turn_id"], "answer": out}
                        for p, out in zip(prompts, outputs)]
@@ -146,7 +198,9 @@ def score_and_write(task, prompts, outputs, output_dir, extra=None):
     os.makedirs(output_dir, exist_ok=True)
     write_outputs(task, prompts, outputs, output_dir)
     result = {"task": task.name, "examples": len(prompts)}
-    for name in task.metrics:
+    if task.layout == "template":
+        result.update(template_scores(task, outputs, _references(prompts)))
+    for name in task.metrics if task.layout != "template" else ():
         if name in SCORERS:
             result.update(SCORERS[name](outputs, prompts))
     result.update(extra or {})
@@ -163,7 +217,7 @@ def finish_task(model, tokenizer, task, records, prompts, generated, task_id, ma
                 output_dir="results", cleanup=True):
     """Decoded ids -> text, plus the teacher-forced perplexity for tasks that report it (dialogue);
     scores and writes the task's files and returns its metrics. `max_history`: as resolved for prompts."""
-    outputs = [decode_text(tokenizer, ids, cleanup) for ids in generated]
+    outputs = [task_output(task, tokenizer, ids, cleanup) for ids in generated]
     extra = {}
     if "ppl" in task.metrics:
         nll = teacher_forced_nll(model, task, records, max_history, task_id, batch_size,
@@ -172,12 +226,29 @@ def finish_task(model, tokenizer, task, records, prompts, generated, task_id, ma
     return score_and_write(task, prompts, outputs, output_dir, extra)
 
 
+def shot_ids(task, dataset_path, tokenizer, shots, seed):
+    """Token ids of `shots` solved training examples of a user task (--shots k), drawn with the seed."""
+    if not shots:
+        return []
+    if task.layout != "template":
+        raise VLMError(f"--shots {shots}: few-shot prompting is for user tasks (--task_file); {task.name} is built in")
+    import random
+    train = load_task_data(task, dataset_path, tokenizer, ["train"])["train"]
+    if shots > len(train):
+        raise VLMError(f"--shots {shots}: the train split of {dataset_path} has {len(train)} records")
+    from utils.templates import few_shot_text
+    chosen = random.Random(seed).sample(train, shots)
+    return few_shot_text(task, [item["record"] for item in chosen], tokenizer)
+
+
 def evaluate_task(model, tokenizer, task, dataset_path, options, task_id, max_history=None,
-                  batch_size=32, output_dir="results", dataset_cache=None, cleanup=True, progress=True):
-    """Decode a task's evaluation split, score it and write the files; returns the metrics."""
+                  batch_size=32, output_dir="results", dataset_cache=None, cleanup=True, progress=True, shots=0):
+    """Decode a task's evaluation split, score it and write the files; returns the metrics.
+    shots (user tasks): that many solved training examples in front of every prompt."""
     max_history = task.max_history if max_history is None else max_history
     records = evaluation_records(task, dataset_path, tokenizer, dataset_cache)
-    prompts = dataset_prompts(task, records, max_history, tokenizer, task_id)
+    prompts = dataset_prompts(task, records, max_history, tokenizer, task_id,
+                              shot_ids(task, dataset_path, tokenizer, shots, options.seed))
     generated = generate(model, prompts, options, batch_size=batch_size, progress=progress, desc=task.name)
     return finish_task(model, tokenizer, task, records, prompts, generated, task_id, max_history, batch_size,
                        output_dir, cleanup)
@@ -207,6 +278,22 @@ def user_prompt(task, item, tokenizer, max_history, task_id, where):
     """A prompt from a user's own input: a string, or a JSON object with the task's fields
     (mt/summarization {"src"}; nlg {"src": {slot: value}} or an MR string; dialogue
     {"personality": [...], "history": [...]}; qa {"document", "history"})."""
+    if task.layout == "template":
+        inputs = [f for f in task.fields if f != task.answer_field]
+        if isinstance(item, str):
+            if len(inputs) != 1:
+                raise VLMError(f"{where}: task {task.name} has the fields {', '.join(inputs)}: give a JSON object")
+            item = {inputs[0]: item}
+        if not isinstance(item, dict):
+            raise VLMError(f"{where}: expected a string or a JSON object with the fields {', '.join(inputs)}")
+        from utils.templates import template_item
+        record = {field: item.get(field) for field in inputs}
+        for field, value in record.items():
+            if not isinstance(value, str):
+                raise VLMError(f"{where}: task {task.name}: field {field!r} must be a string")
+        return template_prompt(task, template_item(task, dict(record, taskname=task.name), where, tokenizer,
+                                                   require_answer=False), task_id)
+
     def encode(text):
         try:
             text.encode("utf-8")

@@ -26,6 +26,7 @@ class Prompt:
     banned_ids: tuple = ()     # never generated (other tasks' tokens in a combined model)
     meta: dict = field(default_factory=dict)
     virtual_ids: list = None   # -1, or the virtual token at that position (prompt / p-tuning tasks)
+    max_length: int = None     # the most tokens of this row's reply (a user task's max_answer_tokens)
 
     @property
     def reply_type(self):
@@ -104,11 +105,17 @@ def virtual_token_count(model, task_id):
 
 def with_virtual_positions(model, prompts):
     """Prompts of prompt / p-tuning tasks with their virtual-token positions in front (once: a
-    prompt that has virtual_ids already is kept as it is)."""
+    prompt that has virtual_ids already is kept as it is). A user task's prompt has them where its
+    template says; they are taken out when the task has no virtual tokens in this model."""
     out = []
     for p in prompts:
-        n = virtual_token_count(model, p.task_id) if p.virtual_ids is None else 0
-        if n:
+        n = virtual_token_count(model, p.task_id)
+        if p.virtual_ids is not None:
+            if not n and any(v >= 0 for v in p.virtual_ids):
+                keep = [i for i, v in enumerate(p.virtual_ids) if v < 0]
+                p = replace(p, input_ids=[p.input_ids[i] for i in keep],
+                            token_type_ids=[p.token_type_ids[i] for i in keep], virtual_ids=None)
+        elif n:
             p = replace(p, input_ids=[PAD_ID] * n + list(p.input_ids), token_type_ids=[-1] * n + list(p.token_type_ids),
                         virtual_ids=list(range(n)) + [-1] * len(p.input_ids))
         out.append(p)
@@ -185,7 +192,8 @@ def generate_batch(model, prompts, options, on_step=None):
 def reply_room(model, prompt, options):
     """Tokens a reply may have: --max_length, or fewer where prompt and reply would not fit in the
     model's positions together (GPT-2's position table has no row past n_positions)."""
-    return min(options.max_length, model.config.n_positions - len(prompt.input_ids))
+    limit = options.max_length if prompt.max_length is None else min(options.max_length, prompt.max_length)
+    return min(limit, model.config.n_positions - len(prompt.input_ids))
 
 
 def check_prompt_lengths(model, prompts, options, desc):
@@ -193,10 +201,11 @@ def check_prompt_lengths(model, prompts, options, desc):
     positions = model.config.n_positions
     for p in prompts:
         if len(p.input_ids) >= positions:
-            what = ", ".join(f"{k} {str(p.meta[k])[:50]!r}" for k in ("input", "id", "mr") if k in p.meta)
+            what = ", ".join(f"{k} {str(p.meta[k])[:50]!r}" for k in ("input", "id", "mr", "where") if k in p.meta)
             raise VLMError(f"{desc}: prompt {p.meta['index']}{f' ({what})' if what else ''} has "
                            f"{len(p.input_ids)} tokens; the model has only {positions} positions")
-    cut = sum(reply_room(model, p, options) < options.max_length for p in prompts)
+    cut = sum(reply_room(model, p, options) < min(options.max_length, p.max_length or options.max_length)
+              for p in prompts)
     if cut:
         logger.warning("%s: %d of %d replies limited to fewer than --max_length %d tokens by the model's "
                        "%d positions", desc, cut, len(prompts), options.max_length, positions)

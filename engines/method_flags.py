@@ -89,19 +89,53 @@ def resolve_methods(args, default_bottleneck):
     return methods
 
 
+def resolve_user_task_methods(args, task):
+    """{method: options} of a user task: its task file's method and method_options, or --method and
+    its flags when given (flags also override the file's options); a virtual-token method always
+    has the template's total_virtual_tokens."""
+    from utils.task_file import VIRTUAL_METHODS, user_task_methods
+    if getattr(args, "method", None) is None and (args.adapter_bottleneck or 0) > 0:
+        args.method = "adapter"
+    if getattr(args, "method", None) is None:
+        file_options = user_task_methods(task)
+        spec, where = task.method, f"{task.source}: task {task.name!r}: method"
+    else:
+        spec, where = args.method, f"--method {args.method}"
+        file_options = {}
+    names = parse_method_spec(spec, where)
+    for name in METHODS:
+        stray = given_options(args, name) if name not in names else {}
+        if stray:
+            raise VLMError(f"--{option_flag(name, next(iter(stray)))} is an option of {name}, which task "
+                           f"{task.name}'s method {spec} does not use")
+    methods = {}
+    for name in names:
+        options = dict(file_options.get(name, {}), **given_options(args, name))
+        if name == "adapter":
+            options.setdefault("bottleneck", args.adapter_bottleneck or task.bottleneck)
+        if name in VIRTUAL_METHODS:
+            if options.get("length", task.total_virtual_tokens) != task.total_virtual_tokens:
+                raise VLMError(f"--{option_flag(name, 'length')} {options['length']}: task {task.name}'s template "
+                               f"has total_virtual_tokens {task.total_virtual_tokens}")
+            options["length"] = task.total_virtual_tokens
+        methods[name] = method_class(name).resolve(options, where)
+    return methods
+
+
 def method_tag(methods):
     """Short name of a task's methods for run folders: adapter100, lora, prefix+ln."""
     return "+".join(f"adapter{o['bottleneck']}" if n == "adapter" else n for n, o in methods.items())
 
 
-def task_method_specs(items, tasks):
+def task_method_specs(items, tasks, defaults=None):
     """train_vlm.py's --method items -> {task: method spec}: a plain name sets every task (default
-    adapter), TASK=SPEC one task; unknown or repeated tasks and two plain names fail."""
+    adapter, or `defaults[task]`: a user task's own method), TASK=SPEC one task; unknown or repeated
+    tasks and two plain names fail."""
     plain = [item for item in items or [] if "=" not in item]
     if len(plain) > 1:
         raise VLMError(f"--method: {' '.join(plain)}: give one method for every task, then TASK=METHOD "
                        f"for the tasks that differ")
-    specs = {task: plain[0] if plain else "adapter" for task in tasks}
+    specs = {task: plain[0] if plain else (defaults or {}).get(task, "adapter") for task in tasks}
     named = set()
     for item in items or []:
         if "=" not in item:
@@ -116,11 +150,15 @@ def task_method_specs(items, tasks):
     return specs
 
 
-def resolve_task_methods(args, bottlenecks):
+def resolve_task_methods(args, bottlenecks, user_tasks=None):
     """{task: {method: resolved options}} for train_vlm.py: each task's --method spec, the option
     flags given for every task using that method, the adapter's bottleneck from `bottlenecks`
-    ({task: B}, the task table's). Option flags of a method no task uses are an error."""
-    specs = task_method_specs(args.method, list(bottlenecks))
+    ({task: B}, the task table's). Option flags of a method no task uses are an error. A user task
+    ({task: TemplateTask}) defaults to its task file's method and options; its virtual-token
+    methods have its template's total_virtual_tokens."""
+    from utils.task_file import VIRTUAL_METHODS, user_task_methods
+    user_tasks = {name: task for name, task in (user_tasks or {}).items() if name in bottlenecks}
+    specs = task_method_specs(args.method, list(bottlenecks), {name: task.method for name, task in user_tasks.items()})
     names = {task: parse_method_spec(spec, "--method", f"{task}={spec}") for task, spec in specs.items()}
     used = {name for task_names in names.values() for name in task_names}
     for name in METHODS:
@@ -131,9 +169,16 @@ def resolve_task_methods(args, bottlenecks):
     methods = {}
     for task, task_names in names.items():
         methods[task] = {}
+        file_options = user_task_methods(user_tasks[task]) if task in user_tasks else {}
         for name in task_names:
-            options = given_options(args, name)
+            options = dict(file_options.get(name, {}), **given_options(args, name))
             if name == "adapter":
-                options["bottleneck"] = bottlenecks[task]
+                options.setdefault("bottleneck", bottlenecks[task])
+            if task in user_tasks and name in VIRTUAL_METHODS:
+                total = user_tasks[task].total_virtual_tokens
+                if options.get("length", total) != total:
+                    raise VLMError(f"--{option_flag(name, 'length')} {options['length']}: task {task}'s template "
+                                   f"has total_virtual_tokens {total}")
+                options["length"] = total
             methods[task][name] = method_class(name).resolve(options, f"--method {task}={specs[task]}")
     return methods

@@ -24,12 +24,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from engines.method_flags import method_tag, resolve_task_methods
-from engines.specs import builtin_spec
+from engines.specs import task_spec
 from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import collate, load_task_data, load_tokenizer, training_examples
 from utils.errors import VLMError
-from utils.tasks import TASKS, parse_dataset_paths
-from engines.training import (RunPlan, add_virtual_positions, check_numbers, check_run_folder, json_ready,
+from utils.tasks import TASKS, get_task, parse_dataset_paths
+from engines.training import (RunPlan, add_virtual_positions, check_dataset_path, check_numbers, check_run_folder,
+                              json_ready, template_meta, user_tasks,
                               make_loader, parse_fp16, run_distributed, train_run)
 
 logger = logging.getLogger(__name__)
@@ -40,34 +41,38 @@ DEFAULTS = {"train_batch_size": 1, "valid_batch_size": 1, "gradient_accumulation
 # task embeddings start from scratch and train with 5e-4 in their single-task run.sh (qa, mt, summarization).
 DEFAULT_LR = {"adapter": 5e-4, "full": 6.25e-5}
 # The flags that decide the course of training: --resume refuses a run started with other values.
-RESUME_SETTINGS = ("tasks", "model_checkpoint", "dataset_paths", "no_adapter", "methods", "temperature", "mix_tasks",
+RESUME_SETTINGS = ("tasks", "task_file", "model_checkpoint", "dataset_paths", "no_adapter", "methods", "temperature", "mix_tasks",
                    "max_history", "train_batch_size", "gradient_accumulation_steps", "lr", "max_norm", "n_epochs",
                    "seed", "fp16")
 
 
 # --- settings --------------------------------------------------------------------------------
-def parse_tasks(names):
-    """Task names (--tasks) -> names in the task table's order; unknown or repeated names fail."""
+def parse_tasks(names, user_tasks=None):
+    """Task names (--tasks) -> names in the task table's order, then user tasks in their task
+    file's order; unknown or repeated names fail."""
     names = list(names or [])
+    known = list(TASKS) + list(user_tasks or {})
     if not names:
         raise VLMError("--tasks: name at least one task")
     for name in names:
-        if name not in TASKS:
-            raise VLMError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
+        if name not in known:
+            hint = "" if user_tasks else " (a user task needs --task_file FILE)"
+            raise VLMError(f"--tasks: unknown task {name!r}; choose from {', '.join(known)}{hint}")
         if names.count(name) > 1:
             raise VLMError(f"--tasks: {name} is given twice")
     # One canonical order, so `--tasks nlg mt` and `--tasks mt nlg` draw the same batches.
-    return [name for name in TASKS if name in names]
+    return [name for name in known if name in names]
 
 
-def task_dataset_paths(items, tasks):
+def task_dataset_paths(items, tasks, user_tasks=None):
     """--dataset_paths task=PATH ... -> {task: path} for every task in `tasks` (table default
-    for those not given); a path for a task that is not trained fails."""
-    given = parse_dataset_paths(items)
+    for those not given; a user task's folder must be given); a path for a task that is not
+    trained fails."""
+    given = parse_dataset_paths(items, user_tasks)
     for name in given:
         if name not in tasks:
             raise VLMError(f"--dataset_paths {name}={given[name]}: {name} is not in --tasks ({' '.join(tasks)})")
-    return {task: given.get(task, TASKS[task].default_dataset) for task in tasks}
+    return {task: given.get(task, get_task(task, user_tasks).default_dataset) for task in tasks}
 
 
 def check_temperature(value):
@@ -99,14 +104,18 @@ def prepare_multitask_args(args):
     """Check and complete parsed train_vlm.py arguments in place; returns the mode ('adapter' or
     'full'). Nothing is written. args.tasks becomes a list in table order, args.dataset_paths a dict."""
     mode = "full" if args.no_adapter else "adapter"
-    args.tasks = parse_tasks(args.tasks)
-    args.dataset_paths = task_dataset_paths(args.dataset_paths, args.tasks)
+    users = user_tasks(args)
+    args.tasks = parse_tasks(args.tasks, users)
+    args.dataset_paths = task_dataset_paths(args.dataset_paths, args.tasks, users)
     if args.no_adapter and args.method:
         raise VLMError(f"--no_adapter fine-tunes all of GPT-2 with no per-task modules; drop --method "
                        f"{' '.join(args.method)}")
     # {task: {method: options}}; checked even with --no_adapter, so stray option flags fail
-    args.methods = resolve_task_methods(args, {name: TASKS[name].bottleneck for name in args.tasks}) \
-        if mode == "adapter" else {}
+    if args.no_adapter and any(name in users for name in args.tasks):
+        raise VLMError(f"--no_adapter: {', '.join(n for n in args.tasks if n in users)} are user tasks, which "
+                       f"train their own method on the frozen backbone")
+    args.methods = resolve_task_methods(args, {name: get_task(name, users).bottleneck for name in args.tasks},
+                                        users) if mode == "adapter" else {}
     check_temperature(args.temperature)
     for name, value in DEFAULTS.items():
         if getattr(args, name, None) is None:
@@ -124,8 +133,7 @@ def prepare_multitask_args(args):
         args.output_dir = default_output_dir(args, mode)
     check_run_folder(args)
     for task, path in args.dataset_paths.items():
-        if not os.path.isfile(path):
-            raise VLMError(f"--dataset_paths {task}={path}: dataset file not found")
+        check_dataset_path(get_task(task, users), path, f"--dataset_paths {task}={path}")
     return mode
 
 
@@ -234,9 +242,9 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler):
 # --- data ------------------------------------------------------------------------------------
 def load_all_tasks(args, tokenizer):
     """{task: tokenized training and validation splits}; every file is checked before any model loads."""
-    data = {}
+    data, users = {}, user_tasks(args)
     for name in args.tasks:
-        task = TASKS[name]
+        task = get_task(name, users)
         data[name] = load_task_data(task, args.dataset_paths[name], tokenizer, splits=list(dict.fromkeys(task.splits)),
                                     cache_prefix=args.dataset_cache)
     return data
@@ -246,9 +254,9 @@ def task_examples(args, data, max_positions, virtual_tokens=None):
     """{task: (train examples, validation examples)}, every example tagged with its task_id
     (collate() reads it per row, so one batch can hold several tasks) and led by its task's
     virtual-token positions (`virtual_tokens`: {task: count}, prompt and p-tuning methods)."""
-    examples = {}
+    examples, users = {}, user_tasks(args)
     for name in args.tasks:
-        task, path = TASKS[name], args.dataset_paths[name]
+        task, path = get_task(name, users), args.dataset_paths[name]
         max_history = task.max_history if args.max_history is None else args.max_history
         n_virtual = (virtual_tokens or {}).get(name, 0)
         train_split, valid_split = task.splits
@@ -281,7 +289,7 @@ def make_multitask_loaders(examples, args, world_size=1, rank=0):
         valid = examples[name][1]
         if len(valid) < world_size:
             raise VLMError(f"{args.dataset_paths[name]}: {len(valid)} validation examples for {world_size} processes")
-        valid_loaders[name] = make_loader(valid[rank::world_size], TASKS[name].task_id, args.valid_batch_size,
+        valid_loaders[name] = make_loader(valid[rank::world_size], valid[0]["task_id"], args.valid_batch_size,
                                           shuffle=False)
     return train_loader, valid_loaders
 
@@ -301,7 +309,8 @@ def multitask_plan(args, mode, world_size, rank):
     frozen backbone (mode adapter) or all of GPT-2 (full, rows decoded as plain GPT-2)."""
     tokenizer = load_tokenizer(args.model_checkpoint)
     data = load_all_tasks(args, tokenizer)  # bad data files stop here, before the model loads
-    specs = [builtin_spec(name, args.methods[name]) for name in args.tasks] if mode == "adapter" else []
+    users = user_tasks(args)
+    specs = [task_spec(get_task(name, users), args.methods[name]) for name in args.tasks] if mode == "adapter" else []
     model = VersatileLM.from_pretrained(args.model_checkpoint, specs)
     fingerprint = backbone_fingerprint(model.gpt2) if mode == "adapter" else None
     virtual = {name: model.tasks[name].num_virtual_tokens for name in args.tasks if name in model.tasks}
@@ -326,4 +335,5 @@ def multitask_plan(args, mode, world_size, rank):
     # A batch need not hold every task, so under DDP some tasks' modules get no gradient in a step.
     return RunPlan(model, tokenizer, mode, list(args.tasks), mode, fingerprint, train_loader, valid_loaders,
                    use_task_ids=mode == "adapter", extra=extra, per_task_metrics=True,
-                   find_unused_parameters=mode == "adapter", describe=describe)
+                   find_unused_parameters=mode == "adapter", describe=describe,
+                   task_meta=template_meta([get_task(name, users) for name in args.tasks]))

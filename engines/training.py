@@ -33,8 +33,8 @@ from ignite.metrics import Metric, RunningAverage
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from models.adapters import count_parameters
-from engines.method_flags import method_tag, resolve_methods
-from engines.specs import builtin_spec
+from engines.method_flags import method_tag, resolve_methods, resolve_user_task_methods
+from engines.specs import task_spec
 from models.checkpoint import (ADAPTER_WEIGHTS, FULL_WEIGHTS, load_task_tensors, load_tensors, read_config,
                                save_checkpoint)
 from models.vlm import VersatileLM, backbone_fingerprint
@@ -57,7 +57,7 @@ FP16_LEVELS = ("O0", "O1", "O2", "O3")  # apex opt levels, accepted as the autho
 TRAINING_TENSORS = "training_state.safetensors"
 TRAINING_STATE = "training_state.json"
 # The flags that decide the course of training: --resume refuses a run started with other values.
-RESUME_SETTINGS = ("task", "model_checkpoint", "dataset_path", "adapter_bottleneck", "methods", "emb_only",
+RESUME_SETTINGS = ("task", "task_file", "model_checkpoint", "dataset_path", "adapter_bottleneck", "methods", "emb_only",
                    "outputlayer_only", "random_init", "distillation", "max_history", "train_batch_size",
                    "gradient_accumulation_steps", "lr", "max_norm", "n_epochs", "seed", "fp16")
 
@@ -72,6 +72,14 @@ def training_mode(args, task=None):
     if args.emb_only and args.outputlayer_only:
         raise VLMError("--emb_only and --outputlayer_only exclude each other; choose one")
     method = getattr(args, "method", None)
+    if task is not None and task.layout == "template":
+        for flag, given in (("--emb_only", args.emb_only), ("--outputlayer_only", args.outputlayer_only),
+                            ("--random_init", args.random_init)):
+            if given:
+                raise VLMError(f"{flag}: task {task.name} is a user task; it trains its task file's method "
+                               f"(or --method) on the frozen backbone")
+        args.methods = resolve_user_task_methods(args, task)
+        return "adapter"
     if (args.adapter_bottleneck > 0 or method) and (args.emb_only or args.outputlayer_only):
         flag = "--emb_only" if args.emb_only else "--outputlayer_only"
         drop = f"--method {method}" if method else f"--adapter_bottleneck {args.adapter_bottleneck}"
@@ -134,9 +142,30 @@ def check_output_dir(path):
         raise VLMError(f"--output_dir {path}: folder is not empty; choose a new one")
 
 
+def user_tasks(args):
+    """{name: TemplateTask} of --task_file (none without it)."""
+    from utils.task_file import load_task_file
+    return load_task_file(args.task_file) if getattr(args, "task_file", None) else {}
+
+
+def check_dataset_path(task, path, shown=None):
+    """A built-in task's dataset is a JSON file, a user task's a folder of JSON-lines splits.
+    `shown`: how errors name the flag and path (default `--dataset_path PATH`)."""
+    shown = shown or f"--dataset_path {path}"
+    if task.layout == "template":
+        if not path:
+            raise VLMError(f"{shown.split()[0]}: task {task.name} is a user task; give its folder of train.jsonl, "
+                           f"valid.jsonl and test.jsonl")
+        if not os.path.isdir(path):
+            raise VLMError(f"{shown}: dataset folder not found (task {task.name} reads train.jsonl, "
+                           f"valid.jsonl and test.jsonl there)")
+    elif not os.path.isfile(path):
+        raise VLMError(f"{shown}: dataset file not found")
+
+
 def prepare_args(args):
     """Check and complete parsed arguments in place; returns (task, mode). No file is written."""
-    task = get_task(args.task)
+    task = get_task(args.task, user_tasks(args))
     mode = training_mode(args, task)
     fill_task_defaults(args, task, mode)
     check_numbers(args)
@@ -149,8 +178,7 @@ def prepare_args(args):
             raise VLMError("--resume needs --output_dir: the folder of the run to continue")
         args.output_dir = default_output_dir(args, mode)
     check_run_folder(args)
-    if not os.path.isfile(args.dataset_path):
-        raise VLMError(f"--dataset_path {args.dataset_path}: dataset file not found")
+    check_dataset_path(task, args.dataset_path)
     return task, mode
 
 
@@ -218,18 +246,30 @@ def trainable_line(model, mode, task_name):
 def build_model(args, task, mode):
     """GPT-2 with the task's modules: its methods (mode adapter) or only its token rows (emb_only);
     full and outputlayer_only training add no task, so rows run as plain GPT-2 (task id -1)."""
-    specs = [builtin_spec(task.name, args.methods if mode == "adapter" else {})] \
+    specs = [task_spec(task, args.methods if mode == "adapter" else {})] \
         if mode in ("adapter", "emb_only") else []
     return VersatileLM.from_pretrained(args.model_checkpoint, specs, random_init=args.random_init)
 
 
 def add_virtual_positions(examples, n):
     """Examples with n virtual-token positions in front (prompt and p-tuning methods): a
-    placeholder id whose embedding the method replaces, no segment, no label."""
-    if n <= 0:
-        return examples
+    placeholder id whose embedding the method replaces, no segment, no label. A user task's
+    examples have theirs where its template puts them: kept, or taken out when its method has no
+    virtual tokens (n = 0)."""
     from utils.data import with_virtual_tokens
-    return [with_virtual_tokens(e, n) for e in examples]
+    from utils.templates import without_virtual_positions
+    out = []
+    for e in examples:
+        if "virtual_ids" in e:
+            out.append(e if n > 0 else without_virtual_positions(e))
+        else:
+            out.append(with_virtual_tokens(e, n) if n > 0 else e)
+    return out
+
+
+def template_meta(tasks):
+    """{task: {"template": its task-file entry}} for the user tasks among `tasks`."""
+    return {t.name: {"template": t.as_json()} for t in tasks if t.layout == "template"}
 
 
 def unwrap(model):
@@ -255,7 +295,16 @@ def load_splits(args, task, tokenizer):
     train_split, valid_split = task.splits
     splits = list(dict.fromkeys([train_split, valid_split]))
     data = load_task_data(task, args.dataset_path, tokenizer, splits=splits, cache_prefix=args.dataset_cache)
-    if args.distillation:
+    if args.distillation and task.layout == "template":
+        if any(item["distilled"] is None for item in data[train_split]):
+            from engines.distill import distilled_path
+            fallback = distilled_path(args.dataset_path, task)
+            if os.path.isdir(fallback):
+                args.dataset_path = fallback
+                data = load_task_data(task, fallback, tokenizer, splits=splits)
+        if idist.get_rank() == 0:
+            print(f"--distillation: training on the distilled answers of {args.dataset_path}")
+    elif args.distillation:
         try:
             check_distilled(task, data[train_split], args.dataset_path, train_split)
         except VLMError:
@@ -698,7 +747,7 @@ def attach_tensorboard(output_dir, trainer, evaluator, optimizer):
     return tb_logger
 
 
-def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, fingerprint, extra, mode):
+def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, fingerprint, extra, mode, task_meta=None):
     """save(path, exported=True): writes the checkpoint of `tasks` (exported=False: methods in
     their training form, for epoch checkpoints that --resume continues). `fingerprint` (the frozen
     backbone's, taken before training; None when the backbone trains) is checked again at every save."""
@@ -710,7 +759,7 @@ def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, finge
             raise RuntimeError(f"the frozen backbone changed during {mode} training (fingerprint "
                                f"{fingerprint[:12]} -> {now[:12]}); not writing {path}")
         save_checkpoint(model, tokenizer, path, checkpoint_mode, list(tasks), base_model,
-                        base_fingerprint=now, extra=extra, exported=exported)
+                        base_fingerprint=now, extra=extra, exported=exported, task_meta=task_meta)
     return save
 
 
@@ -816,6 +865,7 @@ class RunPlan:
     per_task_metrics: bool  # metrics.jsonl records "val": {task: ...} (train_vlm.py) or val_nll/val_ppl
     find_unused_parameters: bool = False  # DDP: a batch may leave some tasks' modules without gradient
     describe: object = None  # main process, after the trainable line: logs the data and the setting
+    task_meta: dict = None   # {task: extra config entries}: a user task's template, so its checkpoint describes it
 
 
 def format_validation(epoch, per_task, mean):
@@ -856,7 +906,8 @@ def single_task_plan(args, task, mode, world_size, rank):
                     f" x {world_size} processes" if world_size > 1 else "")
     return RunPlan(model, tokenizer, mode, task.name, "adapter" if mode in ("adapter", "emb_only") else "full",
                    fingerprint, train_loader, {task.name: valid_loader}, task.name in model.tasks,
-                   {"training_args": json_ready(args)}, per_task_metrics=False, describe=describe)
+                   {"training_args": json_ready(args)}, per_task_metrics=False, describe=describe,
+                   task_meta=template_meta([task]))
 
 
 def train_run(args, device, fp16, settings, build_plan):
@@ -920,7 +971,7 @@ def train_run(args, device, fp16, settings, build_plan):
 
     save = checkpoint_saver(model, plan.tokenizer, plan.checkpoint_mode,
                             [plan.tasks] if isinstance(plan.tasks, str) else plan.tasks,
-                            args.model_checkpoint, plan.fingerprint, plan.extra, plan.mode)
+                            args.model_checkpoint, plan.fingerprint, plan.extra, plan.mode, plan.task_meta)
     keeper = CheckpointKeeper(output_dir, save, save_state=lambda path: write_training_state(
         path, trainer, optimizer, scheduler, sampler, args, settings, running_loss._value))
     pbar = None

@@ -39,6 +39,9 @@ MANIFEST_FORMAT = "vlm-manifest"
 # refuses a folder with anything else in it (say a train.py output with checkpoint_epoch* folders).
 VLM_FILES = {CONFIG_NAME, ADAPTER_WEIGHTS, MANIFEST_NAME, "tokenizer.json", "tokenizer_config.json",
              "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja"}
+# What a task entry of a config says about the model; other entries (a user task's "template") are
+# the engines' and travel with the task unchanged.
+TASK_ENTRY_KEYS = ("task_id", "token_ids", "methods", "bottleneck")
 # Sample inputs of verify(): a few random sequences per task, the same in every run.
 SAMPLE_SEED, SAMPLE_ROWS, SAMPLE_LENGTH = 1234, 3, 16
 
@@ -90,6 +93,7 @@ class Combined:
     sources: dict                                  # task -> checkpoint folder its tensors come from (verify)
     origins: dict = field(default_factory=dict)    # task -> per-task checkpoint it was trained as (manifest)
     tokenizer_path: str = ""
+    task_meta: dict = field(default_factory=dict)  # task -> config entries kept as they are (a user task's template)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -217,10 +221,11 @@ def combine(checkpoints, base_vlm=None, remove=(), replace=False):
     for task in specs:
         tensors.update(sources[task].task_tensors(task))
     order = list(specs)
+    meta = {t: {k: v for k, v in sources[t].config["tasks"][t].items() if k not in TASK_ENTRY_KEYS} for t in order}
     return Combined(base_model=reference.base_model, fingerprint=reference.fingerprint,
                     specs=specs, tensors=tensors,
                     sources={t: sources[t].path for t in order}, origins={t: origins[t] for t in order},
-                    tokenizer_path=reference.path)
+                    tokenizer_path=reference.path, task_meta={t: m for t, m in meta.items() if m})
 
 
 def combined_specs(specs):
@@ -353,7 +358,7 @@ def write_vlm(combined, output_dir, backbone=None, vlm_path=None, log=print):
         backbone_stats = _backbone_stats(model)
         base_model = resolve_base_name(backbone) if backbone else combined.base_model
         save_checkpoint(model, load_tokenizer(combined.tokenizer_path), tmp, "adapter", list(combined.specs),
-                        base_model, combined.fingerprint)
+                        base_model, combined.fingerprint, task_meta=combined.task_meta)
         del model
         # Verify what was written, as a user will load it, not the object it was written from.
         reloaded, _, _ = load_checkpoint(tmp, base_model=backbone)

@@ -205,7 +205,12 @@ def load_task_data(task, path, tokenizer, splits, cache_prefix=None):
     """{split: tokenized records} for the requested splits of a task's dataset file.
 
     Tokenized data is cached in `<cache_prefix>_<task>_<key>.json`, the key hashing the file's
-    bytes, the tokenizer and the splits, so an edited file or another tokenizer never reuses it."""
+    bytes, the tokenizer and the splits, so an edited file or another tokenizer never reuses it.
+    A user task (utils/task_file.py) reads its folder of JSON-lines files instead (no cache:
+    utils.templates.template_dataset)."""
+    if task.layout == "template":
+        from utils.templates import template_dataset  # templates builds on this module
+        return template_dataset(task, path, tokenizer, splits)
     dataset, raw = read_json_file(path)
     records = {split: split_records(dataset, split, path) for split in splits}
     for split, rows in records.items():
@@ -301,12 +306,29 @@ def iter_contexts(task, records, max_history, target_key=None, rotate_persona=Tr
                     persona = [persona[-1]] + persona[:-1]
 
 
+DISTILLED_KEY = "distillated_tgt"
+
+
 def distilled_key(task):
-    return "distillated_candidates" if task.layout == "dialogue" else "distillated_tgt"
+    return "distillated_candidates" if task.layout == "dialogue" else DISTILLED_KEY
 
 
 def training_examples(task, records, max_history, distillation=False, max_positions=None, where=""):
-    """Examples (input_ids, token_type_ids, labels) of a split, in the authors' layout."""
+    """Examples (input_ids, token_type_ids, labels) of a split, in the authors' layout (a user
+    task's: its template, with virtual_ids; longer than max_positions is an error naming the line)."""
+    if task.layout == "template":
+        examples = []
+        for item in records:
+            example = item["distilled"] if distillation else item["example"]
+            if example is None:
+                raise VLMError(f"{item['where']}: --distillation needs {DISTILLED_KEY!r}, which this record lacks")
+            if max_positions and len(example["input_ids"]) > max_positions:
+                raise VLMError(f"{item['where']}: the example has {len(example['input_ids'])} tokens, over the "
+                               f"model's {max_positions} positions (lower the task's max_seq_length)")
+            examples.append(example)
+        if not examples:
+            raise VLMError(f"{where}: no usable examples")
+        return examples
     target_key = distilled_key(task) if distillation else None
     examples, too_long = [], 0
     for context, target, _, _ in iter_contexts(task, records, max_history, target_key):

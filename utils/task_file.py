@@ -44,7 +44,14 @@ from dataclasses import dataclass, field
 from utils.data import read_json_file
 from utils.errors import VLMError
 from utils.metrics import normalize_label
-from utils.tasks import TASKS
+from utils.tasks import TASKS, Hyper
+
+# User tasks take the ids after the five built-in ones, in task-file order (a combined model moves
+# a clashing id to the next free one). They own no special-token rows.
+FIRST_USER_TASK_ID = len(TASKS)
+# Training defaults of a user task (flags override): batches of 8, 10 epochs, the method's rate.
+USER_TASK_HYPER = Hyper(8, 1, 10, 1e-3)
+VIRTUAL_METHODS = ("prompt", "ptuning")  # methods that fill the template's virtual-token markers
 
 METRICS = ("accuracy", "intent_slot", "exact_match", "token_f1", "bleu", "rouge")
 REQUIRED_KEYS = ("taskname", "prompt_template", "total_virtual_tokens", "virtual_token_splits", "answer_field")
@@ -90,6 +97,33 @@ class TemplateTask:
     parts: tuple
     fields: tuple
     source: str
+    task_id: int = FIRST_USER_TASK_ID
+
+    # --- what the engines read of every task (utils/tasks.py's Task has the same names) ---
+    layout = "template"
+    special_tokens = ()           # no vocabulary rows: ids 50257-50286 stay the built-in tasks'
+    splits = ("train", "valid")   # train.jsonl, valid.jsonl of the --dataset_path folder
+    test_split = "test"
+    default_dataset = None        # a user task's --dataset_path is always given
+    bottleneck = 100              # the adapter's, when the method is adapter
+    max_history = 0
+    adapter = USER_TASK_HYPER
+    full_finetune = USER_TASK_HYPER
+
+    @property
+    def metrics(self):
+        return (self.metric,)
+
+    def as_json(self):
+        """The task's entry as a task file holds it (what a checkpoint records of the task)."""
+        entry = {"taskname": self.name, "prompt_template": self.prompt_template,
+                 "total_virtual_tokens": self.total_virtual_tokens,
+                 "virtual_token_splits": list(self.virtual_token_splits)}
+        for key, default in DEFAULTS.items():
+            value = getattr(self, key)
+            entry[key] = list(value) if isinstance(value, tuple) else value
+        entry["answer_field"] = self.answer_field
+        return entry
 
 
 def _shown(value):
@@ -155,7 +189,7 @@ def _describe_part(part):
     return repr(value.strip())
 
 
-def _check_task(task, index, path, seen):
+def _check_task(task, index, path, seen, task_id=None):
     if not isinstance(task, dict):
         raise VLMError(f"{path}: task_templates[{index}]: expected a task object, got {json_kind(task)}")
     where = f"{path}: task_templates[{index}]"
@@ -275,7 +309,7 @@ def _check_task(task, index, path, seen):
         answer_field=answer, method=method, method_options=dict(values["method_options"]), metric=metric,
         label_map=dict(label_map), max_seq_length=values["max_seq_length"],
         max_answer_tokens=values["max_answer_tokens"], stop=tuple(stop), parts=parts, fields=tuple(fields),
-        source=str(path))
+        source=str(path), task_id=FIRST_USER_TASK_ID + index if task_id is None else task_id)
 
 
 def load_task_file(path):
@@ -298,3 +332,40 @@ def load_task_file(path):
         checked = _check_task(task, index, path, seen)
         tasks[checked.name] = checked
     return tasks
+
+
+def recorded_user_tasks(config, where):
+    """{taskname: TemplateTask} of the user tasks a checkpoint config records (each task entry
+    holding a "template": the task-file entry it was trained from, and the task's id in the model)."""
+    tasks, seen = {}, {}
+    for index, (name, entry) in enumerate((config.get("tasks") or {}).items()):
+        if isinstance(entry, dict) and "template" in entry:
+            task = _check_task(entry["template"], index, where, seen, task_id=entry.get("task_id"))
+            if task.name != name:
+                raise VLMError(f"{where}: task {name!r} records the template of {task.name!r}")
+            tasks[name] = task
+    return tasks
+
+
+def user_task_methods(task):
+    """The task file's method as a method spec and {method: options}: `method_options` holds the
+    options of a single method, or {method: options} for a composed one ("prompt+ln"); a virtual-token
+    method's length is the template's total_virtual_tokens."""
+    names = [part.strip() for part in task.method.split("+")]
+    where = f"{task.source}: task {task.name!r}: method_options"
+    if len(names) == 1:
+        per_method = {names[0]: dict(task.method_options)}
+    else:
+        stray = [k for k in task.method_options if k not in names]
+        if stray:
+            raise VLMError(f"{where}: {stray[0]!r} is not one of the methods {task.method!r} joins "
+                           f"(a composed method's options are given per method)")
+        per_method = {n: dict(task.method_options.get(n, {})) for n in names}
+    for name in names:
+        if name in VIRTUAL_METHODS:
+            length = per_method[name].get("length", task.total_virtual_tokens)
+            if length != task.total_virtual_tokens:
+                raise VLMError(f"{where}: length {length} differs from total_virtual_tokens "
+                               f"{task.total_virtual_tokens}")
+            per_method[name]["length"] = task.total_virtual_tokens
+    return per_method

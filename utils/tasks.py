@@ -102,10 +102,15 @@ assert {name: task.special_tokens for name, task in TASKS.items()} == BUILTIN_TA
 TASK_BY_ID = {task.task_id: task for task in TASKS.values()}
 
 
-def get_task(name):
-    if name not in TASKS:
-        raise VLMError(f"--task: unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+def get_task(name, user_tasks=None):
+    """A built-in task, or a user task of `user_tasks` ({name: TemplateTask} of --task_file)."""
+    if name in TASKS:
+        return TASKS[name]
+    if user_tasks and name in user_tasks:
+        return user_tasks[name]
+    known = list(TASKS) + list(user_tasks or {})
+    hint = "" if user_tasks else " (a user task needs --task_file FILE)"
+    raise VLMError(f"--task: unknown task {name!r}; choose one of {', '.join(known)}{hint}")
 
 
 def task_token_ids(task):
@@ -122,15 +127,16 @@ def banned_token_ids(task):
     return tuple(i for i in range(GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE + len(ALL_SPECIAL_TOKENS)) if i not in own)
 
 
-def parse_dataset_paths(items):
-    """`--dataset_paths mt=PATH nlg=PATH` -> {task: path}; malformed, unknown or repeated tasks fail."""
-    paths = {}
+def parse_dataset_paths(items, user_tasks=None):
+    """`--dataset_paths mt=PATH nlg=PATH` -> {task: path}; malformed, unknown or repeated tasks fail.
+    A user task's path is its folder of train/valid/test.jsonl."""
+    paths, known = {}, list(TASKS) + list(user_tasks or {})
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise VLMError(f"--dataset_paths {item}: expected TASK=PATH, e.g. mt=data/NMT/data_en_ge.json")
-        if name not in TASKS:
-            raise VLMError(f"--dataset_paths {item}: unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        if name not in known:
+            raise VLMError(f"--dataset_paths {item}: unknown task {name!r}; choose one of {', '.join(known)}")
         if name in paths:
             raise VLMError(f"--dataset_paths: {name} is given twice")
         paths[name] = path

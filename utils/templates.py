@@ -10,7 +10,7 @@ token_type_id is NO_SEGMENT, and a training example ends with GPT-2's <|endoftex
 import json
 import os
 
-from utils.data import IGNORE_INDEX, PAD_ID, _check_unicode
+from utils.data import DISTILLED_KEY, IGNORE_INDEX, PAD_ID, _check_unicode
 from utils.errors import VLMError
 from utils.task_file import json_kind
 
@@ -225,6 +225,60 @@ def user_task_split_path(folder, split):
     if not os.path.isfile(path):
         raise VLMError(f"{folder}: no {SPLIT_FILES[split]} (the {split} split this command reads)")
     return path
+
+
+# --- a user task's dataset folder ---------------------------------------------------------------
+DISTILLED_FIELD = DISTILLED_KEY  # sentence_distiller.py's answer for a training record
+
+
+def template_item(task, record, where, tokenizer, require_answer=True):
+    """One record of a template task, built: `example` (training; None without the answer),
+    `distilled` (the example with the distiller's answer, when the record has one), `prompt`
+    (decoding), `answer` and `where` ("FILE, line N", which every error about it names)."""
+    def build(values, with_answer):
+        try:
+            return build_template_example(task, values, tokenizer, with_answer)
+        except VLMError as error:
+            raise VLMError(f"{where}: {error}") from None
+
+    has_answer = task.answer_field in record
+    if require_answer and not has_answer:
+        raise VLMError(f"{where}: task {task.name!r}: missing field {task.answer_field!r} of the template")
+    distilled = record.get(DISTILLED_FIELD)
+    if distilled is not None and not isinstance(distilled, str):
+        raise VLMError(f"{where}: {DISTILLED_FIELD!r} must be a string, got {json_kind(distilled)}")
+    return {"where": where, "record": record, "answer": record.get(task.answer_field),
+            "example": build(record, True) if has_answer else None,
+            "distilled": build(dict(record, **{task.answer_field: distilled}), True) if distilled is not None else None,
+            "prompt": build(record, False)}
+
+
+def template_dataset(task, folder, tokenizer, splits):
+    """{split: [template_item]} of a user task's --dataset_path folder (train/valid/test.jsonl)."""
+    data = {}
+    for split in splits:
+        path = user_task_split_path(folder, split)
+        data[split] = [template_item(task, record, f"{path}, line {number}", tokenizer)
+                       for number, record in template_records(task, path)]
+    return data
+
+
+def without_virtual_positions(example):
+    """The example (or prompt fields) with its virtual-token positions taken out: for a model whose
+    task has no virtual tokens (adapter, LoRA, ...; few-shot prompting of a plain backbone)."""
+    keep = [i for i, v in enumerate(example["virtual_ids"]) if v < 0]
+    return {key: ([value[i] for i in keep] if key in ("input_ids", "token_type_ids", "labels", "virtual_ids")
+                  else value) for key, value in example.items()}
+
+
+def few_shot_text(task, records, tokenizer):
+    """Token ids of k solved examples put in front of a prompt (--shots k): each record's template
+    with the answer filled in and no virtual tokens, then a blank line."""
+    ids = []
+    for record in records:
+        example = without_virtual_positions(build_template_example(task, record, tokenizer, with_answer=True))
+        ids += [i for i in example["input_ids"] if i != EOS_ID] + _encode(tokenizer, "\n\n")
+    return ids
 
 
 # --- decoding stop rule ------------------------------------------------------------------------
