@@ -18,6 +18,11 @@
 #                 task's adapter epochs, batches and learning rate (--mini: 3 epochs), train.py
 #                 --method M -> methods_result/<M>/, collected into RESULTS/methods.md, methods.csv
 #                 and methods.png (python -m engines.methods_report)
+#   user_tasks    the NeMo p-tuning article's study on the --model backbone (python -m
+#                 engines.prompt_study): the user tasks of data/tasks/nemo_article.json on the
+#                 shipped samples (data/samples/sentiment, intent_and_slot), zero- and 3-shot
+#                 baselines, the train-fraction sweep and both tasks learned one after the other
+#                 into one VLM -> RESULTS/prompt_study/study.md, study.csv, study.png
 # and finally collects every metric into RESULTS/summary.md, summary.csv and val_loss.png
 # (python -m engines.report).
 #
@@ -56,7 +61,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 export TOKENIZERS_PARALLELISM=false
 
-ALL_STAGES="finetune,adapter,adapter_gold,emb_only,combine,vlm,multitask,methods"
+ALL_STAGES="finetune,adapter,adapter_gold,emb_only,combine,vlm,multitask,methods,user_tasks"
 DEFAULT_STAGES="finetune,adapter,combine,vlm,multitask"
 MINI_STAGES="finetune,adapter,adapter_gold,emb_only,combine,vlm,multitask"
 ALL_METHODS="adapter,houlsby,parallel,lora,prefix,prompt,ptuning,ln,adapterbias,compacter,krona,unipelt"
@@ -365,6 +370,12 @@ stage_methods() {
     run "$PYTHON" -m engines.methods_report "$RESULTS" --runs "$RUNS" --tasks "$(IFS=,; echo "${TASKS[*]}")"
 }
 
+stage_user_tasks() {
+    echo "== user tasks: the p-tuning study"
+    run "$PYTHON" -m engines.prompt_study --model "$MODEL" --runs "$RUNS/prompt_study" \
+        --output_dir "$RESULTS/prompt_study" "${DEVICE_FLAG[@]+"${DEVICE_FLAG[@]}"}"
+}
+
 stage_multitask() {
     local pairs dir=$RUNS/multitask
     mapfile -t pairs < <(dataset_pairs)
@@ -389,8 +400,10 @@ main() {
         if stage_on "$stage"; then "stage_$stage"; fi
     done
     local summary=0
-    for stage in ${ALL_STAGES//,/ }; do [[ $stage != methods ]] && stage_on "$stage" && summary=1; done
-    [[ $summary == 1 ]] || return 0  # the methods stage wrote its own comparison
+    for stage in ${ALL_STAGES//,/ }; do
+        [[ $stage != methods && $stage != user_tasks ]] && stage_on "$stage" && summary=1
+    done
+    [[ $summary == 1 ]] || return 0  # the methods and user_tasks stages write their own tables
     echo "== summary"
     run "$PYTHON" -m engines.report "$RESULTS" --runs "$RUNS" --tasks "$(IFS=,; echo "${TASKS[*]}")"
 }
