@@ -1,7 +1,9 @@
 """Evaluation shared by evaluate.py and evaluate_vlm.py: prompts from a dataset split, decoding,
 the output and reference files the authors wrote, and each task's metrics."""
+import json
 import math
 import os
+import random
 import re
 
 import torch
@@ -169,7 +171,6 @@ def write_outputs(task, prompts, outputs, output_dir):
     if task.layout == "template":
         write_lines(path("output.txt"), [one_line(o) for o in outputs])
         write_lines(path("ref.txt"), [one_line(p.meta["reference"]) for p in prompts])
-        import json
         write_lines(path("predictions.jsonl"), [json.dumps({"where": p.meta["where"], "record": p.meta["record"],
                                                            "prediction": o, "reference": p.meta["reference"]},
                                                           ensure_ascii=False) for p, o in zip(prompts, outputs)])
@@ -200,9 +201,10 @@ def score_and_write(task, prompts, outputs, output_dir, extra=None):
     result = {"task": task.name, "examples": len(prompts)}
     if task.layout == "template":
         result.update(template_scores(task, outputs, _references(prompts)))
-    for name in task.metrics if task.layout != "template" else ():
-        if name in SCORERS:
-            result.update(SCORERS[name](outputs, prompts))
+    else:
+        for name in task.metrics:
+            if name in SCORERS:
+                result.update(SCORERS[name](outputs, prompts))
     result.update(extra or {})
     write_json(os.path.join(output_dir, f"{task.name}_metrics.json"), result)
     return result
@@ -232,7 +234,6 @@ def shot_ids(task, dataset_path, tokenizer, shots, seed):
         return []
     if task.layout != "template":
         raise VLMError(f"--shots {shots}: few-shot prompting is for user tasks (--task_file); {task.name} is built in")
-    import random
     train = load_task_data(task, dataset_path, tokenizer, ["train"])["train"]
     if shots > len(train):
         raise VLMError(f"--shots {shots}: the train split of {dataset_path} has {len(train)} records")

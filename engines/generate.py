@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from utils.data import PAD_ID
 from utils.errors import VLMError
 from utils.progress import progress_bar
+from utils.templates import without_virtual_positions
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,9 @@ def with_virtual_positions(model, prompts):
         n = virtual_token_count(model, p.task_id)
         if p.virtual_ids is not None:
             if not n and any(v >= 0 for v in p.virtual_ids):
-                keep = [i for i, v in enumerate(p.virtual_ids) if v < 0]
-                p = replace(p, input_ids=[p.input_ids[i] for i in keep],
-                            token_type_ids=[p.token_type_ids[i] for i in keep], virtual_ids=None)
+                kept = without_virtual_positions({"input_ids": p.input_ids, "token_type_ids": p.token_type_ids,
+                                                  "virtual_ids": p.virtual_ids})
+                p = replace(p, input_ids=kept["input_ids"], token_type_ids=kept["token_type_ids"], virtual_ids=None)
         elif n:
             p = replace(p, input_ids=[PAD_ID] * n + list(p.input_ids), token_type_ids=[-1] * n + list(p.token_type_ids),
                         virtual_ids=list(range(n)) + [-1] * len(p.input_ids))
@@ -189,11 +190,15 @@ def generate_batch(model, prompts, options, on_step=None):
     return outputs
 
 
+def reply_limit(prompt, options):
+    """Tokens a reply may have by the settings: --max_length, or the row's own smaller limit."""
+    return options.max_length if prompt.max_length is None else min(options.max_length, prompt.max_length)
+
+
 def reply_room(model, prompt, options):
-    """Tokens a reply may have: --max_length, or fewer where prompt and reply would not fit in the
+    """Tokens a reply may have: reply_limit, or fewer where prompt and reply would not fit in the
     model's positions together (GPT-2's position table has no row past n_positions)."""
-    limit = options.max_length if prompt.max_length is None else min(options.max_length, prompt.max_length)
-    return min(limit, model.config.n_positions - len(prompt.input_ids))
+    return min(reply_limit(prompt, options), model.config.n_positions - len(prompt.input_ids))
 
 
 def check_prompt_lengths(model, prompts, options, desc):
@@ -204,8 +209,7 @@ def check_prompt_lengths(model, prompts, options, desc):
             what = ", ".join(f"{k} {str(p.meta[k])[:50]!r}" for k in ("input", "id", "mr", "where") if k in p.meta)
             raise VLMError(f"{desc}: prompt {p.meta['index']}{f' ({what})' if what else ''} has "
                            f"{len(p.input_ids)} tokens; the model has only {positions} positions")
-    cut = sum(reply_room(model, p, options) < min(options.max_length, p.max_length or options.max_length)
-              for p in prompts)
+    cut = sum(reply_room(model, p, options) < reply_limit(p, options) for p in prompts)
     if cut:
         logger.warning("%s: %d of %d replies limited to fewer than --max_length %d tokens by the model's "
                        "%d positions", desc, cut, len(prompts), options.max_length, positions)

@@ -63,6 +63,31 @@ def given_options(args, name):
     return given
 
 
+def refuse_unused_options(args, used, what):
+    """An option flag of a method not in `used` is an error ending in `what` ("which ... does not use")."""
+    for name in METHODS:
+        stray = given_options(args, name) if name not in used else {}
+        if stray:
+            raise VLMError(f"--{option_flag(name, next(iter(stray)))} is an option of {name}, which {what}")
+
+
+def method_options(args, name, bottleneck, file_options=None, user_task=None):
+    """One method's options before resolving: a user task's task-file options, then the flags
+    given; the adapter's bottleneck; a user task's virtual-token method has its template's
+    total_virtual_tokens (a --<method>_length flag that differs is an error)."""
+    from utils.task_file import VIRTUAL_METHODS
+    options = dict((file_options or {}).get(name, {}), **given_options(args, name))
+    if name == "adapter":
+        options.setdefault("bottleneck", bottleneck)
+    if user_task is not None and name in VIRTUAL_METHODS:
+        total = user_task.total_virtual_tokens
+        if options.get("length", total) != total:
+            raise VLMError(f"--{option_flag(name, 'length')} {options['length']}: task {user_task.name}'s template "
+                           f"has total_virtual_tokens {total}")
+        options["length"] = total
+    return options
+
+
 def resolve_methods(args, default_bottleneck):
     """{method: resolved options} for the task, or {} when no per-task method is chosen (full,
     emb_only, outputlayer_only). Option flags of methods not chosen are an error."""
@@ -70,56 +95,31 @@ def resolve_methods(args, default_bottleneck):
         names = ["adapter"] if (args.adapter_bottleneck or 0) > 0 else []
     else:
         names = parse_method_spec(args.method)
-    for name in METHODS:
-        if name not in names:
-            stray = given_options(args, name)
-            if stray:
-                flag = option_flag(name, next(iter(stray)))
-                raise VLMError(f"--{flag} is an option of {name}, which --method "
-                               f"{args.method or '(none)'} does not use")
+    refuse_unused_options(args, names, f"--method {args.method or '(none)'} does not use")
     if "adapter" not in names and (args.adapter_bottleneck or 0) > 0 and args.method is not None:
         raise VLMError(f"--adapter_bottleneck {args.adapter_bottleneck} is an option of adapter, which "
                        f"--method {args.method} does not use")
-    methods = {}
-    for name in names:
-        options = given_options(args, name)
-        if name == "adapter":
-            options["bottleneck"] = args.adapter_bottleneck if (args.adapter_bottleneck or 0) > 0 else default_bottleneck
-        methods[name] = method_class(name).resolve(options, f"--method {name}")
-    return methods
+    bottleneck = args.adapter_bottleneck if (args.adapter_bottleneck or 0) > 0 else default_bottleneck
+    return {name: method_class(name).resolve(method_options(args, name, bottleneck), f"--method {name}")
+            for name in names}
 
 
 def resolve_user_task_methods(args, task):
     """{method: options} of a user task: its task file's method and method_options, or --method and
     its flags when given (flags also override the file's options); a virtual-token method always
     has the template's total_virtual_tokens."""
-    from utils.task_file import VIRTUAL_METHODS, user_task_methods
-    if getattr(args, "method", None) is None and (args.adapter_bottleneck or 0) > 0:
-        args.method = "adapter"
-    if getattr(args, "method", None) is None:
+    from utils.task_file import user_task_methods
+    method = getattr(args, "method", None) or ("adapter" if (args.adapter_bottleneck or 0) > 0 else None)
+    if method is None:
         file_options = user_task_methods(task)
         spec, where = task.method, f"{task.source}: task {task.name!r}: method"
     else:
-        spec, where = args.method, f"--method {args.method}"
-        file_options = {}
+        spec, where, file_options = method, f"--method {method}", {}
     names = parse_method_spec(spec, where)
-    for name in METHODS:
-        stray = given_options(args, name) if name not in names else {}
-        if stray:
-            raise VLMError(f"--{option_flag(name, next(iter(stray)))} is an option of {name}, which task "
-                           f"{task.name}'s method {spec} does not use")
-    methods = {}
-    for name in names:
-        options = dict(file_options.get(name, {}), **given_options(args, name))
-        if name == "adapter":
-            options.setdefault("bottleneck", args.adapter_bottleneck or task.bottleneck)
-        if name in VIRTUAL_METHODS:
-            if options.get("length", task.total_virtual_tokens) != task.total_virtual_tokens:
-                raise VLMError(f"--{option_flag(name, 'length')} {options['length']}: task {task.name}'s template "
-                               f"has total_virtual_tokens {task.total_virtual_tokens}")
-            options["length"] = task.total_virtual_tokens
-        methods[name] = method_class(name).resolve(options, where)
-    return methods
+    refuse_unused_options(args, names, f"task {task.name}'s method {spec} does not use")
+    bottleneck = args.adapter_bottleneck or task.bottleneck
+    return {name: method_class(name).resolve(method_options(args, name, bottleneck, file_options, task), where)
+            for name in names}
 
 
 def method_tag(methods):
@@ -156,29 +156,17 @@ def resolve_task_methods(args, bottlenecks, user_tasks=None):
     ({task: B}, the task table's). Option flags of a method no task uses are an error. A user task
     ({task: TemplateTask}) defaults to its task file's method and options; its virtual-token
     methods have its template's total_virtual_tokens."""
-    from utils.task_file import VIRTUAL_METHODS, user_task_methods
+    from utils.task_file import user_task_methods
     user_tasks = {name: task for name, task in (user_tasks or {}).items() if name in bottlenecks}
     specs = task_method_specs(args.method, list(bottlenecks), {name: task.method for name, task in user_tasks.items()})
     names = {task: parse_method_spec(spec, "--method", f"{task}={spec}") for task, spec in specs.items()}
-    used = {name for task_names in names.values() for name in task_names}
-    for name in METHODS:
-        stray = given_options(args, name) if name not in used else {}
-        if stray:
-            raise VLMError(f"--{option_flag(name, next(iter(stray)))} is an option of {name}, which no task's "
-                           f"--method uses")
+    refuse_unused_options(args, {name for task_names in names.values() for name in task_names},
+                          "no task's --method uses")
     methods = {}
     for task, task_names in names.items():
-        methods[task] = {}
-        file_options = user_task_methods(user_tasks[task]) if task in user_tasks else {}
-        for name in task_names:
-            options = dict(file_options.get(name, {}), **given_options(args, name))
-            if name == "adapter":
-                options.setdefault("bottleneck", bottlenecks[task])
-            if task in user_tasks and name in VIRTUAL_METHODS:
-                total = user_tasks[task].total_virtual_tokens
-                if options.get("length", total) != total:
-                    raise VLMError(f"--{option_flag(name, 'length')} {options['length']}: task {task}'s template "
-                                   f"has total_virtual_tokens {total}")
-                options["length"] = total
-            methods[task][name] = method_class(name).resolve(options, f"--method {task}={specs[task]}")
+        user_task = user_tasks.get(task)
+        file_options = user_task_methods(user_task) if user_task else {}
+        methods[task] = {name: method_class(name).resolve(
+            method_options(args, name, bottlenecks[task], file_options, user_task), f"--method {task}={specs[task]}")
+            for name in task_names}
     return methods

@@ -240,9 +240,9 @@ class MultiTaskBatchSampler(torch.utils.data.Sampler):
 
 
 # --- data ------------------------------------------------------------------------------------
-def load_all_tasks(args, tokenizer):
+def load_all_tasks(args, tokenizer, users):
     """{task: tokenized training and validation splits}; every file is checked before any model loads."""
-    data, users = {}, user_tasks(args)
+    data = {}
     for name in args.tasks:
         task = get_task(name, users)
         data[name] = load_task_data(task, args.dataset_paths[name], tokenizer, splits=list(dict.fromkeys(task.splits)),
@@ -250,11 +250,11 @@ def load_all_tasks(args, tokenizer):
     return data
 
 
-def task_examples(args, data, max_positions, virtual_tokens=None):
+def task_examples(args, data, max_positions, users, virtual_tokens=None):
     """{task: (train examples, validation examples)}, every example tagged with its task_id
     (collate() reads it per row, so one batch can hold several tasks) and led by its task's
     virtual-token positions (`virtual_tokens`: {task: count}, prompt and p-tuning methods)."""
-    examples, users = {}, user_tasks(args)
+    examples = {}
     for name in args.tasks:
         task, path = get_task(name, users), args.dataset_paths[name]
         max_history = task.max_history if args.max_history is None else args.max_history
@@ -308,13 +308,13 @@ def multitask_plan(args, mode, world_size, rank):
     """train_vlm.py's RunPlan: every task's data in one sampler; each task's methods and rows on a
     frozen backbone (mode adapter) or all of GPT-2 (full, rows decoded as plain GPT-2)."""
     tokenizer = load_tokenizer(args.model_checkpoint)
-    data = load_all_tasks(args, tokenizer)  # bad data files stop here, before the model loads
     users = user_tasks(args)
+    data = load_all_tasks(args, tokenizer, users)  # bad data files stop here, before the model loads
     specs = [task_spec(get_task(name, users), args.methods[name]) for name in args.tasks] if mode == "adapter" else []
     model = VersatileLM.from_pretrained(args.model_checkpoint, specs)
     fingerprint = backbone_fingerprint(model.gpt2) if mode == "adapter" else None
     virtual = {name: model.tasks[name].num_virtual_tokens for name in args.tasks if name in model.tasks}
-    examples = task_examples(args, data, model.config.n_positions, virtual)
+    examples = task_examples(args, data, model.config.n_positions, users, virtual)
     train_loader, valid_loaders = make_multitask_loaders(examples, args, world_size, rank)
     sampler = train_loader.batch_sampler
 

@@ -228,9 +228,6 @@ def user_task_split_path(folder, split):
 
 
 # --- a user task's dataset folder ---------------------------------------------------------------
-DISTILLED_FIELD = DISTILLED_KEY  # sentence_distiller.py's answer for a training record
-
-
 def template_item(task, record, where, tokenizer, require_answer=True):
     """One record of a template task, built: `example` (training; None without the answer),
     `distilled` (the example with the distiller's answer, when the record has one), `prompt`
@@ -244,9 +241,9 @@ def template_item(task, record, where, tokenizer, require_answer=True):
     has_answer = task.answer_field in record
     if require_answer and not has_answer:
         raise VLMError(f"{where}: task {task.name!r}: missing field {task.answer_field!r} of the template")
-    distilled = record.get(DISTILLED_FIELD)
+    distilled = record.get(DISTILLED_KEY)
     if distilled is not None and not isinstance(distilled, str):
-        raise VLMError(f"{where}: {DISTILLED_FIELD!r} must be a string, got {json_kind(distilled)}")
+        raise VLMError(f"{where}: {DISTILLED_KEY!r} must be a string, got {json_kind(distilled)}")
     return {"where": where, "record": record, "answer": record.get(task.answer_field),
             "example": build(record, True) if has_answer else None,
             "distilled": build(dict(record, **{task.answer_field: distilled}), True) if distilled is not None else None,
