@@ -13,10 +13,14 @@ Every step is one of the toolkit's own commands, printed before it runs:
 3. continual learning: the tasks learned one after another into one VLM, each full-data run of the
    task file's own method added to the VLM the earlier tasks made (combine_all.py --vlm), every
    task evaluated in the last VLM (evaluate_vlm.py --task all), and each earlier task's predictions
-   compared with those of the VLM it was first added to (they must be identical).
-Writes OUT/study.md (the tables), study.csv (one row per run and metric) and study.png (the
-headline metric against the train fraction, log x, one line per task and method, baselines
-dashed). A step whose metrics file exists is not run again, so an interrupted study resumes.
+   compared with those of the VLM it was first added to (they must be identical);
+4. the output ceiling: for every token of the tasks' training answers, the lowest NLL any last
+   hidden state of the frozen backbone gives it (models/output_ceiling.py). No method that leaves
+   the final LayerNorm and the output layer frozen (all but `ln`) can do better than that.
+Writes OUT/study.md (the tables), study.csv (one row per run and metric), study_ceiling.csv (one
+row per answer token) and study.png (the headline metric against the train fraction, log x, one
+line per task and method, baselines dashed). A step whose metrics file exists is not run again,
+so an interrupted study resumes.
 """
 import argparse
 import csv
@@ -186,11 +190,85 @@ def run_study(args):
     return rows, continual, unchanged
 
 
+def answer_ceilings(args):
+    """{task: [(token id, count in the train split's answers, lowest NLL)]}, most frequent first;
+    the softmax over GPT-2's 50,257 tokens, the ones a user task's decoding draws from."""
+    from collections import Counter
+
+    from models.output_ceiling import output_ceiling
+    from models.vlm import load_backbone
+    from utils.data import load_tokenizer
+    from utils.templates import answer_token_ids, template_dataset
+    from utils.vocab import GPT2_VOCAB_SIZE
+    tokenizer = load_tokenizer(args.model)
+    gpt2 = load_backbone(args.model).to(args.device)
+    ceilings = {}
+    for name, folder in args.folders.items():
+        task = args.tasks[name]
+        counts = Counter()
+        for item in template_dataset(task, folder, tokenizer, ["train"])["train"]:
+            counts.update(answer_token_ids(task, item["record"], tokenizer))
+        tokens = [token for token, _ in counts.most_common()]
+        best = output_ceiling(gpt2, tokens, vocab=GPT2_VOCAB_SIZE)
+        ceilings[name] = [(token, counts[token], nll) for token, nll in zip(tokens, best)]
+    return ceilings, tokenizer
+
+
+SHOWN_TOKENS = 6  # a task's most frequent answer tokens listed in study.md (the CSV has all)
+
+
+def token_cell(tokenizer, token):
+    """A token as a Markdown table cell: its text with escapes (`"\\n"`, `" neutral"`), in code."""
+    return "`" + json.dumps(tokenizer.decode([token]), ensure_ascii=False).replace("|", "\\|") + "`"
+
+
+def under_the_ceiling(methods):
+    """The methods (specs such as prefix+ln) that leave the final LayerNorm and the output layer frozen."""
+    from models.methods import METHODS, parse_method_spec
+    return [m for m in methods if not any("layer_norm" in METHODS[n].points for n in parse_method_spec(m))]
+
+
+def ceiling_lines(ceilings, tokenizer, methods):
+    from utils.templates import EOS_ID
+    frozen = under_the_ceiling(methods)
+    which = (f"The methods {', '.join(frozen[:-1])} and {frozen[-1]} leave" if len(frozen) > 1 else
+             f"The method {frozen[0]} leaves" if frozen else "Prompting and any method that leaves")
+    lines = ["## What the frozen output layer allows", "",
+             f"{which} the backbone's final LayerNorm and its (tied) output layer as they are, so the next-token "
+             "distribution is softmax(ln_f(h) E^T) for some last hidden state h. For each token of the training "
+             "answers, the lowest NLL any h gives it (a gradient search over h, `models/output_ceiling.py`): "
+             "no such method, however trained, gives the token a higher probability.", "",
+             "| task | answer token | share of answer tokens | lowest NLL | highest probability |",
+             "|---|---|---:|---:|---:|"]
+    for name, rows in ceilings.items():
+        total = sum(count for _, count, _ in rows)
+        listed = rows[:SHOWN_TOKENS] + [r for r in rows[SHOWN_TOKENS:] if r[0] == EOS_ID]
+        for token, count, nll in listed:
+            lines.append(f"| {name} | {token_cell(tokenizer, token)} | {count / total:.3f} | {nll:.2f} "
+                         f"| {math.exp(-nll):.4f} |")
+        if len(rows) > len(listed):
+            nlls = sorted(nll for _, _, nll in rows)
+            worst = max(rows, key=lambda r: r[2])
+            lines.append(f"| {name} | all {len(rows)} distinct tokens | 1.000 | median {nlls[len(nlls) // 2]:.2f}, "
+                         f"highest {worst[2]:.2f} ({token_cell(tokenizer, worst[0])}) | |")
+    return lines + [""]
+
+
+def write_ceiling_csv(path, ceilings, tokenizer):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["task", "token_id", "token", "count_in_train_answers", "lowest_nll", "highest_probability"])
+    for name, rows in ceilings.items():
+        for token, count, nll in rows:
+            writer.writerow([name, token, tokenizer.decode([token]), count, f"{nll:.4f}", f"{math.exp(-nll):.6f}"])
+    write_text(path, buffer.getvalue())
+
+
 def headline(task, metrics):
     return metrics.get(HEADLINE[task.metric]) if metrics else None
 
 
-def write_report(args, rows, continual, unchanged):
+def write_report(args, rows, continual, unchanged, ceilings=None, tokenizer=None):
     os.makedirs(args.output_dir, exist_ok=True)
     backbone = os.path.basename(os.path.normpath(args.model))
     lines = [f"# The p-tuning study on {backbone}", "",
@@ -225,6 +303,9 @@ def write_report(args, rows, continual, unchanged):
             same = unchanged.get(row["task"])
             lines.append(f"| {row['task']} | {metrics} | {'yes' if same else 'no' if same is False else '(last task)'} |")
         lines.append("")
+    if ceilings:
+        lines += ceiling_lines(ceilings, tokenizer, args.methods)
+        write_ceiling_csv(os.path.join(args.output_dir, "study_ceiling.csv"), ceilings, tokenizer)
     write_text(os.path.join(args.output_dir, "study.md"), "\n".join(lines))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -275,8 +356,9 @@ def main(argv=None):
     rows, continual, unchanged = run_study(args)
     if args.dry_run:
         return
-    print(write_report(args, rows, continual, unchanged))
-    print(f"wrote {args.output_dir}/study.md, study.csv and study.png")
+    ceilings, tokenizer = answer_ceilings(args)
+    print(write_report(args, rows, continual, unchanged, ceilings, tokenizer))
+    print(f"wrote {args.output_dir}/study.md, study.csv, study_ceiling.csv and study.png")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
 """python -m engines.prompt_study: the p-tuning article's study as one command, here on a tiny
 random GPT-2 (one method, one fraction, zero-shot): every step runs, the tables hold the metrics
-files' values, both tasks end in one VLM with the first task's predictions unchanged, and a
-second run repeats nothing."""
+files' values, both tasks end in one VLM with the first task's predictions unchanged, the output
+ceiling covers every token of the training answers, and a second run repeats nothing."""
 import csv
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
+
+from transformers import GPT2LMHeadModel
 
 from conftest import REPO
+from models.output_ceiling import output_ceiling
+from utils.templates import EOS_ID
+from utils.vocab import GPT2_VOCAB_SIZE
 from test_user_tasks import SENTENCES, TASK_FILE, UTTERANCES, write_jsonl
 
 
-def test_the_study_runs_every_step_writes_its_tables_and_resumes(tmp_path, tiny_base):
+def test_the_study_runs_every_step_writes_its_tables_and_resumes(tmp_path, tiny_base, tokenizer):
     templates = json.loads(json.dumps(TASK_FILE["task_templates"][:2]))
     templates[1]["method"] = "ptuning"  # one method for both tasks: the smallest sweep
     (tmp_path / "tasks.json").write_text(json.dumps({"task_templates": templates}), encoding="utf-8")
@@ -43,6 +49,14 @@ def test_the_study_runs_every_step_writes_its_tables_and_resumes(tmp_path, tiny_
     last = json.load(open(runs / "continual" / "vlm2_sentiment+intent_and_slot" / "vlm_config.json"))
     assert sorted(last["tasks"]) == ["intent_and_slot", "sentiment"]
     assert "| sentiment | " in study and "| yes |" in study  # the first task's predictions unchanged
+    # the output ceiling of every distinct token of the training answers, recomputed here
+    ceiling = [r for r in csv.DictReader(open(tmp_path / "out" / "study_ceiling.csv")) if r["task"] == "sentiment"]
+    answers = Counter(t for _, label in SENTENCES for t in tokenizer(" " + label)["input_ids"] + [EOS_ID])
+    assert {int(r["token_id"]): int(r["count_in_train_answers"]) for r in ceiling} == answers
+    expected = output_ceiling(GPT2LMHeadModel.from_pretrained(tiny_base), [int(r["token_id"]) for r in ceiling],
+                              vocab=GPT2_VOCAB_SIZE)
+    assert max(abs(float(r["lowest_nll"]) - nll) for r, nll in zip(ceiling, expected)) < 2e-4
+    assert "## What the frozen output layer allows" in study and "The method ptuning leaves" in study
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "+ " not in again.stdout.replace("+intent", "")  # nothing ran again
     assert os.path.getsize(tmp_path / "out" / "study.md") == len(study.encode())

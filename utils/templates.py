@@ -228,6 +228,13 @@ def user_task_split_path(folder, split):
 
 
 # --- a user task's dataset folder ---------------------------------------------------------------
+def answer_token_ids(task, record, tokenizer):
+    """The tokens a model must generate for one record: its answer field as the template puts it
+    (with the whitespace moved into it), then EOS_ID."""
+    return next(ids for kind, name, ids in _segments(task, record, tokenizer, True)
+                if kind == "field" and name == task.answer_field)
+
+
 def template_item(task, record, where, tokenizer, require_answer=True):
     """One record of a template task, built: `example` (training; None without the answer),
     `distilled` (the example with the distiller's answer, when the record has one), `prompt`
