@@ -14,7 +14,7 @@ from utils.data import iter_contexts, load_task_data, read_json_file, split_reco
 from utils.errors import VLMError
 from engines.evaluation import decode_text, make_prompt
 from engines.generate import generate
-from utils.io import write_json
+from utils.io import atomic_folder, write_json
 from utils.progress import progress_bar
 
 DISTILLED_SUFFIX = ".distilled.json"
@@ -218,7 +218,6 @@ def distill_template_dataset(model, tokenizer, task, folder, output_folder, opti
     the task's stop rule; valid.jsonl and test.jsonl copied). Written beside and renamed into
     place; resumable from `<output_folder>.partial.jsonl` as distill_dataset is."""
     import shutil
-    import tempfile
 
     from engines.evaluation import template_prompt
     from utils.templates import SPLIT_FILES, cut_at_stop, template_dataset, user_task_split_path
@@ -240,10 +239,7 @@ def distill_template_dataset(model, tokenizer, task, folder, output_folder, opti
     resumed = len(done)
     writer = PartialWriter(progress_file, settings)
     decode_pending(model, tokenizer, prompts, done, options, batch_size, writer, progress, desc=task.name)
-    parent = os.path.dirname(os.path.abspath(output_folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_folder))}.", dir=parent)
-    try:
+    with atomic_folder(output_folder) as tmp:  # output_folder is missing or empty (checked above)
         lines = [json.dumps(dict(item["record"], distillated_tgt=cut_at_stop(done[i], task)), ensure_ascii=False)
                  for i, item in enumerate(items)]
         with open(os.path.join(tmp, SPLIT_FILES["train"]), "w", encoding="utf-8") as f:
@@ -252,11 +248,5 @@ def distill_template_dataset(model, tokenizer, task, folder, output_folder, opti
             source = os.path.join(folder, SPLIT_FILES[split])
             if os.path.isfile(source):
                 shutil.copyfile(source, os.path.join(tmp, SPLIT_FILES[split]))
-        if os.path.isdir(output_folder):
-            os.rmdir(output_folder)  # empty (checked above)
-        os.replace(tmp, output_folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     os.remove(progress_file)
     return len(prompts), len(prompts) - resumed

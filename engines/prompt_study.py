@@ -33,7 +33,7 @@ import subprocess
 import sys
 
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
-from utils.io import write_text
+from utils.io import atomic_path, write_text
 from utils.task_file import load_task_file
 from utils.templates import SPLIT_FILES, read_jsonl
 
@@ -344,10 +344,9 @@ def plot(args, rows, path):
         ax.legend(fontsize=8)
     figure.suptitle(f"p-tuning study on {os.path.basename(os.path.normpath(args.model))}")
     figure.tight_layout()
-    tmp = path + ".tmp.png"
-    figure.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 @exit_on_user_error

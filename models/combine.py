@@ -13,8 +13,6 @@ inputs before anything is written.
     print(size_report(manifest))
 """
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +28,7 @@ from models.methods import key_prefix
 from models.vlm import TaskSpec, VersatileLM, backbone_fingerprint, load_backbone
 from utils.data import load_tokenizer, read_json_file
 from utils.errors import VLMError
-from utils.io import write_json
+from utils.io import atomic_folder, write_json
 from utils.vocab import GPT2_VOCAB_SIZE, PAD_ID, SPECIAL_IDS, VOCAB_SIZE
 
 MANIFEST_NAME = "manifest.json"
@@ -350,10 +348,7 @@ def write_vlm(combined, output_dir, backbone=None, vlm_path=None, log=print):
     """Build, save, reload and verify the combined VLM in a temporary folder beside output_dir,
     then rename it into place; returns the manifest. On any error nothing is left behind."""
     check_output_dir(output_dir, vlm_path)
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.", suffix=".tmp", dir=parent)
-    try:
+    with atomic_folder(output_dir) as tmp:
         model = build_model(combined, backbone)
         backbone_stats = _backbone_stats(model)
         base_model = resolve_base_name(backbone) if backbone else combined.base_model
@@ -365,31 +360,7 @@ def write_vlm(combined, output_dir, backbone=None, vlm_path=None, log=print):
         differences = verify(reloaded, combined.sources, backbone, log)
         manifest = build_manifest(combined, reloaded, tmp, base_model, backbone_stats, differences)
         write_json(os.path.join(tmp, MANIFEST_NAME), manifest)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a folder's usual mode
-        _install(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
-
-
-def _install(tmp, output_dir):
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        # Updating a VLM in place: move the old one aside, the new one in, then delete the old one.
-        # A crash between the two renames leaves no half-written VLM, only both complete folders.
-        old = tempfile.mkdtemp(prefix=os.path.basename(tmp) + ".old", dir=os.path.dirname(tmp))
-        os.rmdir(old)
-        os.rename(output_dir, old)
-        os.rename(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output_dir)  # a rename replaces a missing or empty folder in one step
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _backbone_stats(model):

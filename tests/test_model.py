@@ -301,3 +301,24 @@ def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == '{\n  "good": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left behind
     assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # usual permissions, not mkstemp's
+
+
+def test_atomic_folders_replace_whole_folders_and_leave_nothing_on_failure(tmp_path):
+    from utils.io import atomic_folder
+    target = tmp_path / "out"
+    with atomic_folder(target) as tmp:                     # a missing folder
+        with open(os.path.join(tmp, "a.txt"), "w") as f:
+            f.write("first")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o700)  # a folder's usual mode, not mkdtemp's
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            with open(os.path.join(tmp, "b.txt"), "w") as f:
+                f.write("half")
+            raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and (target / "a.txt").read_text() == "first"
+    with atomic_folder(target) as tmp:                     # a full folder is replaced whole
+        with open(os.path.join(tmp, "b.txt"), "w") as f:
+            f.write("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind

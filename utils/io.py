@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 _UMASK = os.umask(0)
@@ -22,6 +23,31 @@ def atomic_path(path):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a temporary folder beside the folder `path`; on success it takes `path`'s place, on
+    error it is removed. A missing or empty `path` is replaced in one rename; a full one is moved
+    aside, the new one renamed in, then the old one deleted, so a crash between the two renames
+    leaves no half-written folder, only both complete ones."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; give it a folder's usual mode
+        if os.path.isdir(path) and os.listdir(path):
+            old = tempfile.mkdtemp(prefix=os.path.basename(tmp) + ".old", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
