@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, run_script, tiny_gpt2
 
 from bench.baseline import decode_original
+from bench.run import LIVE_BYTES_MEMORY
 from engines.specs import adapter_specs
 from models.vlm import VersatileLM, add_special_token_rows
 from utils.data import IGNORE_INDEX, PAD_ID, collate, load_task_data, training_examples
@@ -70,6 +71,12 @@ def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokeni
     assert results["decoding"]["outputs_equal"] == results["decoding"]["outputs_compared"] == 4
     assert results["end_to_end"]["outputs_equal"] == results["end_to_end"]["outputs_compared"] == 4
     assert results["end_to_end"]["mrs"] == 200 and results["decoding"]["ours_tokens"] > 0
+    # The speedup is the fastest round of ours over the fastest round of the original decoding.
+    decoding = results["decoding"]
+    fastest = {name: max(r["tokens"] / r["seconds"] for r in decoding[f"{name}_rounds"]) for name in ("ours", "baseline")}
+    assert len(decoding["ours_rounds"]) == len(decoding["baseline_rounds"]) == 2
+    assert sum(r["tokens"] for r in decoding["baseline_rounds"]) == decoding["baseline_tokens"]
+    assert decoding["speedup"] == pytest.approx(fastest["ours"] / fastest["baseline"], rel=1e-12)
     # Padding shares recomputed here for one task: the original pads everything to the longest.
     task = TASKS["nlg"]
     records = load_task_data(task, os.path.join(SAMPLES, "nlg.json"), tokenizer, ["train"])["train"]
@@ -82,6 +89,10 @@ def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokeni
     training = results["training"]["runs"]
     assert training["full"]["trainable_parameters"] > 10 * training["adapter"]["trainable_parameters"]
     assert all(run["peak_bytes"] >= run["loaded_bytes"] > 0 for run in training.values())
+    # On CPU the peak is that of one more process whose allocator unmaps freed tensors (live bytes);
+    # the timing runs' own default-allocator peaks are kept beside it.
+    assert all(run["memory"] == LIVE_BYTES_MEMORY and len(run["timing_runs_peak_bytes"]) == 1 for run in training.values())
+    assert results["training"]["peak_memory_ratio"] == training["adapter"]["peak_bytes"] / training["full"]["peak_bytes"]
     table = (tmp_path / "results.md").read_text()
     assert all(t["name"] in table for t in targets) and "## 6. evaluate.py end to end" in table
 
@@ -113,7 +124,7 @@ def test_method_sections_report_every_method_and_equal_mixed_outputs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     methods = report["results"]["methods"]
-    assert list(methods["methods"]) == ["lora", "prefix+ln"]
+    assert list(methods["methods"]) == ["lora", "prefix+ln"] and methods["memory"] == LIVE_BYTES_MEMORY
     d, layers = 128, 2  # the tiny shape
     lora = methods["methods"]["lora"]
     assert lora["trainable_parameters"] == lora["saved_parameters"] == layers * 2 * 4 * (d + d)  # q and v, r 4
