@@ -38,10 +38,15 @@ class Routing:
                                f"(has: {', '.join(f'{t.name}={i}' for i, t in by_id.items()) or 'none'})")
             rows_by_task.setdefault(task_id, []).append(row)
         self.task_ids = task_ids
+        self.device = device
         self.groups = []
+        self._host_rows = {}  # id(row index tensor) -> its rows as a list, for row_slots
+        self._memo = {}
         for task_id in sorted(rows_by_task):
             rows = rows_by_task[task_id]
             index = None if len(rows) == batch_size else torch.tensor(rows, device=device)
+            if index is not None:
+                self._host_rows[id(index)] = rows
             self.groups.append((by_id[task_id], index))
         self._entries = {}
         self._linear = {}
@@ -61,6 +66,25 @@ class Routing:
     @property
     def empty(self):
         return not self._entries
+
+    def row_slots(self, row_indices):
+        """(batch,) LongTensor on the batch's device: i + 1 for the rows of row_indices[i] (row
+        index tensors of this routing's groups), 0 for every other row. Built on the host once per
+        forward for each list of groups, so the layers that share it add no host-device copies."""
+        key = ("slots",) + tuple(id(rows) for rows in row_indices)
+        if key not in self._memo:
+            slots = [0] * self.batch_size
+            for i, rows in enumerate(row_indices):
+                for row in self._host_rows[id(rows)]:
+                    slots[row] = i + 1
+            self._memo[key] = torch.tensor(slots, device=self.device)
+        return self._memo[key]
+
+    def memo(self, key, build):
+        """build() once per forward for `key` (a value every layer would otherwise rebuild)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def row_index(self, rows):
         """rows as a LongTensor (None means every row)."""

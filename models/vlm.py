@@ -322,7 +322,7 @@ class VersatileLM(nn.Module):
                 single.append((method, rows))
         out = apply_by_rows(single, out, lambda m, o, rows: m.linear(layer, name, _rows(x, rows), o))
         for cls, group in batched.items():  # several tasks' rows of one method: one batched update
-            out = cls.apply_batched_linear(layer, name, x, out, group)
+            out = cls.apply_batched_linear(layer, name, x, out, group, routing)
         return out
 
     def _add_segments(self, module, args):

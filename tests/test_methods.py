@@ -274,6 +274,26 @@ def test_batched_lora_routing_equals_per_task_sub_batches(monkeypatch, routing):
             torch.testing.assert_close(mixed[row], model(ids[row:row + 1], task_ids=task).logits[0], rtol=0, atol=1e-5)
 
 
+def test_batched_lora_gradients_equal_per_task_sub_batches(monkeypatch):
+    """Training through the batched gathers: every LoRA tensor gets the gradient the per-task
+    sub-batches give it (ranks 2 and 5, partly different targets, a plain row, a task-less slot)."""
+    specs = [TaskSpec("mt", 2, builtin_token_ids("mt"), {"lora": {"r": 2, "dropout": 0.0}}),
+             TaskSpec("nlg", 4, builtin_token_ids("nlg"), {"lora": {"r": 5, "dropout": 0.0, "targets": ["q", "mlp_proj"]}})]
+    model = randomize(VersatileLM(base_gpt2(), specs)).eval()  # eval: GPT-2's own dropout off
+    model.mark_trainable("adapter", ["mt", "nlg"])
+    ids, tids = IDS.repeat(2, 1), torch.tensor([2, 4, -1, 4, 2, 2])
+    grads = {}
+    for routing in ("gather", "slice"):
+        monkeypatch.setattr(lora_module, "ROUTING", routing)
+        model.zero_grad(set_to_none=True)
+        model(ids, token_type_ids=ids, task_ids=tids, labels=ids).loss.backward()
+        grads[routing] = {n: p.grad.clone() for n, p in model.named_parameters() if ".pairs." in n}
+    assert set(grads["gather"]) == set(grads["slice"]) and len(grads["gather"]) == 2 * 2 * 2 + 2 * 2 * 2
+    for name, grad in grads["slice"].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads["gather"][name], grad, rtol=1e-4, atol=1e-7)
+
+
 def test_a_mixed_training_batch_gives_gradients_only_to_each_rows_task():
     model = mixed_model()
     model.mark_trainable("adapter", [name for name, _, _ in MIX])

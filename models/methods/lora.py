@@ -9,8 +9,9 @@ lora_A / lora_B weights do. Defaults are the paper's GPT-2 setting: rank 4, alph
 0.1 on W_q and W_v.
 
 In a batch mixing tasks, all LoRA tasks' rows of a projection are done at once, Punica /
-S-LoRA style: each row gathers its own task's A and B (ranks zero-padded to the largest) and two
-batched matrix products apply them (apply_batched_linear). The other way, one sub-batch per
+S-LoRA style: each row gathers its own task's A and B (ranks zero-padded to the largest; a zero
+pair for rows of no LoRA task) and two batched matrix products over the whole batch apply them
+(apply_batched_linear). The other way, one sub-batch per
 task (ROUTING = "slice"), is kept for bench/run.py to compare.
 """
 import math
@@ -98,30 +99,49 @@ class LoRAMethod(Method):
         return out
 
     @classmethod
-    def apply_batched_linear(cls, layer, name, x, out, entries):
-        """All LoRA tasks' rows of one projection: entries [(method, rows)] (rows: LongTensor)."""
+    def apply_batched_linear(cls, layer, name, x, out, entries, routing):
+        """All LoRA tasks' rows of one projection in one pass over the whole batch: entries
+        [(method, rows)] (rows: LongTensor of a routing group). Row b takes slot slots[b] of the
+        stacked weights: i + 1 for entries[i], 0 (a zero update, so out unchanged) for the rest."""
         if ROUTING == "slice":
             for method, rows in entries:
                 out = out.index_copy(0, rows, method.linear(layer, name, x.index_select(0, rows),
                                                             out.index_select(0, rows)))
             return out
-        width = out.shape[-1]
-        by_slice = {}
-        for method, rows in entries:
+        methods = [method for method, _ in entries]
+        slots = routing.row_slots([rows for _, rows in entries])                                # (batch,)
+        scale = routing.memo(("lora_scale", x.dtype) + tuple(map(id, methods)), lambda: torch.tensor(
+            [0.0] + [m.scale for m in methods], dtype=x.dtype, device=x.device)[slots][:, None, None])  # (batch, 1, 1)
+        for method, rows in entries:  # each task's own dropout on its own rows (identity in eval)
+            if method.drop.training and method.drop.p > 0:
+                x = x.index_copy(0, rows, method.drop(x.index_select(0, rows)))
+        width, pairs_at = out.shape[-1], {}
+        for i, method in enumerate(methods):
             for pair, lo, hi in method.slices(layer, name, width):
-                by_slice.setdefault((lo, hi), []).append((method, pair, rows))
-        for (lo, hi), group in by_slice.items():
-            rank = max(pair.A.shape[0] for _, pair, _ in group)
-            a = torch.stack([F.pad(pair.A, (0, 0, 0, rank - pair.A.shape[0])) for _, pair, _ in group])  # (k, r, in)
-            b = torch.stack([F.pad(pair.B, (0, rank - pair.B.shape[1])) for _, pair, _ in group])      # (k, out, r)
-            scale = torch.tensor([m.scale for m, _, _ in group], dtype=x.dtype, device=x.device)
-            slot = torch.cat([torch.full((len(rows),), i, device=x.device) for i, (_, _, rows) in enumerate(group)])
-            rows = torch.cat([rows for _, _, rows in group])
-            xs = torch.cat([m.drop(x.index_select(0, r)) for m, _, r in group])                    # (n, T, in)
-            h = torch.bmm(xs, a[slot].transpose(1, 2).to(x.dtype))                                 # (n, T, r)
-            delta = torch.bmm(h, b[slot].transpose(1, 2).to(x.dtype)) * scale[slot][:, None, None]  # (n, T, hi-lo)
-            out = out.index_add(0, rows, F.pad(delta, (lo, width - hi)))
-        return out
+                pairs_at.setdefault((lo, hi), {})[i + 1] = pair
+        pieces, done = [], 0
+        for lo, hi in sorted(pairs_at):
+            pairs = pairs_at[(lo, hi)]
+            rank = max(pair.A.shape[0] for pair in pairs.values())  # ranks zero-padded to the largest
+            zero_a, zero_b = x.new_zeros(rank, x.shape[-1]), x.new_zeros(hi - lo, rank)
+            a = torch.stack([_pad_rank(pairs[i].A, rank, 0) if i in pairs else zero_a
+                             for i in range(len(methods) + 1)])                                      # (k+1, r, in)
+            b = torch.stack([_pad_rank(pairs[i].B, rank, 1) if i in pairs else zero_b
+                             for i in range(len(methods) + 1)])                                      # (k+1, out, r)
+            h = torch.bmm(x, a.to(x.dtype).index_select(0, slots).transpose(1, 2))                 # (batch, T, r)
+            delta = torch.bmm(h, b.to(x.dtype).index_select(0, slots).transpose(1, 2)) * scale     # (batch, T, hi-lo)
+            pieces += [out[..., done:lo], out[..., lo:hi] + delta]
+            done = hi
+        pieces.append(out[..., done:])
+        return torch.cat([p for p in pieces if p.shape[-1]], dim=-1)
+
+
+def _pad_rank(weight, rank, dim):
+    """A (r, in) or B (out, r) with zeros up to `rank` along its rank dimension `dim`."""
+    missing = rank - weight.shape[dim]
+    if not missing:
+        return weight
+    return F.pad(weight, (0, 0, 0, missing) if dim == 0 else (0, missing))
 
 
 def _add_columns(out, delta, lo, hi):
