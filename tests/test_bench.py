@@ -5,6 +5,9 @@ what must hold exactly: the baselines produce the same tokens as ours, the repor
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -95,6 +98,30 @@ def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokeni
     assert results["training"]["peak_memory_ratio"] == training["adapter"]["peak_bytes"] / training["full"]["peak_bytes"]
     table = (tmp_path / "results.md").read_text()
     assert all(t["name"] in table for t in targets) and "## 6. evaluate.py end to end" in table
+
+
+def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path):
+    """The report is rewritten whole after every section: a run killed in its second section
+    leaves the first one's results.json and results.md (a GPU lease can end mid-run)."""
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen([sys.executable, "bench/run.py", "--size", "tiny", "--quick", "--sections", "padding",
+                                "decoding", "--output_dir", str(tmp_path)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "results.md").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before any report was written"
+    finally:
+        process.kill()
+        process.wait()
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["sections"] == list(report["results"]) == ["padding"]
+    assert report["requested_sections"] == ["padding", "decoding"]
+    assert [t["name"] for t in report["targets"]] == ["padding: real-token share of our batches (lowest task)"]
+    table = (tmp_path / "results.md").read_text()
+    assert "Sections finished: padding (1 of 2 asked for" in table and "## 5. Padding" in table
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]  # no temp files left
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
