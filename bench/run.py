@@ -731,8 +731,7 @@ def markdown(report):
     if report["sections"] != report["requested_sections"]:
         lines += [f"Sections finished: {', '.join(report['sections'])} ({len(report['sections'])} of "
                   f"{len(report['requested_sections'])} asked for; the run was cut short or is still running).", ""]
-    lines += [
-              "| target | value | goal | met |", "|---|---|---|---|"]
+    lines += ["| target | value | goal | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['name']} | {t['value']:.4g} | {t['target']} | {'yes' if t['met'] else 'NO'} |")
     r = report["results"]
@@ -893,22 +892,22 @@ def main(argv=None):
     device, plan = torch.device(args.device), QUICK if args.quick else Plan()
     clock, tokenizer = Clock(device), load_tokenizer()
     started, results = time.perf_counter(), {}
-    os.makedirs(args.output_dir, exist_ok=True)
-    for name in progress_bar(args.sections, desc="bench", unit="section"):
-        results[name] = SECTIONS[name](args, plan, device, clock, tokenizer)
-        # rewritten after every section, so a run cut short keeps the sections it finished
-        text = write_report(args, plan, device, started, results)
-    print(text)
-    print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
-
-
-def write_report(args, plan, device, started, results):
-    """results.json and results.md (each written whole, then renamed in) for the sections so far;
-    returns the markdown."""
     with torch.device("meta"):  # shapes only: no weights allocated to count parameters
         shape = GPT2LMHeadModel(GPT2Config(**SIZES[args.size], n_positions=1024))
         add_special_token_rows(shape)
     parameters = sum(p.numel() for p in shape.parameters())
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name in progress_bar(args.sections, desc="bench", unit="section"):
+        results[name] = SECTIONS[name](args, plan, device, clock, tokenizer)
+        # rewritten after every section, so a run cut short keeps the sections it finished
+        text = write_report(args, plan, device, started, parameters, results)
+    print(text)
+    print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
+
+
+def write_report(args, plan, device, started, parameters, results):
+    """results.json and results.md (each written whole, then renamed in) for the sections so far;
+    returns the markdown."""
     report = {"size": args.size, "quick": args.quick, "parameters": parameters, "plan": dataclasses.asdict(plan),
               "machine": machine_info(device, args), "seconds": time.perf_counter() - started,
               "sections": list(results), "requested_sections": list(args.sections), "targets": targets(results),

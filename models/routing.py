@@ -71,14 +71,13 @@ class Routing:
         """(batch,) LongTensor on the batch's device: i + 1 for the rows of row_indices[i] (row
         index tensors of this routing's groups), 0 for every other row. Built on the host once per
         forward for each list of groups, so the layers that share it add no host-device copies."""
-        key = ("slots",) + tuple(id(rows) for rows in row_indices)
-        if key not in self._memo:
+        def build():
             slots = [0] * self.batch_size
             for i, rows in enumerate(row_indices):
                 for row in self._host_rows[id(rows)]:
                     slots[row] = i + 1
-            self._memo[key] = torch.tensor(slots, device=self.device)
-        return self._memo[key]
+            return torch.tensor(slots, device=self.device)
+        return self.memo(("slots",) + tuple(id(rows) for rows in row_indices), build)
 
     def memo(self, key, build):
         """build() once per forward for `key` (a value every layer would otherwise rebuild)."""

@@ -11,8 +11,8 @@ lora_A / lora_B weights do. Defaults are the paper's GPT-2 setting: rank 4, alph
 In a batch mixing tasks, all LoRA tasks' rows of a projection are done at once, Punica /
 S-LoRA style: each row gathers its own task's A and B (ranks zero-padded to the largest; a zero
 pair for rows of no LoRA task) and two batched matrix products over the whole batch apply them
-(apply_batched_linear). The other way, one sub-batch per
-task (ROUTING = "slice"), is kept for bench/run.py to compare.
+(apply_batched_linear). The other way, one sub-batch per task (ROUTING = "slice"), is kept for
+bench/run.py to compare.
 """
 import math
 
