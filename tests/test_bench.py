@@ -161,7 +161,12 @@ def test_method_sections_report_every_method_and_equal_mixed_outputs(tmp_path):
     for m in methods["methods"].values():
         assert m["extra_pct"] == pytest.approx(100 * m["saved_parameters"] / methods["backbone_parameters"])
         assert m["step_time_ratio"] > 0 and 0 < m["peak_memory_ratio"] < 1.5
-        assert {"decoding_overhead_batch1", "decoding_overhead_batch8"} <= set(m)
+        for batch in (1, 8):  # each method's decoding against plain GPT-2 timed in the same rounds
+            assert m[f"decoding_overhead_batch{batch}"] == pytest.approx(
+                m[f"decoding_seconds_batch{batch}"] / m[f"plain_decoding_seconds_batch{batch}"] - 1)
+        # each method's step time against the full fine-tuning process run beside it
+        assert m["step_time_ratio"] == pytest.approx(m["median_step_seconds"] / m["full_median_step_seconds"])
+    assert methods["full_median_step_seconds"] == [m["full_median_step_seconds"] for m in methods["methods"].values()]
     mixed = report["results"]["mixed_methods"]
     assert mixed["outputs_equal"] == mixed["outputs_compared"] == 48  # 6 methods x 8 rows, each as in its own batch
     names = [t["name"] for t in report["targets"]]
