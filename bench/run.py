@@ -518,24 +518,23 @@ def bench_methods(args, plan, device, clock, tokenizer):
         del model
     # Training: each method's process next to one of full fine-tuning (the order alternating), its
     # step-time ratio to that one, so drift between the first method and the last cancels.
-    full_runs, first_full = [], None
+    timing = {}
     for i, name in enumerate(progress_bar(names, desc="7 methods: training (one process each, beside full)",
                                           leave=False)):
         order = ["full", name] if i % 2 == 0 else [name, "full"]
-        runs = {mode: worker_run(mode, args, plan, device) for mode in order}
-        full_runs.append(runs["full"]["median_step_seconds"])
-        first_full = first_full or runs["full"]
-        per_method[name].update(step_time_ratio=runs[name]["median_step_seconds"] / full_runs[-1],
-                                median_step_seconds=runs[name]["median_step_seconds"],
-                                full_median_step_seconds=full_runs[-1], run=runs[name])
+        timing[name] = {mode: worker_run(mode, args, plan, device) for mode in order}
+        method, full_step = timing[name][name]["median_step_seconds"], timing[name]["full"]["median_step_seconds"]
+        per_method[name].update(step_time_ratio=method / full_step, median_step_seconds=method,
+                                full_median_step_seconds=full_step)
     # Peak memory, the live bytes' (deterministic, see with_live_peak): full once, each method once.
-    full = with_live_peak(first_full, "full", args, plan, device)
+    full = with_live_peak(timing[names[0]]["full"], "full", args, plan, device)
     for name in progress_bar(names, desc="7 methods: peak memory", leave=False):
-        run = with_live_peak(per_method[name].pop("run"), name, args, plan, device)
+        run = with_live_peak(timing[name][name], name, args, plan, device)
         per_method[name].update(peak_memory_ratio=run["peak_bytes"] / full["peak_bytes"], peak_bytes=run["peak_bytes"])
     return {"backbone_parameters": backbone, "task": TRAIN_TASK, "decoding_tokens": plan.max_length,
             "decoding_batches": list(batches), "decoding_rounds": plan.repeats,
-            "full_median_step_seconds": full_runs, "full_peak_bytes": full["peak_bytes"],
+            "full_median_step_seconds": [m["full_median_step_seconds"] for m in per_method.values()],
+            "full_peak_bytes": full["peak_bytes"],
             "memory": full["memory"],
             "methods": per_method}
 
@@ -821,7 +820,7 @@ def markdown(report):
         lines += ["", f"## 7. Per-task methods (paper defaults; training: {x['task']}, one process each, ratios to "
                   f"full fine-tuning on the same batches in a process run beside it; decoding: {x['decoding_tokens']} "
                   f"tokens per row, ratios to plain GPT-2 timed in the same rounds, the fastest of "
-                  f"{x.get('decoding_rounds', 1)})", "",
+                  f"{x['decoding_rounds']})", "",
                   f"| method | trainable | saved | extra parameters % | step time / full | peak memory / full | "
                   f"decoding overhead, batch {b1} | batch {bn} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in x["methods"].items():
