@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from models.methods import METHODS
+
 # One thread per process, here and in every script a test starts (they inherit the variable): the
 # tests' models are tiny, so a second thread gains little, while two processes side by side, or
 # another job on this 2-core machine, leave OpenMP threads spinning for each other, which slows
@@ -90,3 +92,37 @@ def run_script(*args, stdin=None, cwd=REPO, timeout=600, env=None):
     deprecation = DEPRECATION_TEXT.search(done.stderr or "")
     assert deprecation is None, f"{args[0]} printed a deprecation warning:\n{done.stderr[-2000:]}"
     return done
+
+
+# Every registered method at a small size, so the tiny GPT-2 trains each in a second or two.
+TINY_METHOD_OPTIONS = {
+    "adapter": {"bottleneck": 4}, "houlsby": {"bottleneck": 4}, "parallel": {"bottleneck": 4},
+    "lora": {"r": 2, "targets": ["q", "v", "mlp_fc"]}, "prefix": {"length": 3, "hidden": 16},
+    "prompt": {"length": 4}, "ptuning": {"length": 3, "hidden": 16}, "ln": {}, "adapterbias": {},
+    "compacter": {"bottleneck": 8}, "krona": {},
+    "unipelt": {"lora_r": 2, "prefix_length": 2, "prefix_hidden": 16, "bottleneck": 4}}
+
+
+# Every registered method in two compositions: a task composes any methods but two that add virtual
+# tokens (prompt, ptuning) or two that add prefixes (prefix, unipelt).
+EVERY_METHOD_SPECS = ("+".join(m for m in METHODS if m not in ("ptuning", "unipelt")), "ptuning+unipelt")
+
+
+def tiny_method_options(spec, **changes):
+    """{method: options} of a `+`-joined spec at the small sizes; changes: {method: {option: value}}.
+    A name that is no method gets no options, so the scripts' own error for it shows."""
+    return {name: {**TINY_METHOD_OPTIONS.get(name, {}), **changes.get(name, {})} for name in spec.split("+")}
+
+
+def option_flags(methods):
+    """The scripts' option flags for {method: options}: --<method>_<option> VALUE each."""
+    flags = []
+    for name, options in methods.items():
+        for option, value in options.items():
+            flags += [f"--{name}_{option}", ",".join(value) if isinstance(value, list) else str(value)]
+    return flags
+
+
+def method_flags(methods):
+    """train.py's flags for {method: options}: --method and each option's flag."""
+    return ["--method", "+".join(methods), *option_flags(methods)]

@@ -7,14 +7,15 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from conftest import run_script, tiny_gpt2
+from conftest import run_script, tiny_gpt2, tiny_method_options
 
 import combine_all
 import models.combine
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.combine import (combine, comparable_token_ids, load_task_checkpoints, sample_inputs, task_logits,
                             verify, write_vlm)
-from engines.specs import adapter_specs, builtin_spec
+from engines.specs import builtin_spec
+from models.methods import METHODS, method_class
 from models.vlm import VersatileLM, backbone_fingerprint, load_backbone
 from utils.data import load_tokenizer
 from utils.errors import VLMError
@@ -24,11 +25,18 @@ BOTTLENECKS = {"qa": 6, "mt": 8, "nlg": 4}
 
 
 def make_task_checkpoint(base, task, bottleneck, folder, seed, tokenizer, mode="adapter"):
-    """A trained-looking single-task checkpoint: adapters and the task's own rows moved off init."""
-    model = VersatileLM.from_pretrained(base, adapter_specs({task: bottleneck})).eval()
+    """A trained-looking single-task adapter checkpoint."""
+    return make_method_checkpoint(base, task, {"adapter": {"bottleneck": bottleneck}}, folder, seed, tokenizer, mode)
+
+
+def make_method_checkpoint(base, task, methods, folder, seed, tokenizer, mode="adapter"):
+    """A trained-looking single-task checkpoint of {method: options}: every tensor of the task's
+    methods and the task's own rows moved off init."""
+    options = {name: method_class(name).resolve(o) for name, o in methods.items()}
+    model = VersatileLM.from_pretrained(base, [builtin_spec(task, options)]).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.tasks[task].methods["adapter"].parameters():
+        for p in model.tasks[task].parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
         wte = model.gpt2.transformer.wte.weight
         rows = task_token_ids(TASKS[task])
@@ -256,6 +264,44 @@ def test_continual_remove_add_replace_keep_other_tasks_bit_identical(vlm3, ckpts
     assert torch.equal(replaced["mt"], all_logits(singles["mt_v2"])["mt"])
     assert not torch.equal(replaced["mt"], before["mt"])
     assert sorted(os.listdir(tmp_path)) == ["v1", "v2"]  # old VLM folders swapped out and removed
+
+
+# Twelve methods over the five built-in tasks (a task composes several; at most one of them adds
+# virtual tokens and one adds prefixes).
+METHODS_BY_TASK = {"qa": "adapter+lora", "mt": "houlsby+prefix+ln", "nlg": "ptuning+krona+adapterbias",
+                   "dialogue": "parallel+compacter+prompt", "summarization": "unipelt"}
+
+
+def test_tasks_of_every_method_combine_and_continual_edits_keep_the_others_bit_identical(tiny_base, tmp_path):
+    assert sorted(m for spec in METHODS_BY_TASK.values() for m in spec.split("+")) == sorted(METHODS)
+    tokenizer = load_tokenizer()
+    ckpts = {task: make_method_checkpoint(tiny_base, task, tiny_method_options(spec), tmp_path / task, seed, tokenizer)
+             for seed, (task, spec) in enumerate(METHODS_BY_TASK.items())}
+    singles = {task: all_logits(path)[task] for task, path in ckpts.items()}
+    vlm = tmp_path / "vlm"
+    run_cli(*ckpts.values(), "--output_dir", vlm)
+    model, _, config = load_checkpoint(str(vlm))
+    assert {t: "+".join(entry["methods"]) for t, entry in config["tasks"].items()} == METHODS_BY_TASK
+    before = all_logits(model)
+    for task in METHODS_BY_TASK:
+        assert torch.equal(before[task], singles[task]), task
+
+    run_cli("--vlm", vlm, "--remove", "nlg", "--output_dir", vlm)  # p-tuning's prompt-table row leaves
+    removed = all_logits(vlm)
+    assert set(removed) == set(METHODS_BY_TASK) - {"nlg"}
+    assert all(torch.equal(removed[t], before[t]) for t in removed)
+    run_cli("--vlm", vlm, ckpts["nlg"], "--output_dir", vlm)  # and comes back
+    added = all_logits(vlm)
+    assert set(added) == set(METHODS_BY_TASK) and all(torch.equal(added[t], before[t]) for t in added)
+
+    # mt's houlsby+prefix+ln replaced by a LoRA: mt gives the new checkpoint's logits, the rest stay
+    lora = make_method_checkpoint(tiny_base, "mt", tiny_method_options("lora"), tmp_path / "mt_lora", 9, tokenizer)
+    run_cli("--vlm", vlm, "--replace", lora, "--output_dir", vlm)
+    model = load_checkpoint(str(vlm))[0]
+    assert list(model.tasks["mt"].methods) == ["lora"]
+    replaced = all_logits(model)
+    assert torch.equal(replaced["mt"], all_logits(lora)["mt"]) and not torch.equal(replaced["mt"], before["mt"])
+    assert all(torch.equal(replaced[t], before[t]) for t in replaced if t != "mt")
 
 
 def test_a_failed_verification_writes_nothing(vlm3, ckpts, tmp_path, capsys, monkeypatch):

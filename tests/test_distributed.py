@@ -1,5 +1,5 @@
 """torchrun with two CPU (gloo) processes trains exactly what one process trains on the same global
-batches: same adapter weights, same validation NLL.
+batches: same task weights, same validation NLL, for every method.
 
 Why the two runs see the same batches: LengthGroupedBatchSampler builds one batch sequence from
 (seed, epoch) in every process and rank r takes batches r, r+2, r+4, ... One process with
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import EVERY_METHOD_SPECS, REPO, method_flags, tiny_method_options
 from ignite.engine import Events
 from ignite.handlers import PiecewiseLinear
 from safetensors.torch import load_file
@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import train
 from models.checkpoint import ADAPTER_WEIGHTS
 from engines.specs import builtin_spec
-from models.methods import method_class
+from models.methods import METHODS, key_prefix, method_class
 from models.checkpoint import task_state_dict
 from models.vlm import VersatileLM
 from engines import training
@@ -73,13 +73,20 @@ def nlg_data(tmp_path_factory):
 
 
 # The task's module under test: its train.py flags and its options (no dropout: one process and
-# two must draw nothing random). Prefix, prompt and LoRA are the methods whose rows differ in shape.
+# two must draw nothing random). Every registered method is in a case, ten of them composed for one
+# task and p-tuning with UniPELT for another, each training its own tensors beside the others'.
+def method_case(spec):
+    methods = tiny_method_options(spec, lora={"dropout": 0.0})
+    return method_flags(methods), methods
+
+
 METHOD_CASES = {"adapter": (["--adapter_bottleneck", "8"], {"adapter": {"bottleneck": 8}}),
-                "lora+ln": (["--method", "lora+ln", "--lora_dropout", "0"],
-                            {"lora": {"dropout": 0.0}, "ln": {}}),
-                "prefix": (["--method", "prefix", "--prefix_length", "4", "--prefix_hidden", "16"],
-                           {"prefix": {"length": 4, "hidden": 16}}),
-                "prompt": (["--method", "prompt", "--prompt_length", "4"], {"prompt": {"length": 4}})}
+                "ten_methods": method_case(EVERY_METHOD_SPECS[0]),
+                "ptuning+unipelt": method_case(EVERY_METHOD_SPECS[1])}
+
+
+def test_the_cases_hold_every_method():
+    assert {name for _, options in METHOD_CASES.values() for name in options} == set(METHODS)
 
 
 def argv(tmp_path, data, base, out, accumulation, method="adapter"):
@@ -102,7 +109,7 @@ def per_step_schedule(trainer, optimizer, lr, total_iterations, accumulation=2):
     return scheduler
 
 
-@pytest.mark.parametrize("method", ["adapter", "prompt"])  # lora+ln, prefix: pass too; left out for CI time
+@pytest.mark.parametrize("method", list(METHOD_CASES))
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no_dropout_base, nlg_data,
                                                                     monkeypatch, method):
     env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -133,8 +140,11 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no
     assert sorted(ddp_weights) == sorted(single_weights)
     options = {name: method_class(name).resolve(o) for name, o in METHOD_CASES[method][1].items()}
     initial = task_state_dict(VersatileLM.from_pretrained(no_dropout_base, [builtin_spec("nlg", options)]), ["nlg"])
-    moved = 0
+    assert sorted(single_weights) == sorted(initial)
     for name, tensor in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], tensor, rtol=0, atol=1e-5, msg=name)
-        moved += int(not torch.equal(tensor, initial.get(name, tensor)))
-    assert moved > 0  # the comparison is between trained weights, not two copies of the initial ones
+    # the comparison is between trained weights, not two copies of the initial ones: every method
+    # of the case, and the task's own rows, trained
+    moved = {name for name, tensor in single_weights.items() if not torch.equal(tensor, initial[name])}
+    for prefix in [key_prefix("nlg", name) for name in options] + ["task_embeddings.nlg"]:
+        assert any(name.startswith(prefix) for name in moved), prefix

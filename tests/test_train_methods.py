@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_METHOD_OPTIONS, method_flags, tiny_method_options
 from safetensors.torch import load_file
 
 import train
@@ -21,14 +22,7 @@ from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
 
 NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi"]
 
-# small sizes, so the tiny GPT-2 (2 layers x 64) trains each in a second or two
-SMALL = {"adapter": ["--adapter_bottleneck", "4"], "houlsby": ["--houlsby_bottleneck", "4"],
-         "parallel": ["--parallel_bottleneck", "4"], "lora": ["--lora_r", "2", "--lora_targets", "q,v,mlp_fc"],
-         "prefix": ["--prefix_length", "3", "--prefix_hidden", "16"], "prompt": ["--prompt_length", "4"],
-         "ptuning": ["--ptuning_length", "3", "--ptuning_hidden", "16"], "ln": [], "adapterbias": [],
-         "compacter": ["--compacter_bottleneck", "8"], "krona": [],
-         "unipelt": ["--unipelt_lora_r", "2", "--unipelt_prefix_length", "2", "--unipelt_prefix_hidden", "16",
-                     "--unipelt_bottleneck", "4"]}
+
 
 
 def records(names):
@@ -47,12 +41,12 @@ def run(tmp_path, data, base, method, *extra, task="nlg"):
     argv = ["--task", task, "--dataset_path", data, "--dataset_cache", str(tmp_path / "cache"),
             "--model_checkpoint", base, "--device", "cpu", "--output_dir", str(tmp_path / method),
             "--train_batch_size", "2", "--valid_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--n_epochs", "2", "--lr", "5e-2", "--eval_before_start", "--method", method, *SMALL.get(method, []), *extra]
+            "--n_epochs", "2", "--lr", "5e-2", "--eval_before_start", *method_flags(tiny_method_options(method)), *extra]
     return training.run_training(train.parse_args(argv))
 
 
 def test_every_registered_method_has_small_test_sizes():
-    assert set(SMALL) == set(METHODS)
+    assert set(TINY_METHOD_OPTIONS) == set(METHODS)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -107,7 +101,7 @@ def test_method_trains_saves_only_its_tensors_and_reloads_identically(method, tm
 
 
 def test_methods_compose_and_resume_after_a_kill_gives_identical_weights(tmp_path, tiny_base, nlg_data):
-    whole = run(tmp_path / "a", nlg_data, tiny_base, "prefix+ln", "--prefix_length", "3", "--prefix_hidden", "16")
+    whole = run(tmp_path / "a", nlg_data, tiny_base, "prefix+ln")
     assert list(whole.model.tasks["nlg"].methods) == ["prefix", "ln"]
     # a run stopped after epoch 1 (its last checkpoint kept), then resumed: the same final weights
     import shutil
@@ -116,8 +110,7 @@ def test_methods_compose_and_resume_after_a_kill_gives_identical_weights(tmp_pat
     for name in ("adapters.safetensors", "vlm_config.json"):
         (part / name).unlink()
     shutil.rmtree(part / "checkpoint_epoch2")
-    resumed = run(tmp_path / "b", nlg_data, tiny_base, "prefix+ln", "--prefix_length", "3", "--prefix_hidden", "16",
-                  "--resume")
+    resumed = run(tmp_path / "b", nlg_data, tiny_base, "prefix+ln", "--resume")
     a, b = load_file(f"{whole.output_dir}/adapters.safetensors"), load_file(f"{resumed.output_dir}/adapters.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -13,12 +13,13 @@ from datetime import datetime
 
 import pytest
 import torch
-from conftest import REPO, popen_script
+from conftest import EVERY_METHOD_SPECS, REPO, option_flags, popen_script, tiny_method_options
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import train_vlm
 from models.checkpoint import load_checkpoint
+from models.methods import METHODS
 from engines.specs import adapter_specs, builtin_spec
 from models.vlm import VersatileLM, backbone_fingerprint
 from engines import multitask
@@ -301,13 +302,21 @@ def test_tasks_of_different_methods_train_in_shared_batches(tmp_path, tiny_base,
     assert "_VLM_multitask_mixed_" in multitask.default_output_dir(args, "adapter")
 
 
+# Every registered method in one run: ten composed for mt, p-tuning + UniPELT for nlg; LoRA's
+# dropout on. The adapter keeps the task table's bottleneck: train_vlm.py has no --adapter_bottleneck.
+EVERY_METHOD = dict(zip(("mt", "nlg"), EVERY_METHOD_SPECS))
+EVERY_METHOD_FLAGS = ["--method", *(f"{task}={spec}" for task, spec in EVERY_METHOD.items()),
+                      *option_flags({name: options for name, options in tiny_method_options("+".join(METHODS)).items()
+                                     if name != "adapter"})]
+
+
 def vlm_popen(argv, log):
     return popen_script("train_vlm.py", argv, log)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny_base):
-    """Mixed methods with LoRA dropout on (the random state matters): a run killed after its
-    first epoch checkpoint and resumed ends bit-identical to one that was never stopped."""
+    """Every method, in mixed batches, with LoRA dropout on (the random state matters): a run killed
+    after its first epoch checkpoint and resumed ends bit-identical to one that was never stopped."""
     nlg, mt = tmp_path / "nlg.json", tmp_path / "mt.json"
     names = [f"Place{i}" for i in range(40)]
     nlg.write_text(json.dumps({"train": vlm_nlg(names[:36]), "valid": vlm_nlg(names[36:])}), encoding="utf-8")
@@ -316,7 +325,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny
     data = {"mt": str(mt), "nlg": str(nlg)}
 
     def argv(out):
-        return vlm_argv(tmp_path, data, tiny_base, "--n_epochs", "3", "--lr", "1e-2", *MIXED_METHODS, out=out)
+        return vlm_argv(tmp_path, data, tiny_base, "--n_epochs", "3", "--lr", "1e-2", *EVERY_METHOD_FLAGS, out=out)
     reference = vlm_popen(argv("full"), tmp_path / "full.log")
     victim = vlm_popen(argv("killed"), tmp_path / "killed.log")
     killed = tmp_path / "killed"
@@ -333,7 +342,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny
     assert reference.wait(300) == 0, (tmp_path / "full.log").read_text()[-3000:]
     assert not (killed / "vlm_config.json").exists()  # no final model: it was killed
     state = json.loads((killed / "checkpoint_epoch1" / "training_state.json").read_text())
-    assert state["settings"]["methods"]["nlg"] == {"prompt": {"length": 3, "init_seed": 0}, "ln": {}}
+    assert {task: "+".join(methods) for task, methods in state["settings"]["methods"].items()} == EVERY_METHOD
 
     resumed = vlm_popen(argv("killed") + ["--resume"], tmp_path / "resumed.log")
     assert resumed.wait(300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
@@ -445,7 +454,7 @@ def test_defaults_are_the_authors_train_vlm_values():
 
 
 # --- distributed: torchrun with two CPU processes ------------------------------------------------
-@pytest.mark.parametrize("methods", [[], MIXED_METHODS], ids=["adapters", "lora_and_prompt_ln"])
+@pytest.mark.parametrize("methods", [[], EVERY_METHOD_FLAGS], ids=["adapters", "every_method"])
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_base, vlm_data, methods):
     out = tmp_path / "out"
     result = vlm_run_cli("--standalone", "--nproc_per_node", "2", "train_vlm.py",
