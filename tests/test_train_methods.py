@@ -41,7 +41,8 @@ def run(tmp_path, data, base, method, *extra, task="nlg"):
     argv = ["--task", task, "--dataset_path", data, "--dataset_cache", str(tmp_path / "cache"),
             "--model_checkpoint", base, "--device", "cpu", "--output_dir", str(tmp_path / method),
             "--train_batch_size", "2", "--valid_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--n_epochs", "2", "--lr", "5e-2", "--eval_before_start", *method_flags(tiny_method_options(method)), *extra]
+            "--n_epochs", "2", "--lr", "5e-2", "--eval_before_start", *method_flags(tiny_method_options(method)),
+            *extra]
     return training.run_training(train.parse_args(argv))
 
 

@@ -13,13 +13,12 @@ from datetime import datetime
 
 import pytest
 import torch
-from conftest import EVERY_METHOD_SPECS, REPO, option_flags, popen_script, tiny_method_options
+from conftest import EVERY_METHOD_SPECS, REPO, TINY_METHOD_OPTIONS, option_flags, popen_script
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import train_vlm
 from models.checkpoint import load_checkpoint
-from models.methods import METHODS
 from engines.specs import adapter_specs, builtin_spec
 from models.vlm import VersatileLM, backbone_fingerprint
 from engines import multitask
@@ -306,8 +305,7 @@ def test_tasks_of_different_methods_train_in_shared_batches(tmp_path, tiny_base,
 # dropout on. The adapter keeps the task table's bottleneck: train_vlm.py has no --adapter_bottleneck.
 EVERY_METHOD = dict(zip(("mt", "nlg"), EVERY_METHOD_SPECS))
 EVERY_METHOD_FLAGS = ["--method", *(f"{task}={spec}" for task, spec in EVERY_METHOD.items()),
-                      *option_flags({name: options for name, options in tiny_method_options("+".join(METHODS)).items()
-                                     if name != "adapter"})]
+                      *option_flags({name: options for name, options in TINY_METHOD_OPTIONS.items() if name != "adapter"})]
 
 
 def vlm_popen(argv, log):
