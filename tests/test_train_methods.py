@@ -23,8 +23,6 @@ from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
 NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi"]
 
 
-
-
 def records(names):
     return [{"src": {"name": n, "eatType": "pub"}, "tgt": f"{n} is a pub."} for n in names]
 
