@@ -3,7 +3,8 @@
     python evaluate_vlm.py --task mt --no_sample --model_checkpoint runs/VLM
     python evaluate_vlm.py --task all --no_sample --model_checkpoint runs/VLM \\
         --dataset_paths mt=data/NMT/data_en_ge.json nlg=data/NLG/data.json
-    python evaluate_vlm.py --task nlg --no_sample --model_checkpoint runs/VLM --input "name[The Vaults], eatType[pub]"
+    python evaluate_vlm.py --task nlg --no_sample --model_checkpoint runs/VLM \
+        --input "name[The Vaults], eatType[pub]"
     python evaluate_vlm.py --task all --no_sample --model_checkpoint runs/VLM \
         --dataset_paths sentiment=data/samples/sentiment mt=data/samples/mt.json     (a user task's folder)
 
@@ -16,13 +17,13 @@ import logging
 import os
 from dataclasses import asdict
 
-from evaluate import check_decoding_arguments, decode_user_input, decoding_arguments, known_user_tasks
-from models.checkpoint import CONFIG_NAME, load_checkpoint, read_config
-from utils.errors import ArgumentParser, VLMError, exit_on_user_error
-from engines.evaluation import dataset_prompts, evaluation_records, finish_task, format_metrics
+from engines.cli import check_decoding_arguments, decode_user_input, decoding_arguments, known_user_tasks
+from engines.evaluation import evaluation_records, finish_task, format_metrics
 from engines.generate import generate
+from models.checkpoint import CONFIG_NAME, load_checkpoint, read_config
+from tasks.table import TASKS, get_task, parse_dataset_paths
+from utils.errors import ArgumentParser, VLMError, exit_on_user_error
 from utils.io import write_json, write_text
-from utils.tasks import TASKS, get_task, parse_dataset_paths
 
 DEFAULT_OUTPUT_DIR = "results/VLM_result"  # the authors' folder
 
@@ -38,7 +39,8 @@ def checkpoint_tasks(path):
     unknown = [name for name, entry in tasks.items()
                if name not in TASKS and not (isinstance(entry, dict) and "template" in entry)]
     if unknown:
-        raise VLMError(f"{os.path.join(path, CONFIG_NAME)}: unknown task {unknown[0]!r} in the checkpoint config")
+        raise VLMError(f"{os.path.join(path, CONFIG_NAME)}: unknown task {unknown[0]!r} "
+                       "in the checkpoint config")
     return tasks
 
 
@@ -56,16 +58,16 @@ def select_tasks(args, held, user_tasks):
                            f"{', '.join(held)}, not {name}")
     if args.dataset_path:
         if len(names) > 1:
-            raise VLMError("--dataset_path names one task's file; with --task all use --dataset_paths TASK=PATH ...")
+            raise VLMError("--dataset_path names one task's file; "
+                           "with --task all use --dataset_paths TASK=PATH ...")
         if names[0] in paths:
             raise VLMError(f"--dataset_path and --dataset_paths both give the {names[0]} file; keep one")
         paths[names[0]] = args.dataset_path
-    from engines.training import check_dataset_path
-    for name in names:
-        task = get_task(name, user_tasks)
-        if task.layout == "template" and args.input is None:
-            check_dataset_path(task, paths.get(name), f"--dataset_paths {name}={paths.get(name)}")
-    return {name: paths.get(name, get_task(name, user_tasks).default_dataset) for name in names}
+    paths = {name: paths.get(name, get_task(name, user_tasks).default_dataset) for name in names}
+    if args.input is None:  # cheap mistakes first, before the model loads
+        for name, path in paths.items():
+            get_task(name, user_tasks).check_dataset_path(path, f"--dataset_paths {name}={path}")
+    return paths
 
 
 def adapter_task_id(model, task):
@@ -85,16 +87,18 @@ def evaluate_tasks(model, tokenizer, dataset_paths, options, args, output_dir, u
         task_id = adapter_task_id(model, task)
         max_history = task.max_history if args.max_history is None else args.max_history
         records = evaluation_records(task, path, tokenizer, args.dataset_cache)
-        task_prompts = dataset_prompts(task, records, max_history, tokenizer, task_id)
+        task_prompts = task.dataset_prompts(records, max_history, tokenizer, task_id)
         for index, prompt in enumerate(task_prompts):
             # A sampled row's generator is seeded by this index: the task's own numbering, as in
             # a single-task run, not the position in the combined list.
             prompt.meta["index"] = index
-        parts.append((task, task_id, max_history, records, slice(len(prompts), len(prompts) + len(task_prompts))))
+        parts.append((task, task_id, max_history, records,
+                      slice(len(prompts), len(prompts) + len(task_prompts))))
         prompts.extend(task_prompts)
 
     generated = generate(model, prompts, options, batch_size=args.batch_size,
-                         desc="+".join(dataset_paths) if len(dataset_paths) > 1 else next(iter(dataset_paths)))
+                         desc="+".join(dataset_paths) if len(dataset_paths) > 1
+                         else next(iter(dataset_paths)))
     return {task.name: finish_task(model, tokenizer, task, records, prompts[span], generated[span], task_id,
                                    max_history, args.batch_size, output_dir, cleanup=not args.raw_text)
             for task, task_id, max_history, records, span in parts}

@@ -23,16 +23,29 @@ from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 
 
 def build_parser():
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--train_files", nargs="+", required=True, metavar="PATH[:WEIGHT]",
                       help="training text (.txt or .txt.xz)")
     data.add_argument("--valid_files", nargs="+", required=True, metavar="PATH", help="held-out text files")
-    data.add_argument("--block_size", type=int, default=512, help="tokens per training block (at most n_positions)")
-    data.add_argument("--valid_tokens", type=int, default=131072, help="tokens of each validation file evaluated")
+    data.add_argument("--block_size", type=int, default=512,
+                      help="tokens per training block (at most n_positions)")
+    data.add_argument("--valid_tokens", type=int, default=131072,
+                      help="tokens of each validation file evaluated")
     data.add_argument("--shuffle_blocks", type=int, default=512, help="blocks in the shuffle buffer")
+    data.add_argument("--blank_line_documents", nargs="+", default=[], metavar="PATH",
+                      help="training files in which a blank line ends a document: "
+                           "<|endoftext|> goes between their documents (other files' text runs on)")
+    data.add_argument("--copy_fraction", type=float, default=0.0,
+                      help="share of training blocks made of repeated spans "
+                           "(synthetic: span, gap, span again), "
+                           "which teach a small model to copy from its context")
+    data.add_argument("--copy_random_share", type=float, default=0.5,
+                      help="share of those spans drawn as random token ids (the rest: natural text)")
     model = parser.add_argument_group("model (random init from a config unless --model_checkpoint)")
-    model.add_argument("--model_checkpoint", default=None, help="GPT-2 folder or hub name to continue pretraining")
+    model.add_argument("--model_checkpoint", default=None,
+                       help="GPT-2 folder or hub name to continue pretraining")
     model.add_argument("--n_layer", type=int, default=4)
     model.add_argument("--n_embd", type=int, default=128)
     model.add_argument("--n_head", type=int, default=4)
@@ -44,22 +57,27 @@ def build_parser():
     train.add_argument("--warmup_steps", type=int, default=100)
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     train.add_argument("--min_lr", type=float, default=1e-4, help="learning rate at the end of the decay")
-    train.add_argument("--schedule", choices=("cosine", "linear"), default="cosine", help="decay after warmup")
+    train.add_argument("--schedule", choices=("cosine", "linear"), default="cosine",
+                       help="decay after warmup")
     train.add_argument("--weight_decay", type=float, default=0.1)
     train.add_argument("--beta1", type=float, default=0.9)
     train.add_argument("--beta2", type=float, default=0.95)
     train.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping norm")
-    train.add_argument("--dropout", type=float, default=0.0, help="dropout during this run (the saved config keeps its own)")
+    train.add_argument("--dropout", type=float, default=0.0,
+                       help="dropout during this run (the saved config keeps its own)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     train.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="autocast dtype (bfloat16 on CUDA; float16 adds gradient scaling)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", required=True, help="run folder; the final model is written into it")
-    out.add_argument("--eval_interval", type=int, default=100, help="optimizer steps between validations and checkpoints")
+    out.add_argument("--eval_interval", type=int, default=100,
+                     help="optimizer steps between validations and checkpoints")
     out.add_argument("--log_every", type=float, default=30.0, help="seconds between progress lines")
-    out.add_argument("--save_dtype", choices=("float32", "float16"), default="float32", help="dtype of the saved weights")
-    out.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its checkpoint")
+    out.add_argument("--save_dtype", choices=("float32", "float16"), default="float32",
+                     help="dtype of the saved weights")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --output_dir from its checkpoint")
     return parser
 
 
@@ -67,7 +85,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from engines.pretrain import run_pretraining
-    from engines.training import configure_logging
+    from engines.runtime import configure_logging
     configure_logging()
     run_pretraining(args)
 

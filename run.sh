@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the paper's experiments for the five tasks with the authors' hyper-parameters
-# (their run.sh; the same values are in utils/tasks.py):
+# (their run.sh; the same values are in tasks/table.py):
 #   finetune   full fine-tuning of GPT-2 per task (train.py), then evaluate.py -> GPT2_result/
 #   adapter    residual adapters + task embeddings per task on the frozen GPT-2 (train.py
 #              --adapter_bottleneck B); for mt, summarization and dialogue first sentence-level
@@ -157,7 +157,7 @@ done_already() {
 }
 
 # ---------------------------------------------------------------- hyper-parameters
-# The authors' run.sh, also in utils/tasks.py (tests/test_run_sh.py checks that they agree):
+# The authors' run.sh, also in tasks/table.py (tests/test_run_sh.py checks that they agree):
 # "batch accumulation epochs lr" for full fine-tuning and for adapters; adapter bottleneck;
 # max_history; whether the adapters learn from distilled targets.
 full_hyper() {

@@ -7,7 +7,7 @@
     python train.py --task nlg --method lora --lora_r 8 --lora_targets q,v
     torchrun --nproc_per_node 2 train.py --task mt ...       (distributed data parallel)
 
-Flags left out take the task table's values (utils/tasks.py: the authors' run.sh). The output
+Flags left out take the task table's values (tasks/table.py: the authors' run.sh). The output
 folder holds the final model (load it with evaluate.py --model_checkpoint <output_dir>), the last
 three checkpoint_epoch<N>/ folders, metrics.jsonl and training_args.json. Each checkpoint also holds
 the training state (training_state.safetensors + training_state.json): after a crash, the same
@@ -21,36 +21,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils.errors import ArgumentParser, exit_on_user_error  # noqa: E402
 
 
-def common_training_arguments(parser):
-    """Flags train.py and train_vlm.py share, with the same meaning and default."""
-    parser.add_argument("--model_checkpoint", type=str, default="gpt2", help="GPT-2 hub name or local folder")
-    parser.add_argument("--dataset_cache", type=str, default="./dataset_cache",
-                        help="prefix of the tokenized-dataset cache files")
-    parser.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping norm")
-    parser.add_argument("--eval_before_start", action="store_true", help="validate before training")
-    parser.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--fp16", type=str, default="",
-                        help="'' for fp32; an apex opt level (O1, O2, O3) for float16 autocast on CUDA")
-    parser.add_argument("--local_rank", type=int, default=-1,
-                        help="accepted for torch.distributed.launch; torchrun's environment is what is used")
-    parser.add_argument("--task_file", type=str, default=None,
-                        help="JSON task file of user tasks (NeMo-style prompt templates), whose names --task(s) then take")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --output_dir from its last complete checkpoint "
-                             "(give the run's own flags again)")
-    return parser
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from engines.cli import common_training_arguments
     common_training_arguments(parser)
     parser.add_argument("--dataset_path", type=str, default=None,
                         help="dataset JSON (default: the task's path from the authors' run.sh); "
                              "for a user task, its folder of train/valid/test.jsonl")
     parser.add_argument("--task", type=str, default="dialogue",
                         help="dialogue, qa, mt, summarization or nlg, or a task of --task_file")
-    parser.add_argument("--max_history", type=int, default=None, help="previous exchanges kept (dialogue, qa)")
+    parser.add_argument("--max_history", type=int, default=None,
+                        help="previous exchanges kept (dialogue, qa)")
     parser.add_argument("--train_batch_size", type=int, default=None, help="batch size for training")
     parser.add_argument("--valid_batch_size", type=int, default=None,
                         help="batch size for validation (default: the training batch size)")
@@ -60,7 +42,8 @@ def build_parser():
     parser.add_argument("--n_epochs", type=int, default=None, help="training epochs")
     parser.add_argument("--adapter_bottleneck", type=int, default=0,
                         help="adapter bottleneck size; 0: full fine-tuning")
-    parser.add_argument("--emb_only", action="store_true", help="train only the task's special-token embeddings")
+    parser.add_argument("--emb_only", action="store_true",
+                        help="train only the task's special-token embeddings")
     parser.add_argument("--outputlayer_only", action="store_true",
                         help="train only the (tied) embedding / output layer")
     parser.add_argument("--random_init", action="store_true", help="start GPT-2 from random weights")
@@ -82,7 +65,8 @@ def main(argv=None):
     args = parse_args(argv)
     from utils.hub import check_model_source
     check_model_source(args.model_checkpoint)  # a hub name the hub cannot serve fails now, not after the data
-    from engines.training import configure_logging, run_training
+    from engines.runtime import configure_logging
+    from engines.training import run_training
     configure_logging()
     run_training(args)
 

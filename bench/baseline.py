@@ -19,7 +19,8 @@ def decode_original(model, prompt, max_length, min_length=1):
     for step in range(room):
         ids = torch.tensor([prompt.input_ids + output], device=device)                            # (1, seq)
         types = torch.tensor([prompt.token_type_ids + [prompt.reply_type] * len(output)], device=device)
-        logits = model(ids, token_type_ids=types, task_ids=prompt.task_id, use_cache=False).logits  # (1, seq, vocab)
+        logits = model(ids, token_type_ids=types, task_ids=prompt.task_id,
+                       use_cache=False).logits  # (1, seq, vocab)
         logits = logits[0, -1, :].float()
         if len(banned):
             logits[banned] = -float("inf")

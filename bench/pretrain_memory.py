@@ -31,7 +31,8 @@ def worker(files, tokens, block_size):
             break
     state, _ = stream.state()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tokens": seen, "peak_rss_mb": round(peak_mb, 1), "seconds": round(time.time() - start, 1),
+    print(json.dumps({"tokens": seen, "peak_rss_mb": round(peak_mb, 1),
+                      "seconds": round(time.time() - start, 1),
                       "lines": sum(f["lines"] for f in state["files"])}))
 
 
@@ -48,18 +49,21 @@ def main():
     rows = []
     for n in args.tokens:
         out = subprocess.run([sys.executable, __file__, "--train_files", *args.train_files, "--block_size",
-                              str(args.block_size), "--worker", str(n)], capture_output=True, text=True, check=True)
+                              str(args.block_size), "--worker", str(n)],
+                             capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append({"tokens": row["tokens"], "lines": row["lines"], "peak_rss_mb": row["peak_rss_mb"],
                      "seconds": row["seconds"]})
-        print(f"{row['tokens']:>12,} tokens read: peak RSS {row['peak_rss_mb']:.0f} MB ({row['seconds']:.0f} s)",
+        print(f"{row['tokens']:>12,} tokens read: peak RSS {row['peak_rss_mb']:.0f} MB "
+              f"({row['seconds']:.0f} s)",
               flush=True)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output + ".csv", "w", encoding="utf-8") as f:
         f.write("tokens,lines,peak_rss_mb,seconds\n")
         f.writelines(f"{r['tokens']},{r['lines']},{r['peak_rss_mb']},{r['seconds']}\n" for r in rows)
     lines = ["| tokens streamed | lines read | peak RSS (MB) | seconds |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['tokens']:,} | {r['lines']:,} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |" for r in rows]
+    lines += [f"| {r['tokens']:,} | {r['lines']:,} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |"
+              for r in rows]
     with open(args.output + ".md", "w", encoding="utf-8") as f:
         f.write("Peak RSS of pretrain.py's corpus stream against the text it has read "
                 f"(`python bench/pretrain_memory.py --train_files {' '.join(args.train_files)} --tokens "

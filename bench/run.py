@@ -37,17 +37,19 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bench.baseline import decode_original  # noqa: E402
+from engines.generate import DecodingOptions, generate_batch  # noqa: E402
+from engines.specs import adapter_specs  # noqa: E402
+from engines.steps import create_trainer  # noqa: E402
+from engines.training import backbone_parameter_count  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.vlm import VersatileLM, add_special_token_rows, backbone_fingerprint  # noqa: E402
-from utils.data import PAD_ID, LengthGroupedBatchSampler, collate, load_task_data, load_tokenizer, training_examples  # noqa: E402
+from tasks.base import decode_text  # noqa: E402
+from tasks.table import TASKS  # noqa: E402
+from utils.data import LengthGroupedBatchSampler, collate, load_tokenizer  # noqa: E402
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
-from engines.evaluation import dataset_prompts, decode_text  # noqa: E402
-from engines.generate import DecodingOptions, generate_batch  # noqa: E402
 from utils.io import write_json, write_text  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
-from utils.tasks import TASKS, banned_token_ids, task_token_ids  # noqa: E402
-from engines.specs import adapter_specs  # noqa: E402
-from engines.training import backbone_parameter_count, create_trainer  # noqa: E402
+from utils.vocab import PAD_ID  # noqa: E402
 
 SIZES = {"tiny": dict(n_layer=2, n_embd=128, n_head=4),
          "small": dict(n_layer=12, n_embd=768, n_head=12),     # GPT-2 small, 124M
@@ -69,7 +71,8 @@ class Plan:
     mixed_repeats: int = 5         # 2, 8, 9: interleaved repeats (the fastest counts)
     forward_batch: int = 32        # 3: forward pass batch x length
     forward_length: int = 128
-    repeats: int = 3               # 1: runs of ours, interleaved with the original; 3: repeats (fastest counts)
+    repeats: int = 3               # 1: runs of ours, interleaved with the original;
+                                   # 3: repeats (fastest counts)
     train_steps: int = 6           # 4: optimizer steps per mode (the first is not timed)
     train_runs: int = 2            # 4: alternating processes per mode
     padding_steps: int = 2         # 5: training steps per task and batching (+1 warm-up)
@@ -122,9 +125,9 @@ class PlainGPT2(nn.Module):
 
 def task_prompts(task, path, tokenizer, limit, task_id=None):
     """Decoding prompts of a task's evaluation split, as evaluate.py builds them."""
-    records = load_task_data(task, path, tokenizer, [task.test_split])[task.test_split]
+    records = task.load_data(path, tokenizer, [task.test_split])[task.test_split]
     task_id = task.task_id if task_id is None else task_id
-    return dataset_prompts(task, records, task.max_history, tokenizer, task_id)[:limit]
+    return task.dataset_prompts(records, task.max_history, tokenizer, task_id)[:limit]
 
 
 def keep_last(prompt, tokens):
@@ -134,8 +137,8 @@ def keep_last(prompt, tokens):
 
 def as_task(prompt, task):
     """The same prompt decoded through another task's adapter (the single-task comparison)."""
-    return dataclasses.replace(prompt, task_id=task.task_id, stop_ids=tuple(task_token_ids(task)),
-                               banned_ids=banned_token_ids(task), meta={})
+    return dataclasses.replace(prompt, task_id=task.task_id, stop_ids=tuple(task.token_ids()),
+                               banned_ids=task.banned_ids(), meta={})
 
 
 def timed_generation(model, prompts, steps, clock):
@@ -177,7 +180,8 @@ def peak_memory_bytes():
 # --- 1. decoding ---------------------------------------------------------------------------------
 def bench_decoding(args, plan, device, clock, tokenizer):
     task = TASKS["nlg"]
-    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({"nlg": task.bottleneck})), args).eval()
+    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype),
+                                 adapter_specs({"nlg": task.bottleneck})), args).eval()
     prompts = task_prompts(task, E2E_200, tokenizer, plan.decode_rows)
     options = DecodingOptions(max_length=plan.max_length, no_sample=True)
     generate_batch(model, prompts[:2], DecodingOptions(max_length=2, no_sample=True))  # warm-up
@@ -191,7 +195,8 @@ def bench_decoding(args, plan, device, clock, tokenizer):
             ours = generate_batch(model, prompts, options)
             ours_runs.append({"tokens": sum(map(len, ours)), "seconds": clock() - start})
             start, share = clock(), []
-            for prompt in prompts[index * plan.baseline_rows // rounds:(index + 1) * plan.baseline_rows // rounds]:
+            for prompt in prompts[index * plan.baseline_rows // rounds:
+                                  (index + 1) * plan.baseline_rows // rounds]:
                 share.append(decode_original(model, prompt, plan.max_length))
                 bar.update()
             baseline_runs.append({"tokens": sum(map(len, share)), "seconds": clock() - start})
@@ -202,12 +207,14 @@ def bench_decoding(args, plan, device, clock, tokenizer):
     baseline_rate = max(r["tokens"] / r["seconds"] for r in baseline_runs)
     overall = (sum(r["tokens"] for r in ours_runs) / sum(r["seconds"] for r in ours_runs)) \
         / (sum(r["tokens"] for r in baseline_runs) / sum(r["seconds"] for r in baseline_runs))
-    return {"prompts": len(prompts), "batch_size": len(prompts), "max_length": plan.max_length, "ours_runs": rounds,
+    return {"prompts": len(prompts), "batch_size": len(prompts), "max_length": plan.max_length,
+            "ours_runs": rounds,
             "prompt_tokens_mean": statistics.mean(len(p.input_ids) for p in prompts),
             "ours_rounds": ours_runs, "ours_tokens": ours_runs[0]["tokens"], "ours_tokens_per_s": ours_rate,
             "baseline_rounds": baseline_runs, "baseline_prompts": len(baseline),
             "baseline_tokens": sum(r["tokens"] for r in baseline_runs),
-            "baseline_seconds": sum(r["seconds"] for r in baseline_runs), "baseline_tokens_per_s": baseline_rate,
+            "baseline_seconds": sum(r["seconds"] for r in baseline_runs),
+            "baseline_tokens_per_s": baseline_rate,
             "speedup": ours_rate / baseline_rate, "speedup_all_rounds": overall,
             "outputs_equal": sum(a == b for a, b in zip(ours, baseline)), "outputs_compared": len(baseline)}
 
@@ -215,13 +222,16 @@ def bench_decoding(args, plan, device, clock, tokenizer):
 # --- 2. mixed tasks --------------------------------------------------------------------------------
 def bench_mixed(args, plan, device, clock, tokenizer):
     # Every task at bottleneck 100, so the single-task and mixed batches do the same adapter work.
-    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({t: 100 for t in TASKS})), args).eval()
+    model = compiled(VersatileLM(build_backbone(args.size, device, args.dtype),
+                                 adapter_specs({t: 100 for t in TASKS})), args).eval()
     by_task = {name: [keep_last(p, plan.mixed_context)
-                      for p in task_prompts(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer, plan.mixed_rows)]
+                      for p in task_prompts(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer,
+                                            plan.mixed_rows)]
                for name, task in TASKS.items()}
     short = [name for name, prompts in by_task.items() if len(prompts) < plan.mixed_rows]
     if short:
-        raise VLMError(f"data/samples: fewer than {plan.mixed_rows} evaluation prompts for {', '.join(short)}")
+        raise VLMError(f"data/samples: fewer than {plan.mixed_rows} evaluation prompts for "
+                       f"{', '.join(short)}")
     mixed = [p for prompts in by_task.values() for p in prompts]                   # 5 tasks x rows
     single_task = TASKS["dialogue"]
     single = [as_task(p, single_task) for p in mixed]                                # same rows, one task
@@ -234,11 +244,13 @@ def bench_mixed(args, plan, device, clock, tokenizer):
         repeats["separate"].append({k: sum(r[k] for r in separate) for k in separate[0]})
         repeats["single_task"].append(timed_generation(model, single, steps, clock))
     # The fastest repeat of each: the least disturbed by anything else on the machine.
-    runs = {name: max(rs, key=lambda r: r["decode_tokens"] / r["decode_seconds"]) for name, rs in repeats.items()}
+    runs = {name: max(rs, key=lambda r: r["decode_tokens"] / r["decode_seconds"])
+            for name, rs in repeats.items()}
     rate = {name: r["decode_tokens"] / r["decode_seconds"] for name, r in runs.items()}
     whole = {name: r["tokens"] / r["seconds"] for name, r in runs.items()}
     return {"tasks": list(TASKS), "rows_per_task": plan.mixed_rows, "context_tokens": plan.mixed_context,
-            "decode_steps": plan.mixed_steps, "repeats": plan.mixed_repeats, "single_task": single_task.name, "bottleneck": 100,
+            "decode_steps": plan.mixed_steps, "repeats": plan.mixed_repeats, "single_task": single_task.name,
+            "bottleneck": 100,
             "runs": runs, "decode_tokens_per_s": rate, "whole_tokens_per_s": whole,
             "mixed_vs_separate": rate["mixed"] / rate["separate"],
             "mixed_vs_separate_whole": whole["mixed"] / whole["separate"],
@@ -249,7 +261,8 @@ def bench_mixed(args, plan, device, clock, tokenizer):
 def bench_adapter_overhead(args, plan, device, clock, tokenizer):
     task = TASKS["nlg"]
     plain = compiled(PlainGPT2(build_backbone(args.size, device, args.dtype)), args).eval()
-    adapted = compiled(VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({task.name: 100})), args).eval()
+    adapted = compiled(VersatileLM(build_backbone(args.size, device, args.dtype),
+                                   adapter_specs({task.name: 100})), args).eval()
     # Real text: the E2E references, one token stream cut into rows.
     stream = [t for p in task_prompts(task, E2E_200, tokenizer, 200) for r in p.meta["references"]
               for t in tokenizer.encode(" " + r)]
@@ -283,10 +296,10 @@ def bench_adapter_overhead(args, plan, device, clock, tokenizer):
 
 # --- 4. training: adapters against full fine-tuning (each in a fresh process) ----------------------
 def training_batches(task, tokenizer, steps):
-    records = load_task_data(task, os.path.join(SAMPLES, f"{task.name}.json"), tokenizer, ["train"])["train"]
-    examples = training_examples(task, records, task.max_history, max_positions=1024)
-    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], task.adapter.train_batch_size,
-                                        shuffle=True, seed=42)
+    records = task.load_data(os.path.join(SAMPLES, f"{task.name}.json"), tokenizer, ["train"])["train"]
+    examples = task.training_examples(records, task.max_history, max_positions=1024)
+    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples],
+                                        task.adapter.train_batch_size, shuffle=True, seed=42)
     batches = [collate([examples[i] for i in batch], task.task_id) for batch in sampler]
     return (batches * (steps // len(batches) + 1))[:steps]
 
@@ -314,18 +327,21 @@ def train_worker(args):
     parameters = model.mark_trainable(mode, task.name)
     hyper = task.adapter if mode == "adapter" else task.full_finetune
     optimizer = torch.optim.AdamW(parameters, lr=hyper.lr, weight_decay=0.0)
-    trainer = create_trainer(model, optimizer, parameters, device, gradient_accumulation_steps=1, max_norm=1.0,
-                             fp16=False, use_task_ids=bool(specs))
+    trainer = create_trainer(model, optimizer, parameters, device, gradient_accumulation_steps=1,
+                             max_norm=1.0, fp16=False, use_task_ids=bool(specs))
     clock, times = Clock(device), []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: times.append(-clock()))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.__setitem__(-1, times[-1] + clock()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: times.__setitem__(-1, times[-1] + clock()))
     trainer.run(batches, max_epochs=1)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_memory_bytes()
-    print(json.dumps({"mode": args.worker, "step_seconds": times, "median_step_seconds": statistics.median(times[1:]),
+    print(json.dumps({"mode": args.worker, "step_seconds": times,
+                      "median_step_seconds": statistics.median(times[1:]),
                       "peak_bytes": peak, "loaded_bytes": loaded,
                       "batch_shapes": [list(b["input_ids"].shape) for b in batches],
                       "trainable_parameters": sum(p.numel() for p in parameters),
-                      "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident memory (VmHWM)"}))
+                      "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda"
+                      else "peak resident memory (VmHWM)"}))
 
 
 # glibc's mmap threshold fixed low: every tensor gets its own mapping, unmapped when freed, so a
@@ -362,7 +378,8 @@ def with_live_peak(run, name, args, plan, device):
 
 def bench_training(args, plan, device, clock, tokenizer):
     runs = {"full": [], "adapter": []}
-    for mode in progress_bar(["full", "adapter"] * plan.train_runs, desc="4 training (one process each)", leave=False):
+    for mode in progress_bar(["full", "adapter"] * plan.train_runs, desc="4 training (one process each)",
+                             leave=False):
         runs[mode].append(worker_run(mode, args, plan, device))
     # Per mode: the fastest run's step time (the least disturbed) and the live bytes' peak.
     results = {}
@@ -388,8 +405,8 @@ def bench_padding(args, plan, device, clock, tokenizer):
                         adapter_specs({name: task.bottleneck for name, task in TASKS.items()}))
     results = {}
     for name, task in progress_bar(TASKS.items(), desc="5 padding", leave=False):
-        records = load_task_data(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer, ["train"])["train"]
-        examples = training_examples(task, records, task.max_history, max_positions=model.config.n_positions)
+        records = task.load_data(os.path.join(SAMPLES, f"{name}.json"), tokenizer, ["train"])["train"]
+        examples = task.training_examples(records, task.max_history, max_positions=model.config.n_positions)
         lengths = [len(e["input_ids"]) for e in examples]
         size = task.adapter.train_batch_size
         batches = list(LengthGroupedBatchSampler(lengths, size, shuffle=True, seed=42))
@@ -410,7 +427,8 @@ def bench_padding(args, plan, device, clock, tokenizer):
             rates[label] = sum(lengths[i] for b in timed for i in b) / (clock() - start)
         results[name] = {"examples": len(examples), "batch_size": size, "real_tokens": sum(lengths),
                          "max_length": width, "mean_length": statistics.mean(lengths),
-                         "ours_share": sum(lengths) / ours_slots, "original_share": sum(lengths) / (len(lengths) * width),
+                         "ours_share": sum(lengths) / ours_slots,
+                         "original_share": sum(lengths) / (len(lengths) * width),
                          "timed_batches": len(timed), "ours_real_tokens_per_s": rates["ours"],
                          "original_real_tokens_per_s": rates["original"],
                          "speedup": rates["ours"] / rates["original"]}
@@ -421,7 +439,8 @@ def bench_padding(args, plan, device, clock, tokenizer):
 def bench_end_to_end(args, plan, device, clock, tokenizer):
     task = TASKS["nlg"]
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
-        model = VersatileLM(build_backbone(args.size, device, args.dtype), adapter_specs({"nlg": task.bottleneck})).eval()
+        model = VersatileLM(build_backbone(args.size, device, args.dtype),
+                            adapter_specs({"nlg": task.bottleneck})).eval()
         backbone, checkpoint = os.path.join(tmp, "backbone"), os.path.join(tmp, "nlg-adapter")
         model.gpt2.save_pretrained(backbone)
         save_checkpoint(model, tokenizer, checkpoint, "adapter", ["nlg"], backbone,
@@ -450,7 +469,8 @@ def bench_end_to_end(args, plan, device, clock, tokenizer):
             "baseline_mrs_decoded": len(sample), "baseline_seconds": baseline_seconds,
             "baseline_estimated_seconds": estimate, "baseline_includes": "decoding only",
             "speedup": estimate / ours_seconds,
-            "outputs_equal": sum(a == b for a, b in zip(outputs, baseline)), "outputs_compared": len(baseline)}
+            "outputs_equal": sum(a == b for a, b in zip(outputs, baseline)),
+            "outputs_compared": len(baseline)}
 
 
 # --- 7. per-task methods: size, training cost, decoding overhead -------------------------------------
@@ -463,7 +483,8 @@ def method_model(size, device, dtype, methods, seed=1):
     task changes the output (fresh methods start as the identity or near it)."""
     from models.methods import method_class
     from models.vlm import TaskSpec
-    specs = [TaskSpec(f"bench_{name}", i, (), {part: method_class(part).resolve({"bottleneck": 100} if part == "adapter" else {})
+    specs = [TaskSpec(f"bench_{name}", i, (), {part: method_class(part).resolve({"bottleneck": 100}
+                                                                                if part == "adapter" else {})
                                               for part in name.split("+")})
              for i, name in enumerate(methods)]
     return perturbed(VersatileLM(build_backbone(size, device, dtype), specs).eval(), seed)
@@ -483,7 +504,7 @@ def method_prompts(tokenizer, rows, context, task_id):
     """`rows` E2E prompts (the last `context` tokens each) routed to bench task `task_id`."""
     task = TASKS["nlg"]
     prompts = [keep_last(p, context) for p in task_prompts(task, E2E_200, tokenizer, rows)]
-    return [dataclasses.replace(p, task_id=task_id, banned_ids=banned_token_ids(task)) for p in prompts]
+    return [dataclasses.replace(p, task_id=task_id, banned_ids=task.banned_ids()) for p in prompts]
 
 
 def bench_methods(args, plan, device, clock, tokenizer):
@@ -509,7 +530,8 @@ def bench_methods(args, plan, device, clock, tokenizer):
             # the fastest run of each counts.
             rounds = {"plain": [], "method": []}
             for _ in range(plan.repeats):
-                rounds["plain"].append(timed_generation(plain, plain_prompts[batch], plan.max_length, clock)["seconds"])
+                rounds["plain"].append(timed_generation(plain, plain_prompts[batch], plan.max_length,
+                                                        clock)["seconds"])
                 rounds["method"].append(timed_generation(model, prompts, plan.max_length, clock)["seconds"])
             entry[f"decoding_seconds_batch{batch}"] = min(rounds["method"])
             entry[f"plain_decoding_seconds_batch{batch}"] = min(rounds["plain"])
@@ -523,14 +545,16 @@ def bench_methods(args, plan, device, clock, tokenizer):
                                           leave=False)):
         order = ["full", name] if i % 2 == 0 else [name, "full"]
         timing[name] = {mode: worker_run(mode, args, plan, device) for mode in order}
-        method, full_step = timing[name][name]["median_step_seconds"], timing[name]["full"]["median_step_seconds"]
+        method, full_step = (timing[name][name]["median_step_seconds"],
+                             timing[name]["full"]["median_step_seconds"])
         per_method[name].update(step_time_ratio=method / full_step, median_step_seconds=method,
                                 full_median_step_seconds=full_step)
     # Peak memory, the live bytes' (deterministic, see with_live_peak): full once, each method once.
     full = with_live_peak(timing[names[0]]["full"], "full", args, plan, device)
     for name in progress_bar(names, desc="7 methods: peak memory", leave=False):
         run = with_live_peak(timing[name][name], name, args, plan, device)
-        per_method[name].update(peak_memory_ratio=run["peak_bytes"] / full["peak_bytes"], peak_bytes=run["peak_bytes"])
+        per_method[name].update(peak_memory_ratio=run["peak_bytes"] / full["peak_bytes"],
+                                peak_bytes=run["peak_bytes"])
     return {"backbone_parameters": backbone, "task": TRAIN_TASK, "decoding_tokens": plan.max_length,
             "decoding_batches": list(batches), "decoding_rounds": plan.repeats,
             "full_median_step_seconds": [m["full_median_step_seconds"] for m in per_method.values()],
@@ -556,11 +580,13 @@ def bench_mixed_methods(args, plan, device, clock, tokenizer):
         repeats["mixed"].append(timed_generation(model, mixed, steps, clock))
         separate = [timed_generation(model, prompts, steps, clock) for prompts in by_method.values()]
         repeats["separate"].append({k: sum(r[k] for r in separate) for k in separate[0]})
-    runs = {name: max(rs, key=lambda r: r["decode_tokens"] / r["decode_seconds"]) for name, rs in repeats.items()}
+    runs = {name: max(rs, key=lambda r: r["decode_tokens"] / r["decode_seconds"])
+            for name, rs in repeats.items()}
     rate = {name: r["decode_tokens"] / r["decode_seconds"] for name, r in runs.items()}
     whole = {name: r["tokens"] / r["seconds"] for name, r in runs.items()}
-    return {"methods": list(MIXED_METHODS), "rows_per_method": plan.mixed_rows, "context_tokens": plan.mixed_context,
-            "decode_steps": plan.mixed_steps, "runs": runs, "decode_tokens_per_s": rate, "whole_tokens_per_s": whole,
+    return {"methods": list(MIXED_METHODS), "rows_per_method": plan.mixed_rows,
+            "context_tokens": plan.mixed_context, "decode_steps": plan.mixed_steps, "runs": runs,
+            "decode_tokens_per_s": rate, "whole_tokens_per_s": whole,
             "mixed_vs_separate": rate["mixed"] / rate["separate"],
             "mixed_vs_separate_whole": whole["mixed"] / whole["separate"],
             "outputs_equal": sum(a == b for a, b in zip(together, apart)), "outputs_compared": len(apart)}
@@ -603,14 +629,15 @@ def peft_generation(twin, prompts, names, steps, clock):
     types, mask = ids.clone(), torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         n = len(p.input_ids)
-        ids[row, width - n:], types[row, width - n:] = torch.tensor(p.input_ids), torch.tensor(p.token_type_ids)
+        ids[row, width - n:], types[row, width - n:] = (torch.tensor(p.input_ids),
+                                                        torch.tensor(p.token_type_ids))
         mask[row, width - n:] = 1
     device = twin.device
     start = clock()
     with torch.no_grad():
-        out = twin.generate(input_ids=ids.to(device), token_type_ids=types.to(device), attention_mask=mask.to(device),
-                            adapter_names=names, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                            pad_token_id=PAD_ID)
+        out = twin.generate(input_ids=ids.to(device), token_type_ids=types.to(device),
+                            attention_mask=mask.to(device), adapter_names=names, max_new_tokens=steps,
+                            min_new_tokens=steps, do_sample=False, pad_token_id=PAD_ID)
     seconds = clock() - start
     return {"seconds": seconds, "tokens": steps * len(prompts)}, out[:, width:].tolist()
 
@@ -619,6 +646,7 @@ def bench_mixed_lora(args, plan, device, clock, tokenizer):
     import warnings
 
     import peft
+
     from models.methods import lora as lora_module
     from models.methods import method_class
     from models.vlm import TaskSpec
@@ -626,7 +654,8 @@ def bench_mixed_lora(args, plan, device, clock, tokenizer):
     names = [f"bench_lora{i}" for i in range(LORA_TASKS)]
     backbone = build_backbone(args.size, device, args.dtype)
     reference = copy.deepcopy(backbone)
-    model = perturbed(VersatileLM(backbone, [TaskSpec(n, i, (), {"lora": lora}) for i, n in enumerate(names)]).eval(), 1)
+    model = perturbed(VersatileLM(backbone, [TaskSpec(n, i, (), {"lora": lora})
+                                             for i, n in enumerate(names)]).eval(), 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         twin = peft_lora_twin(reference, model, names)
@@ -634,7 +663,8 @@ def bench_mixed_lora(args, plan, device, clock, tokenizer):
     prompts = task_prompts(TASKS["nlg"], E2E_200, tokenizer, LORA_TASKS * plan.mixed_rows)
     if len(prompts) < LORA_TASKS * plan.mixed_rows:
         raise VLMError(f"{E2E_200}: fewer than {LORA_TASKS * plan.mixed_rows} prompts")
-    rows = [dataclasses.replace(keep_last(p, plan.mixed_context), task_id=i // plan.mixed_rows, banned_ids=(), stop_ids=())
+    rows = [dataclasses.replace(keep_last(p, plan.mixed_context), task_id=i // plan.mixed_rows, banned_ids=(),
+                                stop_ids=())
             for i, p in enumerate(prompts)]
     row_names = [names[p.task_id] for p in rows]
     steps = plan.mixed_steps + 1
@@ -671,7 +701,8 @@ def bench_mixed_lora(args, plan, device, clock, tokenizer):
 
 # --- report ---------------------------------------------------------------------------------------
 def machine_info(device, args):
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
             "dtype": str(args.dtype).replace("torch.", ""), "compile": args.compile, "attention": "sdpa"}
@@ -686,8 +717,8 @@ def machine_info(device, args):
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=ROOT).stdout.strip()
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, cwd=ROOT).stdout.strip()
     except OSError:
         pass
     return info
@@ -700,23 +731,28 @@ def targets(results):
     out = []
     if "decoding" in results:
         r = results["decoding"]
-        out.append(entry("decoding: tokens/s, ours / original (batch 32, <=40 tokens)", r["speedup"], ">=", 25))
+        out.append(entry("decoding: tokens/s, ours / original (batch 32, <=40 tokens)",
+                         r["speedup"], ">=", 25))
         out.append(entry("decoding: greedy outputs equal to the original's (share)",
                          r["outputs_equal"] / r["outputs_compared"], ">=", 1.0))
     if "mixed" in results:
         r = results["mixed"]
-        out.append(entry("mixed tasks: throughput, one 5x8 batch / 5 batches of 8", r["mixed_vs_separate"], ">=", 2))
-        out.append(entry("mixed tasks: per-row adapter choice overhead vs one task", r["routing_overhead"], "<=", 0.15))
+        out.append(entry("mixed tasks: throughput, one 5x8 batch / 5 batches of 8",
+                         r["mixed_vs_separate"], ">=", 2))
+        out.append(entry("mixed tasks: per-row adapter choice overhead vs one task",
+                         r["routing_overhead"], "<=", 0.15))
     if "training" in results:
         r = results["training"]
         out.append(entry("training: adapter / full fine-tuning step time", r["step_time_ratio"], "<=", 0.75))
-        out.append(entry("training: adapter / full fine-tuning peak memory", r["peak_memory_ratio"], "<=", 0.6))
+        out.append(entry("training: adapter / full fine-tuning peak memory",
+                         r["peak_memory_ratio"], "<=", 0.6))
     if "padding" in results:
         out.append(entry("padding: real-token share of our batches (lowest task)",
                          results["padding"]["min_ours_share"], ">=", 0.85))
     if "end_to_end" in results:
         r = results["end_to_end"]
-        out.append(entry("end to end: evaluate.py on 200 E2E MRs, speedup over original decoding", r["speedup"], ">=", 1))
+        out.append(entry("end to end: evaluate.py on 200 E2E MRs, speedup over original decoding",
+                         r["speedup"], ">=", 1))
         out.append(entry("end to end: evaluate.py outputs equal to the original's (share)",
                          r["outputs_equal"] / r["outputs_compared"], ">=", 1.0))
     if "mixed_methods" in results:
@@ -727,23 +763,29 @@ def targets(results):
                          r["outputs_equal"] / r["outputs_compared"], ">=", 1.0))
     if "mixed_lora" in results:
         r = results["mixed_lora"]
-        out.append(entry(f"mixed LoRA: tokens/s, ours / HF PEFT adapter_names ({r['tasks']} tasks x {r['rows_per_task']} rows)",
+        out.append(entry(f"mixed LoRA: tokens/s, ours / HF PEFT adapter_names ({r['tasks']} tasks x "
+                         f"{r['rows_per_task']} rows)",
                          r["ours_vs_peft"], ">=", 1.5))
-        out.append(entry("mixed LoRA: same tokens as PEFT's (share)", r["same_tokens_as_peft"] / r["rows"], ">=", 1.0))
+        out.append(entry("mixed LoRA: same tokens as PEFT's (share)",
+                         r["same_tokens_as_peft"] / r["rows"], ">=", 1.0))
     return out
 
 
 def markdown(report):
     m, lines = report["machine"], []
     lines += [f"# vlm benchmarks ({report['size']}{', quick' if report['quick'] else ''})", "",
-              f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores ({m.get('torch_threads')} torch threads), "
-              f"{m.get('memory_gib', '?')} GiB; device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, "
+              f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores "
+              f"({m.get('torch_threads')} torch threads), "
+              f"{m.get('memory_gib', '?')} GiB; device {m['device']}"
+              f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, "
               f"{m['dtype']}; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
               f"commit {m.get('commit', '?')}. Model: GPT-2 {report['size']} shape "
-              f"({report['parameters'] / 1e6:.1f}M parameters, random weights). Wall time {report['seconds']:.0f} s.", ""]
+              f"({report['parameters'] / 1e6:.1f}M parameters, random weights). "
+              f"Wall time {report['seconds']:.0f} s.", ""]
     if report["sections"] != report["requested_sections"]:
         lines += [f"Sections finished: {', '.join(report['sections'])} ({len(report['sections'])} of "
-                  f"{len(report['requested_sections'])} asked for; the run was cut short or is still running).", ""]
+                  f"{len(report['requested_sections'])} asked for; the run was cut short or is still "
+                  "running).", ""]
     lines += ["| target | value | goal | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['name']} | {t['value']:.4g} | {t['target']} | {'yes' if t['met'] else 'NO'} |")
@@ -751,109 +793,130 @@ def markdown(report):
     if "decoding" in r:
         d = r["decoding"]
         lines += ["", "## 1. Decoding", "",
-                  f"{d['prompts']} E2E prompts (mean {d['prompt_tokens_mean']:.0f} tokens), greedy, up to {d['max_length']} tokens.", "",
+                  f"{d['prompts']} E2E prompts (mean {d['prompt_tokens_mean']:.0f} tokens), greedy, up to "
+                  f"{d['max_length']} tokens.", "",
                   f"Interleaved rounds: ours on all {d['prompts']} prompts, then the original decoding on "
                   f"1/{d['ours_runs']} of them; the fastest round of each counts.", "",
                   "| method | round | tokens | seconds | tokens/s |", "|---|---|---|---|---|"]
         for name, runs in ((f"ours: batch {d['batch_size']}, KV cache", d["ours_rounds"]),
                            ("original: batch 1, no cache", d["baseline_rounds"])):
-            lines += [f"| {name} | {i + 1} | {run['tokens']} | {run['seconds']:.2f} | {run['tokens'] / run['seconds']:.2f} |"
+            lines += [f"| {name} | {i + 1} | {run['tokens']} | {run['seconds']:.2f} | "
+                      f"{run['tokens'] / run['seconds']:.2f} |"
                       for i, run in enumerate(runs)]
-        lines += ["", f"Speedup {d['speedup']:.1f}x (all rounds together {d['speedup_all_rounds']:.1f}x); outputs equal "
-                  f"{d['outputs_equal']}/{d['outputs_compared']}."]
+        lines += ["", f"Speedup {d['speedup']:.1f}x (all rounds together {d['speedup_all_rounds']:.1f}x); "
+                  f"outputs equal {d['outputs_equal']}/{d['outputs_compared']}."]
     if "mixed" in r:
         x = r["mixed"]
         lines += ["", "## 2. Mixed tasks", "",
-                  f"{x['rows_per_task']} real prompts per task x {len(x['tasks'])} tasks, the last {x['context_tokens']} "
-                  f"tokens of each; adapters of bottleneck {x['bottleneck']}; {x['decode_steps']} decoding steps timed "
+                  f"{x['rows_per_task']} real prompts per task x {len(x['tasks'])} tasks, the last "
+                  f"{x['context_tokens']} tokens of each; adapters of bottleneck {x['bottleneck']}; "
+                  f"{x['decode_steps']} decoding steps timed "
                   "after the pass over the prompts (decoding tokens/s); whole = including that pass.", "",
                   "| batching | decoding tokens/s | whole tokens/s |", "|---|---|---|"]
-        for name, label in (("mixed", "one batch of 40, five tasks"), ("separate", "five batches of 8, one task each"),
+        for name, label in (("mixed", "one batch of 40, five tasks"),
+                            ("separate", "five batches of 8, one task each"),
                             ("single_task", f"one batch of 40, all {x['single_task']}")):
-            lines.append(f"| {label} | {x['decode_tokens_per_s'][name]:.1f} | {x['whole_tokens_per_s'][name]:.1f} |")
-        lines += ["", f"Mixed / separate: {x['mixed_vs_separate']:.2f}x decoding, {x['mixed_vs_separate_whole']:.2f}x whole; "
+            lines.append(f"| {label} | {x['decode_tokens_per_s'][name]:.1f} | "
+                         f"{x['whole_tokens_per_s'][name]:.1f} |")
+        lines += ["", f"Mixed / separate: {x['mixed_vs_separate']:.2f}x decoding, "
+                  f"{x['mixed_vs_separate_whole']:.2f}x whole; "
                   f"routing overhead {100 * x['routing_overhead']:+.1f}%."]
     if "adapter_overhead" in r:
         a = r["adapter_overhead"]
         lines += ["", "## 3. Adapter overhead (bottleneck 100)", "",
-                  "| workload | plain GPT-2 s | with adapters s | overhead | LoRA paper |", "|---|---|---|---|---|",
-                  f"| forward, batch {a['forward_shape'][0]} x {a['forward_shape'][1]} | {a['forward_seconds']['plain']:.3f} | "
-                  f"{a['forward_seconds']['adapters']:.3f} | {100 * a['forward_overhead']:+.1f}% | +2.2% |",
-                  f"| decoding, batch 1, {a['decoding_tokens']} tokens | {a['decoding_seconds']['plain']:.3f} | "
-                  f"{a['decoding_seconds']['adapters']:.3f} | {100 * a['decoding_overhead']:+.1f}% | +20.7% |"]
+                  "| workload | plain GPT-2 s | with adapters s | overhead | LoRA paper |",
+                  "|---|---|---|---|---|",
+                  f"| forward, batch {a['forward_shape'][0]} x {a['forward_shape'][1]} | "
+                  f"{a['forward_seconds']['plain']:.3f} | {a['forward_seconds']['adapters']:.3f} | "
+                  f"{100 * a['forward_overhead']:+.1f}% | +2.2% |",
+                  f"| decoding, batch 1, {a['decoding_tokens']} tokens | "
+                  f"{a['decoding_seconds']['plain']:.3f} | {a['decoding_seconds']['adapters']:.3f} | "
+                  f"{100 * a['decoding_overhead']:+.1f}% | +20.7% |"]
     if "training" in r:
         t = r["training"]
         gib = lambda b: b / 2 ** 30  # noqa: E731
-        lines += ["", f"## 4. Training ({t['task']}, batch {t['batch_size']}, {t['steps']} steps, one process per mode)", "",
-                  "| mode | trainable parameters | median step s (runs) | peak memory GiB | above loaded model GiB "
-                  "| peaks of the timing runs GiB |",
+        lines += ["", f"## 4. Training ({t['task']}, batch {t['batch_size']}, {t['steps']} steps, "
+                  "one process per mode)", "",
+                  "| mode | trainable parameters | median step s (runs) | peak memory GiB "
+                  "| above loaded model GiB | peaks of the timing runs GiB |",
                   "|---|---|---|---|---|---|"]
         for mode in ("full", "adapter"):
             run = t["runs"][mode]
             steps = ", ".join(f"{s:.3f}" for s in run["all_median_step_seconds"])
             peaks = ", ".join(f"{gib(b):.2f}" for b in run["timing_runs_peak_bytes"])
-            lines.append(f"| {mode} | {run['trainable_parameters']:,} | {run['median_step_seconds']:.3f} ({steps}) | "
-                         f"{gib(run['peak_bytes']):.2f} | {gib(run['peak_bytes'] - run['loaded_bytes']):.2f} | {peaks} |")
-        lines += ["", f"Adapter / full: step time {t['step_time_ratio']:.2f} (fastest run of each), peak memory "
-                  f"{t['peak_memory_ratio']:.2f} ({t['memory_above_loaded_ratio']:.2f} above the loaded model). "
+            lines.append(f"| {mode} | {run['trainable_parameters']:,} | {run['median_step_seconds']:.3f} "
+                         f"({steps}) | {gib(run['peak_bytes']):.2f} | "
+                         f"{gib(run['peak_bytes'] - run['loaded_bytes']):.2f} | {peaks} |")
+        lines += ["", f"Adapter / full: step time {t['step_time_ratio']:.2f} (fastest run of each), "
+                  f"peak memory {t['peak_memory_ratio']:.2f} "
+                  f"({t['memory_above_loaded_ratio']:.2f} above the loaded model). "
                   f"Memory: {t['runs']['full']['memory']}"
                   + ("; the timing runs keep glibc's default allocator, whose peaks vary from run to run."
                      if t["runs"]["full"]["memory"] == LIVE_BYTES_MEMORY else ".")]
     if "padding" in r:
         lines += ["", "## 5. Padding of training batches (adapter training, task batch sizes)", "",
-                  "| task | examples | batch | real-token share ours | original | real tokens/s ours | original | speedup |",
+                  "| task | examples | batch | real-token share ours | original | real tokens/s ours "
+                  "| original | speedup |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, p in r["padding"]["tasks"].items():
-            lines.append(f"| {name} | {p['examples']} | {p['batch_size']} | {p['ours_share']:.3f} | {p['original_share']:.3f} | "
-                         f"{p['ours_real_tokens_per_s']:.0f} | {p['original_real_tokens_per_s']:.0f} | {p['speedup']:.2f}x |")
+            lines.append(f"| {name} | {p['examples']} | {p['batch_size']} | {p['ours_share']:.3f} | "
+                         f"{p['original_share']:.3f} | {p['ours_real_tokens_per_s']:.0f} | "
+                         f"{p['original_real_tokens_per_s']:.0f} | {p['speedup']:.2f}x |")
     if "end_to_end" in r:
         e = r["end_to_end"]
         lines += ["", "## 6. evaluate.py end to end", "",
-                  f"{e['mrs']} E2E dev MRs, greedy, up to {e['max_length']} tokens. evaluate.py: {e['ours_wall_seconds']:.1f} s "
-                  f"wall ({e['ours_includes']}). Original decoding: {e['baseline_seconds']:.1f} s for "
-                  f"{e['baseline_mrs_decoded']} MRs, {e['baseline_estimated_seconds']:.0f} s estimated for all "
+                  f"{e['mrs']} E2E dev MRs, greedy, up to {e['max_length']} tokens. evaluate.py: "
+                  f"{e['ours_wall_seconds']:.1f} s wall ({e['ours_includes']}). Original decoding: "
+                  f"{e['baseline_seconds']:.1f} s for {e['baseline_mrs_decoded']} MRs, "
+                  f"{e['baseline_estimated_seconds']:.0f} s estimated for all "
                   f"{e['mrs']} (decoding only). Speedup {e['speedup']:.1f}x; outputs equal "
                   f"{e['outputs_equal']}/{e['outputs_compared']}."]
     if "methods" in r:
         x = r["methods"]
         b1, bn = x["decoding_batches"]
-        lines += ["", f"## 7. Per-task methods (paper defaults; training: {x['task']}, one process each, ratios to "
-                  f"full fine-tuning on the same batches in a process run beside it; decoding: {x['decoding_tokens']} "
-                  f"tokens per row, ratios to plain GPT-2 timed in the same rounds, the fastest of "
-                  f"{x['decoding_rounds']})", "",
-                  f"| method | trainable | saved | extra parameters % | step time / full | peak memory / full | "
-                  f"decoding overhead, batch {b1} | batch {bn} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## 7. Per-task methods (paper defaults; training: {x['task']}, one process each, "
+                  f"ratios to full fine-tuning on the same batches in a process run beside it; decoding: "
+                  f"{x['decoding_tokens']} tokens per row, ratios to plain GPT-2 timed in the same rounds, "
+                  f"the fastest of {x['decoding_rounds']})", "",
+                  "| method | trainable | saved | extra parameters % | step time / full | "
+                  f"peak memory / full | decoding overhead, batch {b1} | batch {bn} |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in x["methods"].items():
-            lines.append(f"| {name} | {m['trainable_parameters']:,} | {m['saved_parameters']:,} | {m['extra_pct']:.3g} | "
-                         f"{m['step_time_ratio']:.2f} | {m['peak_memory_ratio']:.2f} | "
-                         f"{100 * m[f'decoding_overhead_batch{b1}']:+.1f}% | {100 * m[f'decoding_overhead_batch{bn}']:+.1f}% |")
+            lines.append(f"| {name} | {m['trainable_parameters']:,} | {m['saved_parameters']:,} | "
+                         f"{m['extra_pct']:.3g} | {m['step_time_ratio']:.2f} | "
+                         f"{m['peak_memory_ratio']:.2f} | "
+                         f"{100 * m[f'decoding_overhead_batch{b1}']:+.1f}% | "
+                         f"{100 * m[f'decoding_overhead_batch{bn}']:+.1f}% |")
         lines += ["", f"Peak memory: {x['memory']}."]
     if "mixed_methods" in r:
         x = r["mixed_methods"]
         lines += ["", "## 8. One batch, six methods", "",
                   f"{x['rows_per_method']} E2E prompts per method ({', '.join(x['methods'])}), the last "
-                  f"{x['context_tokens']} tokens each, {x['decode_steps']} decoding steps timed after the prompt pass.", "",
+                  f"{x['context_tokens']} tokens each, {x['decode_steps']} decoding steps timed after the "
+                  "prompt pass.", "",
                   "| batching | decoding tokens/s | whole tokens/s |", "|---|---|---|",
                   f"| one batch of {x['rows_per_method'] * len(x['methods'])}, six methods | "
                   f"{x['decode_tokens_per_s']['mixed']:.1f} | {x['whole_tokens_per_s']['mixed']:.1f} |",
                   f"| six batches of {x['rows_per_method']}, one method each | "
                   f"{x['decode_tokens_per_s']['separate']:.1f} | {x['whole_tokens_per_s']['separate']:.1f} |",
-                  "", f"Mixed / separate: {x['mixed_vs_separate']:.2f}x decoding, {x['mixed_vs_separate_whole']:.2f}x "
-                  f"whole; outputs equal {x['outputs_equal']}/{x['outputs_compared']}."]
+                  "", f"Mixed / separate: {x['mixed_vs_separate']:.2f}x decoding, "
+                  f"{x['mixed_vs_separate_whole']:.2f}x whole; "
+                  f"outputs equal {x['outputs_equal']}/{x['outputs_compared']}."]
     if "mixed_lora" in r:
         x = r["mixed_lora"]
         t = x["tokens_per_s"]
         lines += ["", f"## 9. Mixed LoRA against HF PEFT {x['peft']}", "",
                   f"{x['tasks']} LoRA tasks (rank {x['lora']['r']}, alpha {x['lora']['alpha']:g}, "
-                  f"{' and '.join(x['lora']['targets'])}) x {x['rows_per_task']} E2E prompts each in one batch, the last "
-                  f"{x['context_tokens']} tokens of each, {x['steps']} greedy tokens per row, the same weights; "
-                  "tokens/s of the whole call.", "",
+                  f"{' and '.join(x['lora']['targets'])}) x {x['rows_per_task']} E2E prompts each in one "
+                  f"batch, the last {x['context_tokens']} tokens of each, {x['steps']} greedy tokens per "
+                  "row, the same weights; tokens/s of the whole call.", "",
                   "| implementation | tokens/s |", "|---|---|",
                   f"| ours, batched gathers of each row's LoRA (default) | {t['gather']:.1f} |",
                   f"| ours, one sub-batch per task in every projection | {t['slice']:.1f} |",
                   f"| HF PEFT, `generate(adapter_names=...)` | {t['peft']:.1f} |",
-                  "", f"Ours / PEFT {x['ours_vs_peft']:.2f}x; gather / slice {x['gather_vs_slice']:.2f}x; same tokens as "
-                  f"PEFT {x['same_tokens_as_peft']}/{x['rows']}, gather as slice {x['same_tokens_gather_slice']}/{x['rows']}."]
+                  "", f"Ours / PEFT {x['ours_vs_peft']:.2f}x; gather / slice {x['gather_vs_slice']:.2f}x; "
+                  f"same tokens as PEFT {x['same_tokens_as_peft']}/{x['rows']}, "
+                  f"gather as slice {x['same_tokens_gather_slice']}/{x['rows']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -870,7 +933,8 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="inference dtype (sections 1-3, 6); training stays float32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the GPT-2 forward (sections 1-3)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the GPT-2 forward (sections 1-3)")
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode, e.g. reduce-overhead (CUDA graphs on GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -923,9 +987,11 @@ def main(argv=None):
 def write_report(args, plan, device, started, parameters, results):
     """results.json and results.md (each written whole, then renamed in) for the sections so far;
     returns the markdown."""
-    report = {"size": args.size, "quick": args.quick, "parameters": parameters, "plan": dataclasses.asdict(plan),
+    report = {"size": args.size, "quick": args.quick, "parameters": parameters,
+              "plan": dataclasses.asdict(plan),
               "machine": machine_info(device, args), "seconds": time.perf_counter() - started,
-              "sections": list(results), "requested_sections": list(args.sections), "targets": targets(results),
+              "sections": list(results), "requested_sections": list(args.sections),
+              "targets": targets(results),
               "results": results}
     write_json(os.path.join(args.output_dir, "results.json"), report)
     text = markdown(report)

@@ -24,7 +24,7 @@ Output layouts (fixed by the original authors' loaders):
                                                  "turn_id": t}]}], ...}
 Only the splits given are written.
 
-User tasks (task files, see utils/task_file.py and data/tasks/nemo_article.json) get JSON-lines
+User tasks (task files, see tasks/task_file.py and data/tasks/nemo_article.json) get JSON-lines
 records tagged with their taskname, written as DIR/train.jsonl, valid.jsonl and test.jsonl:
 
     python data/prepare.py assistant --train assistant_train.csv... [--test testset.csv...] --output DIR
@@ -200,10 +200,12 @@ def read_iwslt_pair(files, split):
     src_path, tgt_path = files
     src, tgt = read_iwslt_segments(src_path), read_iwslt_segments(tgt_path)
     # Align by (doc, seg) id, not position: a missing segment must not shift every later pair.
-    for this_path, these, other_path, others in ((src_path, src, tgt_path, tgt), (tgt_path, tgt, src_path, src)):
+    for this_path, these, other_path, others in ((src_path, src, tgt_path, tgt),
+                                                 (tgt_path, tgt, src_path, src)):
         for (doc, seg), (number, _) in these.items():
             if (doc, seg) not in others:
-                raise VLMError(f"{this_path}, line {number}: doc {doc} seg {seg} has no counterpart in {other_path}")
+                raise VLMError(f"{this_path}, line {number}: doc {doc} seg {seg} has no counterpart in "
+                               f"{other_path}")
     return [
         sentence_pair(text, tgt[key][1], f"{src_path}, line {number} / {tgt_path}, line {tgt[key][0]}")
         for key, (number, text) in src.items()
@@ -377,7 +379,8 @@ def read_coqa_story(story, where):
 def read_coqa(files, split):
     (path,) = files
     stories = require(read_json(path), "data", list, f"{path}, top level")
-    return [read_coqa_story(story, f"{path}, story {i} (id {story.get('id') if isinstance(story, dict) else '?'})")
+    return [read_coqa_story(story, f"{path}, story {i} "
+                                   f"(id {story.get('id') if isinstance(story, dict) else '?'})")
             for i, story in enumerate(stories)]
 
 
@@ -477,7 +480,8 @@ def convert_split(task, split, paths):
         fmt = find_format(task, paths[position])
         files = tuple(paths[position: position + fmt.files_per_item])
         if len(files) < fmt.files_per_item:
-            raise VLMError(f"--{split}: {fmt.name} is given as source and target files; {files[0]} has no partner")
+            raise VLMError(f"--{split}: {fmt.name} is given as source and target files; "
+                           f"{files[0]} has no partner")
         records.extend(fmt.read(files, split))
         position += fmt.files_per_item
     return records
@@ -520,7 +524,8 @@ def prepare(task, split_paths, slices=None):
             records = take(task, records, slices[split])
         if not records:
             where = " ".join(split_paths[split])
-            raise VLMError(f"--{split} {where}: no records" + (" in the requested slice" if split in slices else ""))
+            raise VLMError(f"--{split} {where}: no records"
+                           + (" in the requested slice" if split in slices else ""))
         dataset[split] = records
     return dataset
 
@@ -529,7 +534,8 @@ def prepare(task, split_paths, slices=None):
 # User tasks: NLU-Evaluation-Data (assistant) and Financial PhraseBank (sentiment) as JSON-lines
 # records of data/tasks/nemo_article.json's intent_and_slot and sentiment tasks.
 
-ASSISTANT_COLUMNS = ("answerid", "scenario", "intent", "answer_annotation", "answer_from_anno", "answer_from_user")
+ASSISTANT_COLUMNS = ("answerid", "scenario", "intent", "answer_annotation", "answer_from_anno",
+                     "answer_from_user")
 ANNOTATED_SLOT = re.compile(r"\[([^\[\]]*)\]")
 PHRASEBANK_LABELS = ("positive", "negative", "neutral")
 
@@ -545,11 +551,13 @@ def parse_annotation(annotation, where):
     for position, char in enumerate(annotation):
         if char == "[":
             if depth:
-                raise VLMError(f"{where}: nested '[' at character {position} of the annotation {annotation!r}")
+                raise VLMError(f"{where}: nested '[' at character {position} of the annotation "
+                               f"{annotation!r}")
             depth = 1
         elif char == "]":
             if not depth:
-                raise VLMError(f"{where}: ']' without '[' at character {position} of the annotation {annotation!r}")
+                raise VLMError(f"{where}: ']' without '[' at character {position} of the annotation "
+                               f"{annotation!r}")
             depth = 0
     if depth:
         raise VLMError(f"{where}: unclosed '[' in the annotation {annotation!r}")
@@ -724,7 +732,8 @@ def prepare_user_task(args):
                 records += found
                 skipped += missed
             if skipped:
-                notes.append(f"skipped {_plural(skipped, 'row')} without an answer_annotation in {' '.join(paths)}")
+                notes.append(f"skipped {_plural(skipped, 'row')} without an answer_annotation in "
+                             f"{' '.join(paths)}")
             return records
 
         records = read_all(args.train)
@@ -786,15 +795,19 @@ def parse_args(argv):
         if task == "assistant":
             command.add_argument("--train", nargs="+", required=True, metavar="CSV",
                                  help="training CSV files (concatenated): the folds of train and valid")
-            command.add_argument("--test", nargs="+", metavar="CSV", help="test CSV files (else a fold is test)")
+            command.add_argument("--test", nargs="+", metavar="CSV",
+                                 help="test CSV files (else a fold is test)")
         else:
             command.add_argument("--input", required=True, metavar="TXT", help="a Sentences_*.txt file")
-        command.add_argument("--output", required=True, metavar="DIR", help="folder for train/valid/test.jsonl")
-        command.add_argument("--folds", type=int, default=10, metavar="K", help="number of folds (default 10)")
+        command.add_argument("--output", required=True, metavar="DIR",
+                             help="folder for train/valid/test.jsonl")
+        command.add_argument("--folds", type=int, default=10, metavar="K",
+                             help="number of folds (default 10)")
         command.add_argument("--fold", type=int, default=0, metavar="I",
                              help="fold I is test, fold I+1 valid (default 0)")
         command.add_argument("--seed", type=int, default=1234, help="shuffling seed (default 1234)")
-        command.add_argument("--train_fraction", type=train_fraction, default=fractions.Fraction(1), metavar="F",
+        command.add_argument("--train_fraction", type=train_fraction, default=fractions.Fraction(1),
+                             metavar="F",
                              help="keep the first ceil(F x n) training records (0 < F <= 1, default 1)")
     args = parser.parse_args(argv)
     args.slices = {}

@@ -3,7 +3,7 @@
 Their train.py and combine_all.py save `model.state_dict()` with torch.save (`pytorch_model.bin`).
 Parameter names in their files:
 - GPT-2: `transformer.wte.weight` (50,287 rows: GPT-2's 50,257, then `<pad>` and the 29 task tokens
-  in the order of their ATTR_TO_SPECIAL_TOKEN, which is our utils.tasks.ALL_SPECIAL_TOKENS),
+  in the order of their ATTR_TO_SPECIAL_TOKEN, which is our utils.vocab.ALL_SPECIAL_TOKENS),
   `transformer.wpe.weight`, `transformer.h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}.*`
   (Conv1D, Hugging Face's layout and names), `transformer.ln_f.*`, `lm_head.weight` (tied to wte);
   also the causal-mask buffers `transformer.h.N.attn.bias` and `p_gen_linear.*` (a copy head used
@@ -32,13 +32,14 @@ from safetensors.torch import load_file
 
 from engines.specs import builtin_spec
 from models.vlm import VersatileLM, backbone_fingerprint, load_backbone
+from tasks.table import TASKS, get_task
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
-from utils.tasks import TASKS, get_task
 from utils.vocab import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, VOCAB_SIZE, special_token_id
 
 # Index K of `mixadapter.K` -> task: their COMMAND2ID / ID2COMMAND (combine_all.py, evaluate_vlm.py).
 AUTHORS_COMBINED_ORDER = ("mt", "summarization", "dialogue", "qa", "nlg")
-_SINGLE = re.compile(r"transformer\.h\.(\d+)\.adapter_block\.((?:ln|project_down|project_up)\.(?:weight|bias))$")
+_SINGLE = re.compile(r"transformer\.h\.(\d+)\.adapter_block\."
+                     r"((?:ln|project_down|project_up)\.(?:weight|bias))$")
 _MIXED = re.compile(r"transformer\.h\.(\d+)\.adapter_block\.mixadapter\.(\d+)\."
                     r"((?:ln|project_down|project_up)\.(?:weight|bias))$")
 _MASK = re.compile(r"transformer\.h\.(\d+)\.attn\.(bias|masked_bias)$")
@@ -71,7 +72,8 @@ def load_authors_state_dict(path):
             raise VLMError(f"{path}: not a readable PyTorch state dict ({reason})") from None
     else:
         raise VLMError(f"{path}: expected a .bin, .pt, .pth or .safetensors file")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                              for k, v in state.items()):
         raise VLMError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
     # DistributedDataParallel prefixes every name with "module."; their scripts unwrap it, be tolerant.
     if state and all(k.startswith("module.") for k in state):
@@ -100,11 +102,13 @@ class AuthorsLayout:
         lines = [f"found: {kinds[self.kind]}; {len(self.backbone)} GPT-2 tensors, "
                  f"vocabulary {wte.shape[0]}, d_model {wte.shape[1]}"]
         for task, bottleneck in self.bottlenecks.items():
-            where = "adapter_block" if self.authors_index[task] is None else f"mixadapter.{self.authors_index[task]}"
+            where = ("adapter_block" if self.authors_index[task] is None
+                     else f"mixadapter.{self.authors_index[task]}")
             lines.append(f"  task {task}: bottleneck {bottleneck} ({where})")
         if self.ignored:
             kinds_ignored = sorted({re.sub(r"\.h\.\d+\.", ".h.N.", n) for n in self.ignored})
-            lines.append(f"  not needed by our model: {len(self.ignored)} tensors ({', '.join(kinds_ignored)})")
+            lines.append(f"  not needed by our model: {len(self.ignored)} tensors "
+                         f"({', '.join(kinds_ignored)})")
         return "\n".join(lines)
 
 
@@ -145,7 +149,8 @@ def inspect_state_dict(state, task=None, where="state dict"):
             bottleneck = next(v.shape[0] for k, v in single.items() if k.endswith("project_down.weight"))
             fits = [t.name for t in TASKS.values() if t.bottleneck == bottleneck]
             raise VLMError(f"{where}: a single-task adapter model (bottleneck {bottleneck}); its task is "
-                           f"not stored in the file: pass --task ({' or '.join(fits) or 'one of ' + ', '.join(TASKS)})")
+                           f"not stored in the file: pass --task "
+                           f"({' or '.join(fits) or 'one of ' + ', '.join(TASKS)})")
         get_task(task)
         adapters, index = {task: single}, {task: None}
         kind = "adapter"
@@ -159,7 +164,8 @@ def inspect_state_dict(state, task=None, where="state dict"):
         if task is not None:
             get_task(task)
             if task not in adapters:
-                raise VLMError(f"{where}: the combined model has no {task} adapter (has {', '.join(adapters)})")
+                raise VLMError(f"{where}: the combined model has no {task} adapter "
+                               f"(has {', '.join(adapters)})")
             adapters, index = {task: adapters[task]}, {task: index[task]}
         kind = "combined"
     else:
@@ -178,7 +184,8 @@ def _check_causal_mask(name, tensor, where):
     n = tensor.shape[-1] if tensor.dim() else 0
     causal = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
     if tensor.shape != causal.shape or not torch.equal(tensor.to(torch.float32), causal):
-        raise VLMError(f"{where}: {name} is not a causal mask; cannot convert a model with another attention mask")
+        raise VLMError(f"{where}: {name} is not a causal mask; "
+                       "cannot convert a model with another attention mask")
 
 
 def _check_adapter(task, tensors, d_model, where):
@@ -199,7 +206,8 @@ def _check_adapter(task, tensors, d_model, where):
                 raise VLMError(f"{where}: {task} adapter of block {layer} lacks {param}")
             if tuple(tensor.shape) != shape:
                 raise VLMError(f"{where}: {task} adapter of block {layer}: {param} has shape "
-                               f"{tuple(tensor.shape)}, expected {shape} (d_model {d_model}, bottleneck {bottleneck})")
+                               f"{tuple(tensor.shape)}, expected {shape} (d_model {d_model}, "
+                               f"bottleneck {bottleneck})")
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -234,7 +242,8 @@ def convert(state_dict, base_model, task=None, where="state dict"):
     for name, tensors in layout.adapters.items():
         blocks = len({k.split(".")[0] for k in tensors})
         if blocks != gpt2.config.n_layer:
-            raise VLMError(f"{where}: {name} adapters for {blocks} blocks; the model has {gpt2.config.n_layer}")
+            raise VLMError(f"{where}: {name} adapters for {blocks} blocks; the model has "
+                           f"{gpt2.config.n_layer}")
 
     differs = _first_difference(layout.backbone, ours)
     mode = "adapter" if layout.kind != "full" and differs is None else "full"
@@ -245,7 +254,8 @@ def convert(state_dict, base_model, task=None, where="state dict"):
         else:  # backbone equal: keep base_model's; only the new rows are theirs
             wte = gpt2.get_input_embeddings().weight
             wte[GPT2_VOCAB_SIZE:] = layout.backbone["transformer.wte.weight"][GPT2_VOCAB_SIZE:].to(wte)
-    model = VersatileLM(gpt2, [builtin_spec(t, {"adapter": {"bottleneck": b}}) for t, b in layout.bottlenecks.items()])
+    model = VersatileLM(gpt2, [builtin_spec(t, {"adapter": {"bottleneck": b}})
+                               for t, b in layout.bottlenecks.items()])
     with torch.no_grad():
         for name, tensors in layout.adapters.items():
             target = model.tasks[name].methods["adapter"].state_dict()
@@ -291,7 +301,8 @@ def authors_logits(state, input_ids, token_type_ids, n_head, eps, adapter=None):
     # Their GPT2Model embeds token_type_ids with the token table wte.
     x = wte[input_ids] + p("transformer.wpe.weight")[positions] + wte[token_type_ids]
     causal = torch.tril(torch.ones(seq, seq)).view(1, 1, seq, seq)
-    n_layer = len({int(m.group(1)) for n in state if (m := re.match(r"transformer\.h\.(\d+)\.ln_1\.weight$", n))})
+    n_layer = len({int(m.group(1)) for n in state
+                   if (m := re.match(r"transformer\.h\.(\d+)\.ln_1\.weight$", n))})
     for layer in range(n_layer):
         h = f"transformer.h.{layer}"
         qkv = conv1d(layer_norm(x, h + ".ln_1"), h + ".attn.c_attn")
@@ -307,7 +318,8 @@ def authors_logits(state, input_ids, token_type_ids, n_head, eps, adapter=None):
             a_prefix = f"{h}.adapter_block." + ("" if adapter == "single" else f"mixadapter.{adapter}.")
             down = F.linear(layer_norm(x, a_prefix + "ln"), p(a_prefix + "project_down.weight"),
                             p(a_prefix + "project_down.bias"))
-            x = x + F.linear(torch.relu(down), p(a_prefix + "project_up.weight"), p(a_prefix + "project_up.bias"))
+            x = x + F.linear(torch.relu(down), p(a_prefix + "project_up.weight"),
+                             p(a_prefix + "project_up.bias"))
     x = layer_norm(x, "transformer.ln_f")
     return x @ wte.t()
 
@@ -332,7 +344,8 @@ def logit_differences(conversion, state, tokenizer):
     """{task or "plain": max |our logits - their logits|} on sample inputs."""
     model, layout = conversion.model, conversion.layout
     config = model.gpt2.config
-    checks = {t: (TASKS[t], TASKS[t].task_id, "single" if i is None else i) for t, i in layout.authors_index.items()}
+    checks = {t: (TASKS[t], TASKS[t].task_id, "single" if i is None else i)
+              for t, i in layout.authors_index.items()}
     if not checks:
         checks = {"plain": (TASKS["dialogue"], -1, None)}
     result = {}
@@ -341,7 +354,8 @@ def logit_differences(conversion, state, tokenizer):
             input_ids, token_type_ids = sample_inputs(task, tokenizer)
             ours = model(input_ids, token_type_ids=token_type_ids,
                          task_ids=torch.full((input_ids.shape[0],), task_id), use_cache=False).logits.float()
-            theirs = authors_logits(state, input_ids, token_type_ids, config.n_head, config.layer_norm_epsilon, adapter)
+            theirs = authors_logits(state, input_ids, token_type_ids, config.n_head,
+                                    config.layer_norm_epsilon, adapter)
             result[name] = ((ours - theirs).abs().max().item(), theirs.abs().max().item())
     return result
 
@@ -367,7 +381,8 @@ def check_added_tokens(path):
 def main(argv=None):
     parser = ArgumentParser(description="Convert an authors' (zlinao/VGLM) checkpoint into ours.")
     parser.add_argument("file", help="their pytorch_model.bin (or .pt/.pth/.safetensors with the same names)")
-    parser.add_argument("--base_model", required=True, help="GPT-2 they started from: hub name or local folder")
+    parser.add_argument("--base_model", required=True,
+                        help="GPT-2 they started from: hub name or local folder")
     parser.add_argument("--task", default=None,
                         help="task of a single-task adapter model (or: only this task of the combined VLM)")
     parser.add_argument("--output_dir", required=True, help="folder for our checkpoint")
@@ -386,10 +401,12 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.base_model)
     worst = 0.0
     for name, (diff, scale) in logit_differences(conversion, state, tokenizer).items():
-        print(f"largest |logit difference| ours vs. their forward ({name}): {diff:.3g} (logits up to {scale:.3g})")
+        print(f"largest |logit difference| ours vs. their forward ({name}): {diff:.3g} "
+              f"(logits up to {scale:.3g})")
         worst = max(worst, diff / max(1.0, scale))
     if worst > 1e-4:  # float32 reordering stays orders of magnitude below this
-        raise VLMError(f"{args.file}: converted logits differ from the authors' forward; not writing {args.output_dir}")
+        raise VLMError(f"{args.file}: converted logits differ from the authors' forward; not writing "
+                       f"{args.output_dir}")
     layout = conversion.layout
     tasks = list(layout.adapters) or ([args.task] if args.task else [])
     extra = {"converted_from": os.path.abspath(args.file), "authors_layout": layout.kind,
@@ -397,7 +414,8 @@ def main(argv=None):
     fingerprint = backbone_fingerprint(conversion.model.gpt2) if conversion.mode == "adapter" else None
     save_checkpoint(conversion.model, tokenizer, args.output_dir, conversion.mode, tasks, args.base_model,
                     base_fingerprint=fingerprint, extra=extra, all_special_rows=True)
-    print(f"wrote {conversion.mode} checkpoint ({', '.join(tasks) or 'no task adapters'}) to {args.output_dir}")
+    print(f"wrote {conversion.mode} checkpoint ({', '.join(tasks) or 'no task adapters'}) to "
+          f"{args.output_dir}")
 
 
 if __name__ == "__main__":

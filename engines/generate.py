@@ -5,33 +5,18 @@ every new token, no cache), which `generate_uncached` keeps as the reference and
 Rows may belong to different tasks; each stops at its own task's special tokens.
 """
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from utils.data import PAD_ID
+from tasks.base import Prompt  # noqa: F401  (what decoding takes: tasks make them, callers import it here)
+from tasks.template import without_virtual_positions
 from utils.errors import VLMError
 from utils.progress import progress_bar
-from utils.templates import without_virtual_positions
+from utils.vocab import PAD_ID
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Prompt:
-    input_ids: list            # prompt tokens, ending with the reply's segment token
-    token_type_ids: list       # same length; the last one is the reply segment
-    task_id: int = -1          # adapter to use (-1: plain GPT-2)
-    stop_ids: tuple = ()       # generation stops at any of these (the task's special tokens)
-    banned_ids: tuple = ()     # never generated (other tasks' tokens in a combined model)
-    meta: dict = field(default_factory=dict)
-    virtual_ids: list = None   # -1, or the virtual token at that position (prompt / p-tuning tasks)
-    max_length: int = None     # the most tokens of this row's reply (a user task's max_answer_tokens)
-
-    @property
-    def reply_type(self):
-        return self.token_type_ids[-1]
 
 
 @dataclass
@@ -71,7 +56,8 @@ class _Chooser:
         self.ban_mask = self._mask([p.banned_ids for p in prompts], device, vocab_size)
         self.generators = None
         if not options.no_sample:
-            self.generators = [torch.Generator(device=device).manual_seed(options.seed + p.meta.get("index", i))
+            self.generators = [torch.Generator(device=device)
+                               .manual_seed(options.seed + p.meta.get("index", i))
                                for i, p in enumerate(prompts)]
 
     @staticmethod
@@ -113,11 +99,14 @@ def with_virtual_positions(model, prompts):
         n = virtual_token_count(model, p.task_id)
         if p.virtual_ids is not None:
             if not n and any(v >= 0 for v in p.virtual_ids):
-                kept = without_virtual_positions({"input_ids": p.input_ids, "token_type_ids": p.token_type_ids,
+                kept = without_virtual_positions({"input_ids": p.input_ids,
+                                                  "token_type_ids": p.token_type_ids,
                                                   "virtual_ids": p.virtual_ids})
-                p = replace(p, input_ids=kept["input_ids"], token_type_ids=kept["token_type_ids"], virtual_ids=None)
+                p = replace(p, input_ids=kept["input_ids"], token_type_ids=kept["token_type_ids"],
+                            virtual_ids=None)
         elif n:
-            p = replace(p, input_ids=[PAD_ID] * n + list(p.input_ids), token_type_ids=[-1] * n + list(p.token_type_ids),
+            p = replace(p, input_ids=[PAD_ID] * n + list(p.input_ids),
+                        token_type_ids=[-1] * n + list(p.token_type_ids),
                         virtual_ids=list(range(n)) + [-1] * len(p.input_ids))
         out.append(p)
     return out
@@ -141,7 +130,8 @@ def generate_batch(model, prompts, options, on_step=None):
     input_ids = torch.full((batch, width), PAD_ID, dtype=torch.long)
     token_types = torch.full((batch, width), PAD_ID, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
-    virtual = torch.full((batch, width), -1, dtype=torch.long) if any(p.virtual_ids for p in prompts) else None
+    virtual = (torch.full((batch, width), -1, dtype=torch.long) if any(p.virtual_ids for p in prompts)
+               else None)
     for row, p in enumerate(prompts):
         n = len(p.input_ids)
         input_ids[row, width - n:] = torch.tensor(p.input_ids)
@@ -206,7 +196,8 @@ def check_prompt_lengths(model, prompts, options, desc):
     positions = model.config.n_positions
     for p in prompts:
         if len(p.input_ids) >= positions:
-            what = ", ".join(f"{k} {str(p.meta[k])[:50]!r}" for k in ("input", "id", "mr", "where") if k in p.meta)
+            what = ", ".join(f"{k} {str(p.meta[k])[:50]!r}" for k in ("input", "id", "mr", "where")
+                             if k in p.meta)
             raise VLMError(f"{desc}: prompt {p.meta['index']}{f' ({what})' if what else ''} has "
                            f"{len(p.input_ids)} tokens; the model has only {positions} positions")
     cut = sum(reply_room(model, p, options) < reply_limit(p, options) for p in prompts)

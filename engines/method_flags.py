@@ -5,6 +5,7 @@ is the original `--adapter_bottleneck`, which alone still means `--method adapte
 import argparse
 
 from models.methods import METHODS, method_class, parse_method_spec
+from tasks.task_file import user_task_methods
 from utils.errors import VLMError
 
 
@@ -34,12 +35,15 @@ def add_method_arguments(parser, per_task=False):
     group = parser.add_argument_group("per-task methods")
     if per_task:
         group.add_argument("--method", nargs="+", default=None, metavar="[TASK=]METHOD",
-                           help=f"the tasks' module(s), joined by '+' (e.g. prefix+ln): {', '.join(METHODS)}; "
-                                "one name sets every task, TASK=METHOD one task (e.g. --method lora nlg=prefix+ln); "
+                           help=f"the tasks' module(s), joined by '+' (e.g. prefix+ln): "
+                                f"{', '.join(METHODS)}; "
+                                "one name sets every task, TASK=METHOD one task "
+                                "(e.g. --method lora nlg=prefix+ln); "
                                 "default: every task's adapter with the task table's bottleneck")
     else:
         group.add_argument("--method", type=str, default=None,
-                           help=f"the task's module(s), joined by '+' (e.g. prefix+ln): {', '.join(METHODS)}; "
+                           help=f"the task's module(s), joined by '+' (e.g. prefix+ln): "
+                                f"{', '.join(METHODS)}; "
                                 "default: adapter with --adapter_bottleneck B > 0, else full fine-tuning")
     for name, cls in METHODS.items():
         for option, default in cls.defaults.items():
@@ -75,15 +79,14 @@ def method_options(args, name, bottleneck, file_options=None, user_task=None):
     """One method's options before resolving: a user task's task-file options, then the flags
     given; the adapter's bottleneck; a user task's virtual-token method has its template's
     total_virtual_tokens (a --<method>_length flag that differs is an error)."""
-    from utils.task_file import VIRTUAL_METHODS
     options = dict((file_options or {}).get(name, {}), **given_options(args, name))
     if name == "adapter":
         options.setdefault("bottleneck", bottleneck)
-    if user_task is not None and name in VIRTUAL_METHODS:
+    if user_task is not None and method_class(name).adds_virtual_tokens():
         total = user_task.total_virtual_tokens
         if options.get("length", total) != total:
-            raise VLMError(f"--{option_flag(name, 'length')} {options['length']}: task {user_task.name}'s template "
-                           f"has total_virtual_tokens {total}")
+            raise VLMError(f"--{option_flag(name, 'length')} {options['length']}: "
+                           f"task {user_task.name}'s template has total_virtual_tokens {total}")
         options["length"] = total
     return options
 
@@ -108,7 +111,6 @@ def resolve_user_task_methods(args, task):
     """{method: options} of a user task: its task file's method and method_options, or --method and
     its flags when given (flags also override the file's options); a virtual-token method always
     has the template's total_virtual_tokens."""
-    from utils.task_file import user_task_methods
     method = getattr(args, "method", None) or ("adapter" if (args.adapter_bottleneck or 0) > 0 else None)
     if method is None:
         file_options = user_task_methods(task)
@@ -118,7 +120,8 @@ def resolve_user_task_methods(args, task):
     names = parse_method_spec(spec, where)
     refuse_unused_options(args, names, f"task {task.name}'s method {spec} does not use")
     bottleneck = args.adapter_bottleneck or task.bottleneck
-    return {name: method_class(name).resolve(method_options(args, name, bottleneck, file_options, task), where)
+    return {name: method_class(name).resolve(method_options(args, name, bottleneck, file_options, task),
+                                             where)
             for name in names}
 
 
@@ -156,9 +159,9 @@ def resolve_task_methods(args, bottlenecks, user_tasks=None):
     ({task: B}, the task table's). Option flags of a method no task uses are an error. A user task
     ({task: TemplateTask}) defaults to its task file's method and options; its virtual-token
     methods have its template's total_virtual_tokens."""
-    from utils.task_file import user_task_methods
     user_tasks = {name: task for name, task in (user_tasks or {}).items() if name in bottlenecks}
-    specs = task_method_specs(args.method, list(bottlenecks), {name: task.method for name, task in user_tasks.items()})
+    specs = task_method_specs(args.method, list(bottlenecks),
+                              {name: task.method for name, task in user_tasks.items()})
     names = {task: parse_method_spec(spec, "--method", f"{task}={spec}") for task, spec in specs.items()}
     refuse_unused_options(args, {name for task_names in names.values() for name in task_names},
                           "no task's --method uses")
@@ -167,6 +170,7 @@ def resolve_task_methods(args, bottlenecks, user_tasks=None):
         user_task = user_tasks.get(task)
         file_options = user_task_methods(user_task) if user_task else {}
         methods[task] = {name: method_class(name).resolve(
-            method_options(args, name, bottlenecks[task], file_options, user_task), f"--method {task}={specs[task]}")
+            method_options(args, name, bottlenecks[task], file_options, user_task),
+            f"--method {task}={specs[task]}")
             for name in task_names}
     return methods

@@ -27,8 +27,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engines.report import (METRICS_FILE, NOT_SCORES, checkpoint_parameters, fmt, metrics_records,  # noqa: E402
-                            parse_report_args, read_json)
+from engines.report import (  # noqa: E402
+    METRICS_FILE,
+    NOT_SCORES,
+    checkpoint_parameters,
+    fmt,
+    metrics_records,
+    parse_report_args,
+    read_json,
+)
 from models.methods import METHODS  # noqa: E402
 from utils.errors import VLMError, exit_on_user_error  # noqa: E402
 from utils.io import atomic_path, write_text  # noqa: E402
@@ -85,9 +92,11 @@ def collect(results_root, runs_root, tasks):
 
 def markdown(rows, tasks):
     lines = ["# Methods", "",
-             "Every method trained with one shared budget per task (the same data, epochs, batches and learning",
+             "Every method trained with one shared budget per task (the same data, epochs, batches "
+             "and learning",
              "rate). Extra parameters: what a task adds, in % of the GPT-2 backbone; val ppl: validation",
-             "perplexity after the last epoch. The fine-tune row, where shown, is the finetune stage's run, trained",
+             "perplexity after the last epoch. The fine-tune row, where shown, is the finetune stage's "
+             "run, trained",
              "with that stage's own budget (the authors' full fine-tuning epochs and rate).", ""]
     for task in tasks:
         task_rows = [r for r in rows if r["task"] == task]

@@ -17,27 +17,26 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
+import ignite.distributed as idist
 import torch
+from ignite.engine import Engine, Events
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-import ignite.distributed as idist
-from ignite.engine import Engine, Events
-
+from engines.pretrain_card import save_model_folder
+from models.copy_test import copy_losses
 from models.losses import linear_cross_entropy
-from utils.corpus import BlockStream, check_text_file, parse_corpus_spec, validation_blocks
+from utils.corpus import BlockStream, CopyMix, check_text_file, parse_corpus_spec, validation_blocks
 from utils.data import REPO_TOKENIZER
 from utils.errors import VLMError
-from utils.io import atomic_path, write_json, write_text
-from utils.tasks import GPT2_VOCAB_SIZE
+from utils.io import write_json, write_text
+from utils.vocab import GPT2_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +46,13 @@ STATE_TENSORS = "training_state.safetensors"
 WEIGHTS = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 # Flags that decide the course of a run: --resume refuses other values.
-RESUME_SETTINGS = ("train_files", "valid_files", "model_checkpoint", "n_layer", "n_embd", "n_head", "n_positions",
-                   "block_size", "batch_size", "gradient_accumulation_steps", "max_steps", "warmup_steps", "lr",
-                   "min_lr", "schedule", "weight_decay", "beta1", "beta2", "max_norm", "dropout", "seed",
-                   "eval_interval", "valid_tokens", "shuffle_blocks", "dtype")
+RESUME_SETTINGS = ("train_files", "valid_files", "model_checkpoint", "n_layer", "n_embd", "n_head",
+                   "n_positions", "block_size", "batch_size", "gradient_accumulation_steps", "max_steps",
+                   "warmup_steps", "lr", "min_lr", "schedule", "weight_decay", "beta1", "beta2", "max_norm",
+                   "dropout", "seed", "eval_interval", "valid_tokens", "shuffle_blocks", "dtype",
+                   "blank_line_documents", "copy_fraction", "copy_random_share")
+# Settings added after runs were already checkpointed: a run saved without one had its default.
+LATER_SETTINGS = {"blank_line_documents": [], "copy_fraction": 0.0, "copy_random_share": 0.5}
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -67,13 +69,22 @@ def check_args(args):
     if not (0 <= args.min_lr <= args.lr):
         raise VLMError(f"--min_lr must be between 0 and --lr {args.lr}, got {args.min_lr}")
     if args.warmup_steps < 0 or args.warmup_steps > args.max_steps:
-        raise VLMError(f"--warmup_steps must be between 0 and --max_steps {args.max_steps}, got {args.warmup_steps}")
+        raise VLMError(f"--warmup_steps must be between 0 and --max_steps {args.max_steps}, "
+                       f"got {args.warmup_steps}")
     if not (0 <= args.dropout < 1):
         raise VLMError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.weight_decay < 0:
         raise VLMError(f"--weight_decay must be 0 or more, got {args.weight_decay}")
     for spec in args.train_files:
         check_text_file(parse_corpus_spec(spec)[0], "--train_files")
+    if not (0 <= args.copy_fraction < 1):
+        raise VLMError(f"--copy_fraction must be in [0, 1), got {args.copy_fraction}")
+    if not (0 <= args.copy_random_share <= 1):
+        raise VLMError(f"--copy_random_share must be in [0, 1], got {args.copy_random_share}")
+    train_paths = {os.path.abspath(parse_corpus_spec(spec)[0]) for spec in args.train_files}
+    for path in args.blank_line_documents:
+        if os.path.abspath(path) not in train_paths:
+            raise VLMError(f"--blank_line_documents {path}: not one of --train_files")
     if not args.valid_files:
         raise VLMError("--valid_files: name at least one held-out text file")
     for path in args.valid_files:
@@ -90,7 +101,8 @@ def check_args(args):
         if not os.path.isfile(os.path.join(args.output_dir, CHECKPOINT_DIR, STATE_JSON)):
             raise VLMError(f"--resume: no complete {CHECKPOINT_DIR}/ in --output_dir {args.output_dir}")
     elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        raise VLMError(f"--output_dir {args.output_dir}: folder is not empty; choose a new one or pass --resume")
+        raise VLMError(f"--output_dir {args.output_dir}: folder is not empty; "
+                       "choose a new one or pass --resume")
 
 
 def autocast_dtype(name):
@@ -114,14 +126,16 @@ def build_model(args):
         try:
             model = GPT2LMHeadModel.from_pretrained(args.model_checkpoint)
         except (OSError, ValueError) as error:
-            raise VLMError(f"--model_checkpoint {args.model_checkpoint}: cannot load a GPT-2 model ({error})") from None
+            raise VLMError(f"--model_checkpoint {args.model_checkpoint}: "
+                           f"cannot load a GPT-2 model ({error})") from None
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != GPT2_VOCAB_SIZE:
-        raise VLMError(f"--model_checkpoint {args.model_checkpoint}: has {rows} token rows; pretraining keeps "
-                       f"GPT-2's own {GPT2_VOCAB_SIZE} (a toolkit checkpoint with special tokens is not a backbone)")
+        raise VLMError(f"--model_checkpoint {args.model_checkpoint}: has {rows} token rows; "
+                       f"pretraining keeps GPT-2's own {GPT2_VOCAB_SIZE} "
+                       "(a toolkit checkpoint with special tokens is not a backbone)")
     if args.block_size > model.config.n_positions:
-        raise VLMError(f"--block_size {args.block_size} is more than the model's {model.config.n_positions} positions "
-                       f"(n_positions)")
+        raise VLMError(f"--block_size {args.block_size} is more than the model's "
+                       f"{model.config.n_positions} positions (n_positions)")
     for module in model.modules():  # dropout of this run only; the saved config keeps its own values
         if isinstance(module, torch.nn.Dropout):
             module.p = args.dropout
@@ -170,13 +184,14 @@ class CausalLMLoss(torch.nn.Module):
 
 # --- checkpoints -----------------------------------------------------------------------------
 def model_tensors(model):
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+            if k != "lm_head.weight"}
 
 
 def write_checkpoint(output_dir, model, optimizer, engine_state, stream, metrics, args):
     """<output_dir>/checkpoint/: weights, optimizer, stream and random states. Written as a
     .partial folder, flushed, then swapped in: a checkpoint/ folder is always complete."""
-    from engines.training import optimizer_state, random_states, sync_folder
+    from engines.run_state import optimizer_state, random_states, sync_folder
     final = os.path.join(output_dir, CHECKPOINT_DIR)
     partial = os.path.join(output_dir, f".{CHECKPOINT_DIR}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -188,8 +203,9 @@ def write_checkpoint(output_dir, model, optimizer, engine_state, stream, metrics
     tensors.update(random_tensors)
     tensors.update(stream_tensors)
     save_file(tensors, os.path.join(partial, STATE_TENSORS), metadata={"format": "pt"})
-    state = {"engine": engine_state, "optimizer": optimizer_json, "random": random_json, "stream": stream_json,
-             "metrics": metrics, "settings": {name: getattr(args, name) for name in RESUME_SETTINGS}}
+    state = {"engine": engine_state, "optimizer": optimizer_json, "random": random_json,
+             "stream": stream_json, "metrics": metrics,
+             "settings": {name: getattr(args, name) for name in RESUME_SETTINGS}}
     write_json(os.path.join(partial, STATE_JSON), state)  # last: its presence marks a complete folder
     sync_folder(partial)
     if os.path.isdir(final):
@@ -223,7 +239,7 @@ def read_checkpoint(output_dir):
 
 def check_resume_settings(state, args, where):
     for name in RESUME_SETTINGS:
-        saved, now = state["settings"].get(name), getattr(args, name)
+        saved, now = state["settings"].get(name, LATER_SETTINGS.get(name)), getattr(args, name)
         if saved != now:
             raise VLMError(f"--resume: {where} was started with --{name} {saved}, not {now}; "
                            f"resume with the run's own flags")
@@ -243,7 +259,7 @@ def peak_rss_mb():
 
 def run_pretraining(args):
     """Pretrain as pretrain.py's flags say (also under torchrun); returns a PretrainResult."""
-    from engines.training import run_distributed
+    from engines.runtime import run_distributed
     check_args(args)
     if not args.device:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,14 +270,17 @@ def run_pretraining(args):
 
 
 def _run(args, device):
-    from engines.training import clipped_step
+    from engines.steps import clipped_step
     world, rank = idist.get_world_size(), idist.get_rank()
     main = rank == 0
     start_time = time.time()
     tokenizer = load_tokenizer()
     stream = BlockStream(args.train_files, tokenizer, args.block_size, seed=args.seed,
-                         shuffle_blocks=args.shuffle_blocks)
-    valid = {os.path.basename(p).split(".")[0]: validation_blocks(p, tokenizer, args.block_size, args.valid_tokens)
+                         shuffle_blocks=args.shuffle_blocks, blank_line_documents=args.blank_line_documents)
+    if args.copy_fraction > 0:
+        stream = CopyMix(stream, args.copy_fraction, random_share=args.copy_random_share, seed=args.seed)
+    valid = {os.path.basename(p).split(".")[0]: validation_blocks(p, tokenizer, args.block_size,
+                                                                  args.valid_tokens)
              for p in args.valid_files}
     model = build_model(args)
     resume = None
@@ -290,11 +309,12 @@ def _run(args, device):
     if main:
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "pretrain_args.json"), dict(sorted(vars(args).items())))
-        logger.info("GPT-2 %d layers x %d wide, %d heads, %d positions: %s parameters; %s predicted tokens a step "
+        logger.info("GPT-2 %d layers x %d wide, %d heads, %d positions: %s parameters; "
+                    "%s predicted tokens a step "
                     "(%d x %d blocks x %d accumulation x %d processes); %s", model.config.n_layer,
                     model.config.n_embd, model.config.n_head, model.config.n_positions, f"{n_params:,}",
-                    f"{tokens_per_step:,}", args.batch_size, args.block_size, args.gradient_accumulation_steps,
-                    world, device)
+                    f"{tokens_per_step:,}", args.batch_size, args.block_size,
+                    args.gradient_accumulation_steps, world, device)
         logger.info("validation: %s", ", ".join(f"{name} {len(b) * args.block_size:,} tokens"
                                                  for name, b in valid.items()))
 
@@ -343,8 +363,9 @@ def _run(args, device):
     metrics_log = []
     if resume is not None:
         state, tensors = resume
-        from engines.training import restore_optimizer, restore_random_states
-        restore_optimizer(optimizer, state["optimizer"], tensors, os.path.join(args.output_dir, CHECKPOINT_DIR))
+        from engines.run_state import restore_optimizer, restore_random_states
+        restore_optimizer(optimizer, state["optimizer"], tensors,
+                          os.path.join(args.output_dir, CHECKPOINT_DIR))
         if scaler is not None and state["engine"].get("grad_scaler"):
             scaler.load_state_dict(state["engine"]["grad_scaler"])
         metrics_log = list(state["metrics"])
@@ -381,9 +402,10 @@ def _run(args, device):
         elapsed = time.time() - start_time
         train_loss = record["loss_sum"] / max(record["loss_count"], 1)
         entry = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
-                 "lr": optimizer.param_groups[0]["lr"], "valid": results,
+                 "lr": optimizer.param_groups[0]["lr"], "valid": results, "copy": copy_record(model),
                  "elapsed": round(_total_elapsed(resume, elapsed), 1),
-                 "tokens_per_s": round(record["window_tokens"] / max(time.time() - record["window_start"], 1e-9), 1),
+                 "tokens_per_s": round(record["window_tokens"]
+                                       / max(time.time() - record["window_start"], 1e-9), 1),
                  "peak_rss_mb": round(peak_rss_mb(), 1)}
         metrics_log.append(entry)
         record.update(loss_sum=0.0, loss_count=0, window_start=time.time(), window_tokens=0)
@@ -392,6 +414,7 @@ def _run(args, device):
         if writer is not None:
             writer.add_scalar("train/loss", train_loss, step)
             writer.add_scalar("train/lr", entry["lr"], step)
+            writer.add_scalar("copy/repeat_nll", entry["copy"]["repeat"], step)
             for name, r in results.items():
                 writer.add_scalar(f"valid/{name}/nll", r["nll"], step)
                 writer.add_scalar(f"valid/{name}/ppl", r["ppl"], step)
@@ -399,9 +422,10 @@ def _run(args, device):
         engine_state = {"iteration": engine.state.iteration, "epoch": engine.state.epoch,
                         "grad_scaler": dict(scaler.state_dict()) if scaler is not None else None}
         write_checkpoint(args.output_dir, model, optimizer, engine_state, stream, metrics_log, args)
-        logger.info("step %d/%d (%s tokens): train loss %.4f, %s; %.0f tokens/s, peak RSS %.0f MB", step,
-                    args.max_steps, f"{entry['tokens']:,}", train_loss,
-                    ", ".join(f"{n} ppl {r['ppl']:.2f}" for n, r in results.items()), entry["tokens_per_s"],
+        logger.info("step %d/%d (%s tokens): train loss %.4f, %s, copy loss %.3f (first pass %.3f); "
+                    "%.0f tokens/s, peak RSS %.0f MB", step, args.max_steps, f"{entry['tokens']:,}",
+                    train_loss, ", ".join(f"{n} ppl {r['ppl']:.2f}" for n, r in results.items()),
+                    entry["copy"]["repeat"], entry["copy"]["first"], entry["tokens_per_s"],
                     entry["peak_rss_mb"])
 
     def progress(engine):
@@ -412,9 +436,9 @@ def _run(args, device):
             step = engine.state.iteration / accumulation
             rate = record["window_tokens"] / max(now - record["window_start"], 1e-9)
             left = (args.max_steps - step) * tokens_per_step / max(rate, 1e-9)
-            logger.info("step %.0f/%d: loss %.4f, lr %.2e, %.0f tokens/s, %.0f min left", step, args.max_steps,
-                        record["loss_sum"] / max(record["loss_count"], 1), optimizer.param_groups[0]["lr"], rate,
-                        left / 60)
+            logger.info("step %.0f/%d: loss %.4f, lr %.2e, %.0f tokens/s, %.0f min left", step,
+                        args.max_steps, record["loss_sum"] / max(record["loss_count"], 1),
+                        optimizer.param_groups[0]["lr"], rate, left / 60)
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, progress)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, evaluate_and_save)
@@ -436,7 +460,8 @@ def _run(args, device):
 
     try:
         if resume is None or resume[0]["engine"]["iteration"] < total_iterations:
-            trainer.run(batches(), max_epochs=math.ceil(total_iterations / epoch_length), epoch_length=epoch_length)
+            trainer.run(batches(), max_epochs=math.ceil(total_iterations / epoch_length),
+                        epoch_length=epoch_length)
     finally:
         if writer is not None:
             writer.close()
@@ -444,6 +469,13 @@ def _run(args, device):
         save_model_folder(model, tokenizer, args, metrics_log)
         logger.info("model saved to %s", args.output_dir)
     return PretrainResult(model, args.output_dir, metrics_log)
+
+
+def copy_record(model):
+    """The repeated-random-sequence test (models/copy_test.py) of the model now, for the curve."""
+    length = min(50, model.config.n_positions // 2)  # 50 tokens shown twice, on a model with room for them
+    result = copy_losses(model, length=length)
+    return {"first": round(result["first"], 4), "repeat": round(result["repeat"], 4)}
 
 
 def _total_elapsed(resume, elapsed):
@@ -460,82 +492,3 @@ def _tensorboard(output_dir):
         logger.info("tensorboard is not installed: no TensorBoard logs (metrics.jsonl has the numbers)")
         return None
     return SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
-
-
-# --- the output folder -------------------------------------------------------------------------
-def save_model_folder(model, tokenizer, args, metrics_log):
-    """The Hugging Face GPT-2 folder (weights in --save_dtype), each file renamed into place."""
-    import tempfile
-    output_dir = args.output_dir
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".model.") as tmp:
-        dtype = {"float32": torch.float32, "float16": torch.float16}[args.save_dtype]
-        copy = GPT2LMHeadModel(model.config)
-        copy.load_state_dict(model.state_dict())
-        copy.to(dtype).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(model, args, metrics_log))
-        if metrics_log:
-            plot_curve(metrics_log, os.path.join(tmp, CURVE_PNG))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-
-
-CURVE_PNG = "pretraining_curve.png"
-
-
-def plot_curve(metrics_log, path):
-    """Validation perplexity of each held-out file against tokens seen (log y), as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(metrics_log[-1]["valid"])
-    for name in names:
-        points = [(r["tokens"], r["valid"][name]["ppl"]) for r in metrics_log if name in r.get("valid", {})]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("pretraining")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
-
-
-def model_card(model, args, metrics_log):
-    """README.md of the output folder: what the model is and how it was made, from the run itself."""
-    cfg = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel() + model.transformer.wpe.weight.numel()
-    last = metrics_log[-1] if metrics_log else None
-    lines = [f"# GPT-2 pretrained with vlm's pretrain.py ({cfg.n_layer} layers, {cfg.n_embd} wide)", "",
-             "A small GPT-2 trained with `pretrain.py` of this repository. It keeps GPT-2's tokenizer and its "
-             f"{GPT2_VOCAB_SIZE:,} token ids.", "",
-             "| | |", "|---|---|",
-             f"| shape | {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, {cfg.n_positions} positions |",
-             f"| parameters | {n_params:,} ({embedding:,} of them token and position embeddings; output layer tied) |",
-             f"| weights | {args.save_dtype} safetensors |",
-             f"| training text | {', '.join(f'`{s}`' for s in args.train_files)} |",
-             f"| block size, batch | {args.block_size} tokens, {args.batch_size} x {args.gradient_accumulation_steps} "
-             f"accumulation x processes |",
-             f"| optimizer | AdamW lr {args.lr:g} ({args.schedule} to {args.min_lr:g} after {args.warmup_steps} warmup "
-             f"steps), betas {args.beta1}/{args.beta2}, weight decay {args.weight_decay}, clip {args.max_norm}, "
-             f"dropout {args.dropout} |"]
-    if last:
-        lines += [f"| steps | {last['step']:,} |",
-                  f"| tokens seen | {last['tokens']:,} |",
-                  f"| wall time | {last['elapsed'] / 3600:.2f} h |"]
-        for name, r in last["valid"].items():
-            lines.append(f"| validation `{name}` | perplexity {r['ppl']:.2f} (nll {r['nll']:.4f}) |")
-    lines += [f"| hardware | {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-              f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads |",
-              "", "Command:", "", "```", "python " + " ".join(_quote(a) for a in sys.argv), "```", "",
-              f"Curve: `metrics.jsonl` in the run folder (one line per validation), plotted in `{CURVE_PNG}`.", ""]
-    return "\n".join(lines)
-
-
-def _quote(text):
-    import shlex
-    return shlex.quote(text)

@@ -2,7 +2,8 @@
 user_tasks`):
 
     python -m engines.prompt_study --model data/gpt2-stand-in
-    python -m engines.prompt_study --model gpt2 --data sentiment=data/sentiment intent_and_slot=data/assistant \\
+    python -m engines.prompt_study --model gpt2 \\
+        --data sentiment=data/sentiment intent_and_slot=data/assistant \\
         --methods ptuning,adapter --fractions 1,0.1,0.05,0.01 --device cuda
 
 Every step is one of the toolkit's own commands, printed before it runs:
@@ -32,10 +33,10 @@ import shutil
 import subprocess
 import sys
 
+from tasks.task_file import load_task_file
+from tasks.template import SPLIT_FILES
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error
 from utils.io import atomic_path, write_text
-from utils.task_file import load_task_file
-from utils.templates import SPLIT_FILES, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADLINE = {"accuracy": "accuracy", "intent_slot": "intent_accuracy", "exact_match": "exact_match",
@@ -44,14 +45,17 @@ DEFAULT_LR = {"prompt": 0.3, "ptuning": 1e-2}  # others: --lr (default 1e-2); pr
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="data/gpt2-stand-in", help="backbone: a GPT-2 folder or hub name")
     parser.add_argument("--task_file", default="data/tasks/nemo_article.json")
     parser.add_argument("--data", nargs="+", default=["sentiment=data/samples/sentiment",
                                                       "intent_and_slot=data/samples/intent_and_slot"],
-                        metavar="TASK=FOLDER", help="each task's folder of train/valid/test.jsonl, in learning order")
+                        metavar="TASK=FOLDER",
+                        help="each task's folder of train/valid/test.jsonl, in learning order")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated methods of the sweep (default: each task file method, then adapter)")
+                        help="comma-separated methods of the sweep "
+                             "(default: each task file method, then adapter)")
     parser.add_argument("--fractions", default="1,0.1,0.05,0.01", help="train fractions of the sweep")
     parser.add_argument("--shots", default="0,3", help="baselines: k solved examples in the prompt")
     parser.add_argument("--n_epochs", type=int, default=10)
@@ -61,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs", default="runs/prompt_study", help="where checkpoints and data cuts go")
-    parser.add_argument("--output_dir", default="results/prompt_study", help="where the tables and the plot go")
+    parser.add_argument("--output_dir", default="results/prompt_study",
+                        help="where the tables and the plot go")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     args.tasks = load_task_file(args.task_file)
@@ -71,7 +76,8 @@ def parse_args(argv=None):
         if not sep or not name or not folder:
             raise VLMError(f"--data {item}: expected TASK=FOLDER")
         if name not in args.tasks:
-            raise VLMError(f"--data {item}: {args.task_file} has no task {name!r} (has: {', '.join(args.tasks)})")
+            raise VLMError(f"--data {item}: {args.task_file} has no task {name!r} "
+                           f"(has: {', '.join(args.tasks)})")
         args.folders[name] = folder
     try:
         args.fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
@@ -81,7 +87,8 @@ def parse_args(argv=None):
     if not args.fractions or not all(0 < f <= 1 for f in args.fractions):
         raise VLMError("--fractions: give numbers in (0, 1]")
     if 1.0 not in args.fractions:
-        raise VLMError("--fractions: the continual-learning part needs 1 (each task's full-data run of its own method)")
+        raise VLMError("--fractions: the continual-learning part needs 1 "
+                       "(each task's full-data run of its own method)")
     if args.methods is None:
         first = [args.tasks[name].method for name in args.folders]
         args.methods = list(dict.fromkeys(first + ["adapter"]))
@@ -115,8 +122,10 @@ class Runner:
 
 
 def fraction_folder(folder, fraction, out):
-    """`out`: the folder with the first ceil(fraction x n) records of train.jsonl, valid and test as they are."""
-    records = [line for line in open(os.path.join(folder, SPLIT_FILES["train"]), encoding="utf-8") if line.strip()]
+    """`out`: the folder with the first ceil(fraction x n) records of train.jsonl, valid and test as
+    they are."""
+    records = [line for line in open(os.path.join(folder, SPLIT_FILES["train"]), encoding="utf-8")
+               if line.strip()]
     keep = math.ceil(fraction * len(records))
     os.makedirs(out, exist_ok=True)
     write_text(os.path.join(out, SPLIT_FILES["train"]), "".join(records[:keep]))
@@ -137,9 +146,9 @@ def run_study(args):
     for name, folder in args.folders.items():
         for k in args.shots:
             out = os.path.join(args.runs, "baselines", f"{name}_{k}shot")
-            run("evaluate.py", "--task", name, "--task_file", args.task_file, "--model_checkpoint", args.model,
-                "--dataset_path", folder, "--no_sample", "--shots", str(k), "--output_dir", out, "--seed", str(args.seed),
-                *common, done_if=os.path.join(out, f"{name}_metrics.json"))
+            run("evaluate.py", "--task", name, "--task_file", args.task_file, "--model_checkpoint",
+                args.model, "--dataset_path", folder, "--no_sample", "--shots", str(k), "--output_dir", out,
+                "--seed", str(args.seed), *common, done_if=os.path.join(out, f"{name}_metrics.json"))
             rows.append({"task": name, "setting": f"{k}-shot prompting", "fraction": 1.0, "train_examples": 0,
                          "metrics": read_metrics(os.path.join(out, f"{name}_metrics.json"))})
     # 2. the sweep
@@ -158,15 +167,17 @@ def run_study(args):
                     "--gradient_accumulation_steps", "1", "--seed", str(args.seed), *method_flag, *common,
                     done_if=os.path.join(ckpt, "vlm_config.json"))
                 out = os.path.join(args.runs, "eval", tag)
-                run("evaluate.py", "--task", name, "--model_checkpoint", ckpt, "--dataset_path", folder, "--no_sample",
-                    "--output_dir", out, *common, done_if=os.path.join(out, f"{name}_metrics.json"))
+                run("evaluate.py", "--task", name, "--model_checkpoint", ckpt, "--dataset_path", folder,
+                    "--no_sample", "--output_dir", out, *common,
+                    done_if=os.path.join(out, f"{name}_metrics.json"))
                 rows.append({"task": name, "setting": method, "fraction": fraction, "train_examples": n,
                              "metrics": read_metrics(os.path.join(out, f"{name}_metrics.json"))})
     # 3. continual learning: each task's full-data run of its own method, added one after another
     vlms, previous, unchanged = [], None, {}
     for index, name in enumerate(args.folders):
         ckpt = os.path.join(args.runs, "train", f"{name}_{args.tasks[name].method}_f1")
-        vlm = os.path.join(args.runs, "continual", f"vlm{index + 1}_" + "+".join(list(args.folders)[:index + 1]))
+        vlm = os.path.join(args.runs, "continual",
+                           f"vlm{index + 1}_" + "+".join(list(args.folders)[:index + 1]))
         run("combine_all.py", ckpt, *(["--vlm", previous] if previous else []), "--output_dir", vlm,
             done_if=os.path.join(vlm, "vlm_config.json"))
         out = os.path.join(vlm + "_eval")
@@ -179,14 +190,16 @@ def run_study(args):
         last = vlms[-1][1]
         for index, name in enumerate(list(args.folders)[:-1]):
             first = vlms[index][1]
-            read = lambda folder: open(os.path.join(folder, f"{name}_output.txt"), encoding="utf-8").read()  # noqa: E731
+            read = lambda folder: open(os.path.join(folder, f"{name}_output.txt"),  # noqa: E731
+                                       encoding="utf-8").read()
             unchanged[name] = read(first) == read(last)
     continual = []
     if not args.dry_run:
         last = vlms[-1][1]
         for name in args.folders:
-            continual.append({"task": name, "setting": f"in one VLM ({args.tasks[name].method})", "fraction": 1.0,
-                              "train_examples": None, "metrics": read_metrics(os.path.join(last, f"{name}_metrics.json"))})
+            continual.append({"task": name, "setting": f"in one VLM ({args.tasks[name].method})",
+                              "fraction": 1.0, "train_examples": None,
+                              "metrics": read_metrics(os.path.join(last, f"{name}_metrics.json"))})
     return rows, continual, unchanged
 
 
@@ -197,8 +210,8 @@ def answer_ceilings(args):
 
     from models.output_ceiling import output_ceiling
     from models.vlm import load_backbone
+    from tasks.template import answer_token_ids, template_dataset
     from utils.data import load_tokenizer
-    from utils.templates import answer_token_ids, template_dataset
     from utils.vocab import GPT2_VOCAB_SIZE
     tokenizer = load_tokenizer(args.model)
     gpt2 = load_backbone(args.model).to(args.device)
@@ -223,20 +236,22 @@ def token_cell(tokenizer, token):
 
 
 def under_the_ceiling(methods):
-    """The methods (specs such as prefix+ln) that leave the final LayerNorm and the output layer frozen."""
+    """The methods (specs such as prefix+ln) that leave the final LayerNorm and the output layer
+    frozen."""
     from models.methods import METHODS, parse_method_spec
     return [m for m in methods if not any("layer_norm" in METHODS[n].points for n in parse_method_spec(m))]
 
 
 def ceiling_lines(ceilings, tokenizer, methods):
-    from utils.templates import EOS_ID
+    from tasks.template import EOS_ID
     frozen = under_the_ceiling(methods)
     which = (f"The methods {', '.join(frozen[:-1])} and {frozen[-1]} leave" if len(frozen) > 1 else
              f"The method {frozen[0]} leaves" if frozen else "Prompting and any method that leaves")
     lines = ["## What the frozen output layer allows", "",
-             f"{which} the backbone's final LayerNorm and its (tied) output layer as they are, so the next-token "
-             "distribution is softmax(ln_f(h) E^T) for some last hidden state h. For each token of the training "
-             "answers, the lowest NLL any h gives it (a gradient search over h, `models/output_ceiling.py`): "
+             f"{which} the backbone's final LayerNorm and its (tied) output layer as they are, so the "
+             "next-token distribution is softmax(ln_f(h) E^T) for some last hidden state h. For each token "
+             "of the training answers, the lowest NLL any h gives it (a gradient search over h, "
+             "`models/output_ceiling.py`): "
              "no such method, however trained, gives the token a higher probability.", "",
              "| task | answer token | share of answer tokens | lowest NLL | highest probability |",
              "|---|---|---:|---:|---:|"]
@@ -249,7 +264,8 @@ def ceiling_lines(ceilings, tokenizer, methods):
         if len(rows) > len(listed):
             nlls = sorted(nll for _, _, nll in rows)
             worst = max(rows, key=lambda r: r[2])
-            lines.append(f"| {name} | all {len(rows)} distinct tokens | 1.000 | median {nlls[len(nlls) // 2]:.2f}, "
+            lines.append(f"| {name} | all {len(rows)} distinct tokens | 1.000 | "
+                         f"median {nlls[len(nlls) // 2]:.2f}, "
                          f"highest {worst[2]:.2f} ({token_cell(tokenizer, worst[0])}) | |")
     return lines + [""]
 
@@ -257,10 +273,12 @@ def ceiling_lines(ceilings, tokenizer, methods):
 def write_ceiling_csv(path, ceilings, tokenizer):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["task", "token_id", "token", "count_in_train_answers", "lowest_nll", "highest_probability"])
+    writer.writerow(["task", "token_id", "token", "count_in_train_answers", "lowest_nll",
+                     "highest_probability"])
     for name, rows in ceilings.items():
         for token, count, nll in rows:
-            writer.writerow([name, token, tokenizer.decode([token]), count, f"{nll:.4f}", f"{math.exp(-nll):.6f}"])
+            writer.writerow([name, token, tokenizer.decode([token]), count, f"{nll:.4f}",
+                             f"{math.exp(-nll):.6f}"])
     write_text(path, buffer.getvalue())
 
 
@@ -274,13 +292,15 @@ def write_report(args, rows, continual, unchanged, ceilings=None, tokenizer=None
     lines = [f"# The p-tuning study on {backbone}", "",
              f"Backbone `{args.model}`; task file `{args.task_file}`; data "
              + ", ".join(f"{t} `{f}`" for t, f in args.folders.items())
-             + f"; {args.n_epochs} epochs, batches of up to {args.train_batch_size}; greedy decoding of the test split. "
+             + f"; {args.n_epochs} epochs, batches of up to {args.train_batch_size}; "
+             "greedy decoding of the test split. "
              "Command: `python -m engines.prompt_study " + " ".join(sys.argv[1:]) + "`.", ""]
     for name in args.folders:
         task = args.tasks[name]
         key = HEADLINE[task.metric]
         fractions = args.fractions
-        lines += [f"## {name} ({key})", "", "| setting | " + " | ".join(f"{f:g} of train" for f in fractions) + " |",
+        lines += [f"## {name} ({key})", "",
+                  "| setting | " + " | ".join(f"{f:g} of train" for f in fractions) + " |",
                   "|---|" + "---:|" * len(fractions)]
         for row in rows:
             if row["task"] == name and "shot" in row["setting"]:
@@ -288,20 +308,24 @@ def write_report(args, rows, continual, unchanged, ceilings=None, tokenizer=None
                 lines.append(f"| {row['setting']} (no training) | " + " | ".join(
                     [f"{value:.3f}" if value is not None else "-"] * len(fractions)) + " |")
         for method in args.methods:
-            cells, sizes = [], []
+            cells = []
             for fraction in fractions:
-                row = next(r for r in rows if r["task"] == name and r["setting"] == method and r["fraction"] == fraction)
+                row = next(r for r in rows
+                           if r["task"] == name and r["setting"] == method and r["fraction"] == fraction)
                 value = headline(task, row["metrics"])
                 cells.append(f"{value:.3f} (n={row['train_examples']})" if value is not None else "-")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     if continual:
         lines += ["## Learned one after another into one VLM", "",
-                  "| task | metrics in the last VLM | predictions unchanged after later tasks were added |", "|---|---|---|"]
+                  "| task | metrics in the last VLM | predictions unchanged after later tasks were added |",
+                  "|---|---|---|"]
         for row in continual:
-            metrics = ", ".join(f"{k} {v:.3f}" for k, v in (row["metrics"] or {}).items() if isinstance(v, float))
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in (row["metrics"] or {}).items()
+                                if isinstance(v, float))
             same = unchanged.get(row["task"])
-            lines.append(f"| {row['task']} | {metrics} | {'yes' if same else 'no' if same is False else '(last task)'} |")
+            lines.append(f"| {row['task']} | {metrics} | "
+                         f"{'yes' if same else 'no' if same is False else '(last task)'} |")
         lines.append("")
     if ceilings:
         lines += ceiling_lines(ceilings, tokenizer, args.methods)
@@ -313,7 +337,8 @@ def write_report(args, rows, continual, unchanged, ceilings=None, tokenizer=None
     for row in rows + continual:
         for key, value in (row["metrics"] or {}).items():
             if isinstance(value, (int, float)) and key != "examples":
-                writer.writerow([row["task"], row["setting"], row["fraction"], row["train_examples"], key, value])
+                writer.writerow([row["task"], row["setting"], row["fraction"], row["train_examples"], key,
+                                 value])
     write_text(os.path.join(args.output_dir, "study.csv"), buffer.getvalue())
     plot(args, rows, os.path.join(args.output_dir, "study.png"))
     return "\n".join(lines)
@@ -335,7 +360,8 @@ def plot(args, rows, path):
         for row in rows:
             if row["task"] == name and "shot" in row["setting"] and row["metrics"]:
                 ax.axhline(headline(task, row["metrics"]), linestyle="--", linewidth=1, color="grey")
-                ax.annotate(row["setting"].replace(" prompting", ""), (min(args.fractions), headline(task, row["metrics"])),
+                ax.annotate(row["setting"].replace(" prompting", ""),
+                            (min(args.fractions), headline(task, row["metrics"])),
                             fontsize=7, color="grey", va="bottom")
         ax.set_xscale("log")
         ax.set_xlabel("train fraction")

@@ -30,9 +30,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tasks.table import TASKS  # noqa: E402
 from utils.errors import ArgumentParser, VLMError, exit_on_user_error  # noqa: E402
 from utils.io import atomic_path, write_text  # noqa: E402
-from utils.tasks import GPT2_VOCAB_SIZE, TASKS  # noqa: E402
+from utils.vocab import GPT2_VOCAB_SIZE  # noqa: E402
 
 # (setting, label, results subfolder, run folder pattern)
 SETTINGS = (
@@ -80,7 +81,8 @@ def task_parameters(sizes, task):
     """Parameters a task owns in an adapter file: its adapters or other methods' tensors and its
     task-embedding rows."""
     return sum(n for key, n in sizes.items()
-               if key.startswith((f"adapters.{task}.", f"methods.{task}.")) or key == f"task_embeddings.{task}")
+               if key.startswith((f"adapters.{task}.", f"methods.{task}."))
+               or key == f"task_embeddings.{task}")
 
 
 def checkpoint_parameters(folder, setting, task, cache):
@@ -135,8 +137,8 @@ def collect(results_root, runs_root, tasks):
                       if k not in NOT_SCORES and isinstance(v, (int, float)) and not isinstance(v, bool)}
             run = os.path.join(runs_root, run_pattern.format(task=task))
             parameters, extra = checkpoint_parameters(run, setting, task, cache)
-            rows.append({"task": task, "setting": setting, "label": run_label(run, label), "parameters": parameters,
-                         "extra_pct": extra, "scores": scores})
+            rows.append({"task": task, "setting": setting, "label": run_label(run, label),
+                         "parameters": parameters, "extra_pct": extra, "scores": scores})
     return rows
 
 
@@ -150,7 +152,8 @@ def fmt(value):
 
 def markdown(rows, tasks):
     lines = ["# Results", "",
-             "Extra parameters: what a task adds, in % of the GPT-2 backbone (fine-tuning: a whole model, 100%).", ""]
+             "Extra parameters: what a task adds, in % of the GPT-2 backbone "
+             "(fine-tuning: a whole model, 100%).", ""]
     for task in tasks:
         task_rows = [r for r in rows if r["task"] == task]
         if not task_rows:
@@ -205,7 +208,8 @@ def read_curves(runs_root, tasks):
             points = []
             for record in metrics_records(path):
                 # train.py: "val_nll"; train_vlm.py: "val": {task: {"nll", "ppl"}}
-                nll = record.get("val", {}).get(task, {}).get("nll") if "val" in record else record.get("val_nll")
+                nll = (record.get("val", {}).get(task, {}).get("nll") if "val" in record
+                       else record.get("val_nll"))
                 if nll is not None:
                     points.append((record["epoch"], nll))
             if points:

@@ -1,21 +1,18 @@
 """TaskSpecs, what the model knows of a task, from the task table (and user task files)."""
 from models.vlm import TaskSpec
+from tasks.table import TASKS, get_task
 from utils.errors import VLMError
-from utils.tasks import TASKS, get_task
-from utils.vocab import builtin_token_ids
 
 
 def builtin_spec(name, methods=None):
     """The TaskSpec of a built-in task: its table id, its own special-token rows, these methods."""
-    task = get_task(name)
-    return TaskSpec(task.name, task.task_id, builtin_token_ids(task.name), dict(methods or {}))
+    return task_spec(get_task(name), methods)
 
 
 def task_spec(task, methods=None):
-    """The TaskSpec of any task: a built-in one (its table id and rows) or a user task (its id, no rows)."""
-    if task.layout == "template":
-        return TaskSpec(task.name, task.task_id, (), dict(methods or {}))
-    return builtin_spec(task.name, methods)
+    """The TaskSpec of any task: its id, the embedding rows it owns (a built-in task's special
+    tokens; none for a user task) and these methods."""
+    return TaskSpec(task.name, task.task_id, tuple(task.vocab_token_ids()), dict(methods or {}))
 
 
 def adapter_specs(bottlenecks):
@@ -40,8 +37,9 @@ def refresh_templates(task_meta, user_tasks, where):
             new = user_tasks[name].as_json()
             for key in TRAINED_TEMPLATE_KEYS:
                 if new.get(key) != meta["template"].get(key):
-                    raise VLMError(f"{where}: task {name!r}: {key} is {new.get(key)!r}, but the task was trained "
-                                   f"with {meta['template'].get(key)!r}; retrain it or keep its template")
+                    raise VLMError(f"{where}: task {name!r}: {key} is {new.get(key)!r}, "
+                                   f"but the task was trained with {meta['template'].get(key)!r}; "
+                                   "retrain it or keep its template")
             meta["template"] = new
         updated[name] = meta
     return updated

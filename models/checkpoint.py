@@ -53,7 +53,8 @@ def task_specs(config, where):
         raise VLMError(f"{where}: 'tasks' must name at least one task")
     specs = []
     for name, entry in tasks.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("task_id"), int) or isinstance(entry["task_id"], bool):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("task_id"), int)
+                or isinstance(entry["task_id"], bool)):
             raise VLMError(f"{where}: task {name}: 'task_id' must be an integer")
         if "methods" in entry:
             methods, token_ids = entry["methods"], entry.get("token_ids", [])
@@ -85,7 +86,8 @@ def expected_shapes(specs, gpt2_config):
         for name, options in spec.methods.items():
             with torch.device("meta"):
                 module = method_class(name)(shape, options)
-            expected.update({key_prefix(spec.name, name) + k: tuple(v.shape) for k, v in module.state_dict().items()})
+            expected.update({key_prefix(spec.name, name) + k: tuple(v.shape)
+                             for k, v in module.state_dict().items()})
     return expected
 
 
@@ -136,10 +138,12 @@ def save_checkpoint(model, tokenizer, output_dir, mode, tasks, base_model, base_
     save_tokenizer(tokenizer, output_dir)
     tasks = list(tasks)
     config = {"format": "vlm", "version": FORMAT_VERSION, "mode": mode,
-              "tasks": {t: dict(task_config(model.tasks[t], exported) if t in model.tasks else _untracked_task(t),
+              "tasks": {t: dict(task_config(model.tasks[t], exported) if t in model.tasks
+                                else _untracked_task(t),
                                 **(task_meta or {}).get(t, {})) for t in tasks},
               "vocab_size": VOCAB_SIZE, "gpt2_config": model.gpt2.config.to_dict()}
-    module_tensors = task_state_dict(model, [t for t in tasks if t in model.tasks], all_special_rows, exported)
+    module_tensors = task_state_dict(model, [t for t in tasks if t in model.tasks], all_special_rows,
+                                     exported)
     if mode == "full":
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.gpt2.state_dict().items()
                  if k != "lm_head.weight"}  # tied to transformer.wte.weight
@@ -150,7 +154,8 @@ def save_checkpoint(model, tokenizer, output_dir, mode, tasks, base_model, base_
         if methods:  # a full GPT-2 with task modules (e.g. converted from adapters over another backbone)
             save_safetensors(os.path.join(output_dir, ADAPTER_WEIGHTS), methods, {"format": "pt"})
     elif mode == "adapter":
-        save_safetensors(os.path.join(output_dir, weights_name or ADAPTER_WEIGHTS), module_tensors, {"format": "pt"})
+        save_safetensors(os.path.join(output_dir, weights_name or ADAPTER_WEIGHTS), module_tensors,
+                         {"format": "pt"})
         config["base_model"] = resolve_base_name(base_model)
         config["base_fingerprint"] = base_fingerprint or backbone_fingerprint(model.gpt2)
     else:
@@ -162,7 +167,8 @@ def save_checkpoint(model, tokenizer, output_dir, mode, tasks, base_model, base_
 # --- loading --------------------------------------------------------------------------------------
 def read_config(path):
     config, _ = read_json_file(os.path.join(path, CONFIG_NAME), "checkpoint config")
-    if not isinstance(config, dict) or config.get("format") != "vlm" or config.get("mode") not in ("full", "adapter"):
+    if (not isinstance(config, dict) or config.get("format") != "vlm"
+            or config.get("mode") not in ("full", "adapter")):
         raise VLMError(f"{os.path.join(path, CONFIG_NAME)}: not a vlm checkpoint config")
     return config
 
@@ -184,36 +190,47 @@ def load_checkpoint(path, device="cpu", base_model=None, weights_name=None):
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         # Plain GPT-2 (hub name or Hugging Face folder): no tasks, special rows added.
         model = VersatileLM(load_backbone(path))
-        return model.to(device).eval(), load_tokenizer(path), {"mode": "plain", "tasks": {}, "base_model": path}
+        return (model.to(device).eval(), load_tokenizer(path),
+                {"mode": "plain", "tasks": {}, "base_model": path})
     config = read_config(path)
     where = os.path.join(path, CONFIG_NAME)
     tokenizer = load_tokenizer(path)
+    specs = task_specs(config, where) if config["mode"] == "adapter" or config.get("tasks") else []
     if config["mode"] == "full":
-        specs = task_specs(config, where) if config.get("tasks") else []
         gpt2 = GPT2LMHeadModel(GPT2Config.from_dict(config["gpt2_config"]))
         add_special_token_rows(gpt2)
+        specs = [s for s in specs if s.methods]  # a full model's own rows are in its table already
+    else:
+        gpt2 = load_backbone(base_model or config["base_model"])
+    model = VersatileLM(gpt2, specs)
+    load_weights(model, path, config, weights_name, base_model or config.get("base_model"))
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_weights(model, path, config=None, weights_name=None, base_name="--model_checkpoint"):
+    """Copy a checkpoint folder's weights into a model built for it: the whole GPT-2 of a full
+    checkpoint (and its tasks' method tensors), or the task modules of an adapter checkpoint,
+    whose backbone must be the one they were trained on (`base_name` names it in the error).
+    Epoch checkpoints keep methods in their training form, so they load into the model being
+    trained as they are (--resume)."""
+    config = config or read_config(path)
+    if config["mode"] == "full":
         state = load_tensors(os.path.join(path, weights_name or FULL_WEIGHTS))
-        missing, unexpected = gpt2.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]
+        missing, unexpected = model.gpt2.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the input embeddings
         if missing or unexpected:
             raise VLMError(f"{path}: weights do not match the GPT-2 config "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        gpt2.tie_weights()
-        specs = [s for s in specs if s.methods]  # a full model's own rows are in its table already
-        model = VersatileLM(gpt2, specs)
-        if specs:
+        model.gpt2.tie_weights()
+        if any(t.methods for t in model.tasks.values()):
             load_task_tensors(model, load_tensors(os.path.join(path, ADAPTER_WEIGHTS)), path, rows=False)
-    else:
-        specs = task_specs(config, where)
-        base = base_model or config["base_model"]
-        gpt2 = load_backbone(base)
-        fingerprint = backbone_fingerprint(gpt2)
-        if fingerprint != config.get("base_fingerprint"):
-            raise VLMError(f"{path}: task modules were trained on another backbone than {base} "
-                           f"(fingerprint {str(config.get('base_fingerprint'))[:12]}, this one {fingerprint[:12]})")
-        model = VersatileLM(gpt2, specs)
-        load_task_tensors(model, load_tensors(os.path.join(path, weights_name or ADAPTER_WEIGHTS)), path)
-    return model.to(device).eval(), tokenizer, config
+        return
+    fingerprint = backbone_fingerprint(model.gpt2)
+    if fingerprint != config.get("base_fingerprint"):
+        raise VLMError(f"{path}: task modules were trained on another backbone than {base_name} "
+                       f"(fingerprint {str(config.get('base_fingerprint'))[:12]}, "
+                       f"this one {fingerprint[:12]})")
+    load_task_tensors(model, load_tensors(os.path.join(path, weights_name or ADAPTER_WEIGHTS)), path)
 
 
 def check_tensor_shapes(tensors, expected, where, unexpected_why):
@@ -251,4 +268,5 @@ def load_task_tensors(model, tensors, where, rows=True):
                 wte[list(task.token_ids)] = tensors[key].to(wte)
             for method_name, method in task.methods.items():
                 prefix = key_prefix(task.name, method_name)
-                method.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                method.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                        if k.startswith(prefix)})

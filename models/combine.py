@@ -2,10 +2,10 @@
 
 Task checkpoints trained over one backbone hold disjoint tensors: each task's method tensors
 (`adapters.<task>.*`, `methods.<task>.<method>.*`, whatever its methods) and `task_embeddings.<task>`
-(the task's own special-token rows; training leaves every other added row at its fixed-seed init). Combining is therefore a union of tensor dicts, with no
-arithmetic on weights, and the combined model computes each task's outputs with the very same
-rows and operations as the task's own checkpoint. verify() checks that bit for bit on sample
-inputs before anything is written.
+(the task's own special-token rows; training leaves every other added row at its fixed-seed init).
+Combining is therefore a union of tensor dicts, with no arithmetic on weights, and the combined
+model computes each task's outputs with the very same rows and operations as the task's own
+checkpoint. verify() checks that bit for bit on sample inputs before anything is written.
 
     checkpoints = load_task_checkpoints(paths)
     combined = combine(checkpoints, base_vlm=None, remove=(), replace=False)
@@ -13,18 +13,27 @@ inputs before anything is written.
     print(size_report(manifest))
 """
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import torch
-
-import zlib
-
 from transformers import GPT2Config
 
-from models.checkpoint import (ADAPTER_WEIGHTS, ALL_ROWS, CONFIG_NAME, check_tensor_shapes, expected_shapes,
-                               load_checkpoint, load_task_tensors, load_tensors, read_config, resolve_base_name,
-                               save_checkpoint, task_specs)
-from models.methods import key_prefix
+from models.checkpoint import (
+    ADAPTER_WEIGHTS,
+    ALL_ROWS,
+    CONFIG_NAME,
+    check_tensor_shapes,
+    expected_shapes,
+    load_checkpoint,
+    load_task_tensors,
+    load_tensors,
+    read_config,
+    resolve_base_name,
+    save_checkpoint,
+    task_specs,
+)
+from models.methods import key_prefix, method_class
 from models.vlm import TaskSpec, VersatileLM, backbone_fingerprint, load_backbone
 from utils.data import load_tokenizer, read_json_file
 from utils.errors import VLMError
@@ -36,7 +45,8 @@ MANIFEST_FORMAT = "vlm-manifest"
 # Files a combined VLM folder may hold; an in-place update replaces the folder as a whole, so it
 # refuses a folder with anything else in it (say a train.py output with checkpoint_epoch* folders).
 VLM_FILES = {CONFIG_NAME, ADAPTER_WEIGHTS, MANIFEST_NAME, "tokenizer.json", "tokenizer_config.json",
-             "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja"}
+             "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+             "chat_template.jinja"}
 # What a task entry of a config says about the model; other entries (a user task's "template") are
 # the engines' and travel with the task unchanged.
 TASK_ENTRY_KEYS = ("task_id", "token_ids", "methods", "bottleneck")
@@ -91,7 +101,8 @@ class Combined:
     sources: dict                                  # task -> checkpoint folder its tensors come from (verify)
     origins: dict = field(default_factory=dict)    # task -> per-task checkpoint it was trained as (manifest)
     tokenizer_path: str = ""
-    task_meta: dict = field(default_factory=dict)  # task -> config entries kept as they are (a user task's template)
+    task_meta: dict = field(default_factory=dict)  # task -> config entries kept as they are
+                                                   # (a user task's template)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -124,7 +135,8 @@ def _check_adapter_config(path, config):
     seen = {}
     for spec in specs:
         if spec.task_id in seen:
-            raise VLMError(f"{where}: tasks {seen[spec.task_id]} and {spec.name} share task_id {spec.task_id}")
+            raise VLMError(f"{where}: tasks {seen[spec.task_id]} and {spec.name} "
+                           f"share task_id {spec.task_id}")
         seen[spec.task_id] = spec.name
         if not set(spec.token_ids) <= set(SPECIAL_IDS):
             raise VLMError(f"{where}: task {spec.name}: token_ids must be among the added tokens "
@@ -133,7 +145,8 @@ def _check_adapter_config(path, config):
         if not isinstance(config.get(key), str) or not config[key]:
             raise VLMError(f"{where}: {key!r} is missing")
     gpt2 = config.get("gpt2_config")
-    if not isinstance(gpt2, dict) or not all(isinstance(gpt2.get(k), int) for k in ("n_layer", "n_embd", "n_head")):
+    if not isinstance(gpt2, dict) or not all(isinstance(gpt2.get(k), int)
+                                             for k in ("n_layer", "n_embd", "n_head")):
         raise VLMError(f"{where}: 'gpt2_config' lacks n_layer/n_embd/n_head")
 
 
@@ -144,7 +157,8 @@ def _check_tensors(path, config, tensors):
     if ALL_ROWS in tensors:  # converted authors' checkpoints (see TaskCheckpoint.all_rows)
         expected[ALL_ROWS] = (VOCAB_SIZE - GPT2_VOCAB_SIZE, gpt2.n_embd)
     where = os.path.join(path, ADAPTER_WEIGHTS)
-    check_tensor_shapes(dict(sorted(tensors.items())), expected, where, f"not one of the tasks in {CONFIG_NAME}")
+    check_tensor_shapes(dict(sorted(tensors.items())), expected, where,
+                        f"not one of the tasks in {CONFIG_NAME}")
 
 
 def read_manifest_sources(path):
@@ -219,7 +233,8 @@ def combine(checkpoints, base_vlm=None, remove=(), replace=False):
     for task in specs:
         tensors.update(sources[task].task_tensors(task))
     order = list(specs)
-    meta = {t: {k: v for k, v in sources[t].config["tasks"][t].items() if k not in TASK_ENTRY_KEYS} for t in order}
+    meta = {t: {k: v for k, v in sources[t].config["tasks"][t].items() if k not in TASK_ENTRY_KEYS}
+            for t in order}
     return Combined(base_model=reference.base_model, fingerprint=reference.fingerprint,
                     specs=specs, tensors=tensors,
                     sources={t: sources[t].path for t in order}, origins={t: origins[t] for t in order},
@@ -270,7 +285,7 @@ def sample_inputs(spec):
         input_ids[:, 0] = own[0]  # bos
         input_ids[:, 3::4] = own[torch.randint(0, len(own), input_ids[:, 3::4].shape, generator=generator)]
         token_type_ids = own[torch.randint(0, len(own), input_ids.shape, generator=generator)]
-    n = max([o.get("length", 0) for m, o in spec.methods.items() if m in ("prompt", "ptuning")] or [0])
+    n = max([method_class(m).virtual_token_count(o) for m, o in spec.methods.items()] or [0])
     virtual_ids = torch.full(input_ids.shape, -1)
     if n:
         input_ids = torch.cat([torch.full((SAMPLE_ROWS, n), PAD_ID), input_ids], dim=1)
@@ -381,7 +396,8 @@ def build_manifest(combined, model, folder, base_model, backbone_stats, differen
         tasks.append({"name": task, "task_id": spec.task_id, "methods": spec.methods,
                       "bottleneck": spec.methods.get("adapter", {}).get("bottleneck", 0),
                       "adapter_parameters": total - embedding, "task_embedding_parameters": embedding,
-                      "parameters": total, "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                      "parameters": total,
+                      "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                       "source": combined.origins[task]})
     extra = sum(t["parameters"] for t in tasks)
     return {
@@ -421,7 +437,8 @@ def _mb(n_bytes):
 
 def size_report(manifest):
     """A table: each task's extra parameters and MB against N separately fine-tuned backbones."""
-    header = f"{'task':<14}{'id':>3}{'bottleneck':>12}{'modules':>13}{'task emb.':>11}{'extra params':>14}{'MB':>9}"
+    header = (f"{'task':<14}{'id':>3}{'bottleneck':>12}{'modules':>13}"
+              f"{'task emb.':>11}{'extra params':>14}{'MB':>9}")
     lines = [header, "-" * len(header)]
     for t in manifest["tasks"]:
         lines.append(f"{t['name']:<14}{t['task_id']:>3}{t['bottleneck']:>12}{t['adapter_parameters']:>13,}"
@@ -437,7 +454,8 @@ def size_report(manifest):
     lines.append(f"one VLM: {one:,} + {extra:,} = {manifest['total_parameters']:,} parameters "
                  f"(adapters add {100 * extra / one:.2f}% to the backbone)")
     separate = manifest["separate_models_parameters"]
-    lines.append(f"{n} separately fine-tuned {'copy' if n == 1 else 'copies'}: {n} x {one:,} = {separate:,} parameters, "
-                 f"{_mb(n * backbone['bytes'])} MB; the VLM is {100 * manifest['total_parameters'] / separate:.1f}% "
-                 f"of that")
+    lines.append(f"{n} separately fine-tuned {'copy' if n == 1 else 'copies'}: "
+                 f"{n} x {one:,} = {separate:,} parameters, "
+                 f"{_mb(n * backbone['bytes'])} MB; the VLM is "
+                 f"{100 * manifest['total_parameters'] / separate:.1f}% of that")
     return "\n".join(lines)

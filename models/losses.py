@@ -38,7 +38,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight
+                       else None)
         w = weight.to(hidden.dtype)
         for index, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
             h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]

@@ -81,7 +81,8 @@ def _recomputed_sdpa(module, query, key, value, attention_mask, **kwargs):
     return checkpoint(core, query, key, value, use_reentrant=False), None
 
 
-def gated_prefix_attention(out, rows, gate, width, query, key, value, attention_mask, dropout, scaling, training):
+def gated_prefix_attention(out, rows, gate, width, query, key, value, attention_mask, dropout, scaling,
+                           training):
     """Attention of `rows` whose first `width` keys and values are a prefix scaled, for query
     position t, by that row's gate g_t (gate: (n, T) in (0, 1)): the prefix columns' scores are
     g_t q_t.k_j and their values g_t v_j. Math attention for those rows only; the others keep SDPA's.
@@ -95,7 +96,8 @@ def gated_prefix_attention(out, rows, gate, width, query, key, value, attention_
     scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
     scores = torch.cat([scores[..., :width] * g, scores[..., width:]], dim=-1)  # (n, heads, T, K)
     if attention_mask is None:
-        allowed = torch.arange(T, device=q.device)[:, None] + (K - T) >= torch.arange(K, device=q.device)[None]
+        allowed = (torch.arange(T, device=q.device)[:, None] + (K - T)
+                   >= torch.arange(K, device=q.device)[None])
         scores = scores.masked_fill(~allowed, float("-inf"))
     elif attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~pick(attention_mask), float("-inf"))

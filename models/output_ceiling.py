@@ -28,7 +28,8 @@ def output_ceiling(gpt2, token_ids, vocab=None, steps=300, lr=0.05, chunk=256):
     best = []
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]                                       # (k,)
-        h = rows[part].clone().requires_grad_(True)                           # (k, d): start at the token's row
+        h = rows[part].clone().requires_grad_(True)                           # (k, d): start at the
+                                                                              # token's row
         optimizer = torch.optim.Adam([h], lr=lr)
         lowest = torch.full((len(part),), float("inf"), device=rows.device)
         for _ in range(steps + 1):

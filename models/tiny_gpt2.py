@@ -36,7 +36,8 @@ def main(argv=None):
     model.save_pretrained(args.output_dir)
     load_tokenizer().save_pretrained(args.output_dir)
     count = sum(p.numel() for p in model.parameters())
-    print(f"wrote a random GPT-2 ({args.n_layer} layers, {args.n_embd} wide, {count:,} parameters) to {args.output_dir}")
+    print(f"wrote a random GPT-2 ({args.n_layer} layers, {args.n_embd} wide, {count:,} parameters) to "
+          f"{args.output_dir}")
 
 
 if __name__ == "__main__":

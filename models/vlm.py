@@ -55,7 +55,8 @@ def load_backbone(name_or_path, random_init=False, dtype=None):
         where = weights if os.path.isfile(weights) else f"--model_checkpoint {name_or_path}"
         raise VLMError(f"{where}: corrupted or truncated safetensors file ({_first_line(error)})") from None
     except (OSError, ValueError) as error:
-        raise VLMError(f"--model_checkpoint {name_or_path}: cannot load a GPT-2 model ({_first_line(error)})") from None
+        raise VLMError(f"--model_checkpoint {name_or_path}: "
+                       f"cannot load a GPT-2 model ({_first_line(error)})") from None
     add_special_token_rows(gpt2)
     return gpt2
 
@@ -134,8 +135,8 @@ class TaskModule(nn.Module):
         super().__init__()
         self.name, self.task_id, self.token_ids = spec.name, spec.task_id, tuple(spec.token_ids)
         self.methods = nn.ModuleDict(methods)
-        virtual = [m for m in self.methods.values() if "virtual" in m.points]
-        prefix = [m for m in self.methods.values() if "prefix" in m.points]
+        virtual = [m for m in self.methods.values() if m.adds_virtual_tokens()]
+        prefix = [m for m in self.methods.values() if m.adds_prefix()]
         if len(virtual) > 1 or len(prefix) > 1:
             kind = "virtual tokens" if len(virtual) > 1 else "prefixes"
             raise VLMError(f"task {self.name}: methods {' and '.join(m.name for m in virtual or prefix)} "
@@ -199,7 +200,8 @@ class VersatileLM(nn.Module):
         if taken & set(spec.token_ids) or not set(spec.token_ids) <= set(SPECIAL_IDS):
             raise VLMError(f"task {spec.name}: token rows {list(spec.token_ids)} overlap another task's "
                            f"or are not among the added special tokens")
-        methods = {name: method_class(name)(self.shape, options, self.gpt2) for name, options in spec.methods.items()}
+        methods = {name: method_class(name)(self.shape, options, self.gpt2)
+                   for name, options in spec.methods.items()}
         module = TaskModule(spec, methods).to(device=self.gpt2.device, dtype=self.gpt2.dtype)
         self.tasks[spec.name] = module
         self._refresh_hooks()
@@ -239,7 +241,8 @@ class VersatileLM(nn.Module):
             return blocks[layer].mlp
         if point == "linear":
             owner, _, attr = name.partition(".")
-            return getattr(blocks[layer].attn, name) if not attr else getattr(getattr(blocks[layer], owner), attr)
+            return (getattr(blocks[layer].attn, name) if not attr
+                    else getattr(getattr(blocks[layer], owner), attr))
         if point == "layer_norm":
             return self.gpt2.transformer.ln_f if layer == -1 else getattr(blocks[layer], name)
         raise ValueError(point)
@@ -298,14 +301,17 @@ class VersatileLM(nn.Module):
             if not entries:
                 return output
             if point == "attn_output":  # GPT2Attention returns (output, attention weights)
-                out = apply_by_rows(entries, output[0], lambda m, o, rows: m.attn_output(layer, _rows(x, rows), o))
+                out = apply_by_rows(entries, output[0],
+                                    lambda m, o, rows: m.attn_output(layer, _rows(x, rows), o))
                 return (out,) + tuple(output[1:])
             if point == "mlp_output":
-                return apply_by_rows(entries, output, lambda m, o, rows: m.mlp_output(layer, _rows(x, rows), o))
+                return apply_by_rows(entries, output,
+                                     lambda m, o, rows: m.mlp_output(layer, _rows(x, rows), o))
             if point == "block_output":
                 return apply_by_rows(entries, output, lambda m, o, rows: m.block_output(layer, o))
             if point == "layer_norm":
-                return apply_by_rows(entries, output, lambda m, o, rows: m.layer_norm(layer, name, _rows(x, rows)))
+                return apply_by_rows(entries, output,
+                                     lambda m, o, rows: m.layer_norm(layer, name, _rows(x, rows)))
             raise ValueError(point)
         return hook
 
@@ -352,7 +358,8 @@ class VersatileLM(nn.Module):
         self._segments = token_type_ids
         prefix_entries = routing.entries("prefix") if routing is not None else ()
         if prefix_entries or isinstance(cache, PrefixCache):
-            kwargs.update(self._with_prefixes(prefix_entries, batch, length, attention_mask, position_ids, cache))
+            kwargs.update(self._with_prefixes(prefix_entries, batch, length, attention_mask, position_ids,
+                                              cache))
         return kwargs
 
     def _embed_with_virtual_tokens(self, input_ids, virtual_ids, routing):
@@ -370,7 +377,8 @@ class VersatileLM(nn.Module):
         stray = (virtual_ids >= 0).any(dim=1) & ~covered
         if bool(stray.any()):
             row = int(stray.nonzero()[0])
-            raise VLMError(f"row {row} has virtual-token positions but its task has no prompt or p-tuning method")
+            raise VLMError(f"row {row} has virtual-token positions "
+                           "but its task has no prompt or p-tuning method")
         return embeds
 
     def _with_prefixes(self, entries, batch, length, attention_mask, position_ids, cache):
@@ -388,16 +396,19 @@ class VersatileLM(nn.Module):
             position_ids = torch.arange(past, past + length, device=device)[None].expand(batch, length)
         self._prefix_width = cache.prefix_width
         return {"cache": cache,
-                "attention_mask": torch.cat([cache.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),
+                "attention_mask": torch.cat([cache.prefix_mask.to(attention_mask.dtype), attention_mask],
+                                            dim=1),
                 "position_ids": position_ids + cache.prefix_lengths[:, None]}
 
     def _prefix_cache(self, entries, batch, device):
         width = max(m.prefix_length for m, _ in entries)
         s = self.shape
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.gpt2.dtype
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.gpt2.dtype)
         mask = torch.zeros(batch, width, dtype=torch.long, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        keys = [torch.zeros(batch, s.n_head, width, s.head_dim, dtype=dtype, device=device) for _ in range(s.n_layer)]
+        keys = [torch.zeros(batch, s.n_head, width, s.head_dim, dtype=dtype, device=device)
+                for _ in range(s.n_layer)]
         values = [k.clone() for k in keys]
         for method, rows in entries:
             P = method.prefix_length
@@ -409,7 +420,8 @@ class VersatileLM(nn.Module):
                 key = torch.nn.functional.pad(key.to(dtype), pad)[None]
                 value = torch.nn.functional.pad(value.to(dtype), pad)[None]
                 if rows is None:
-                    keys[layer], values[layer] = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+                    keys[layer], values[layer] = (key.expand(batch, -1, -1, -1),
+                                                  value.expand(batch, -1, -1, -1))
                 else:
                     n = len(rows)
                     keys[layer] = keys[layer].index_copy(0, rows, key.expand(n, -1, -1, -1))
@@ -429,11 +441,12 @@ class VersatileLM(nn.Module):
         With labels only the loss is returned (the token-mean NLL, as Hugging Face computes it),
         from the logits of the labelled positions alone (see labelled_hidden and _loss)."""
         if labels is not None:
-            hidden, targets = self.labelled_hidden(input_ids, labels, token_type_ids, task_ids, attention_mask,
-                                                   virtual_ids=virtual_ids)
+            hidden, targets = self.labelled_hidden(input_ids, labels, token_type_ids, task_ids,
+                                                   attention_mask, virtual_ids=virtual_ids)
             return CausalLMOutputWithPast(loss=self._loss(hidden, targets))
         try:
-            kwargs = self._prepare(input_ids, token_type_ids, task_ids, attention_mask, position_ids, cache, virtual_ids)
+            kwargs = self._prepare(input_ids, token_type_ids, task_ids, attention_mask, position_ids, cache,
+                                   virtual_ids)
             return self.gpt2(**kwargs, use_cache=use_cache, logits_to_keep=logits_to_keep)
         finally:
             self._routing = self._segments = None
@@ -447,7 +460,8 @@ class VersatileLM(nn.Module):
         MR) skip the output layer, a third of GPT-2 small's compute per token, and its
         (batch, seq, 50,287) logits never exist."""
         try:
-            kwargs = self._prepare(input_ids, token_type_ids, task_ids, attention_mask, None, None, virtual_ids)
+            kwargs = self._prepare(input_ids, token_type_ids, task_ids, attention_mask, None, None,
+                                   virtual_ids)
             hidden = self.gpt2.transformer(**kwargs, use_cache=False).last_hidden_state  # (batch, seq, d)
         finally:
             self._routing = self._segments = None
@@ -522,7 +536,8 @@ class VersatileLM(nn.Module):
             return self.gpt2.get_input_embeddings().weight.numel()
         tasks = _task_list(task)
         rows = sum(len(self.tasks[t].token_ids) for t in tasks) * self.gpt2.config.n_embd
-        modules = sum(p.numel() for t in tasks for p in self.tasks[t].methods.parameters()) if mode == "adapter" else 0
+        modules = (sum(p.numel() for t in tasks for p in self.tasks[t].methods.parameters())
+                   if mode == "adapter" else 0)
         return modules + rows
 
     def export_methods(self):

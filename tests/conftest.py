@@ -76,7 +76,8 @@ def no_logged_deprecations():
 def popen_script(script, argv, log):
     """Start one of the repo's scripts in the background (stderr to `log`), for tests that kill it.
     One torch thread in every run: the same float sums, so runs compare bit for bit."""
-    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, script, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(log, "w"))
 
@@ -104,7 +105,8 @@ TINY_METHOD_OPTIONS = {
 # Every registered method in two compositions: a task composes any methods but two that add virtual
 # tokens (prompt, ptuning) or two that add prefixes (prefix, unipelt). (Spelled out: conftest.py
 # imports nothing of the repo, so test_deprecations can run it alone; tests check both against the registry.)
-EVERY_METHOD_SPECS = ("adapter+houlsby+parallel+lora+prefix+prompt+ln+adapterbias+compacter+krona", "ptuning+unipelt")
+EVERY_METHOD_SPECS = ("adapter+houlsby+parallel+lora+prefix+prompt+ln+adapterbias+compacter+krona",
+                      "ptuning+unipelt")
 
 
 def tiny_method_options(spec, **changes):

@@ -12,9 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from engines.authors import authors_logits, convert, load_authors_state_dict
 from models.checkpoint import load_checkpoint
+from tasks.table import TASKS
 from tests.conftest import TINY_CONFIG, run_script, tiny_gpt2
 from utils.errors import VLMError
-from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
+from utils.vocab import GPT2_VOCAB_SIZE
 
 VOCAB = GPT2_VOCAB_SIZE + 30
 D_MODEL, N_LAYER, N_CTX = TINY_CONFIG["n_embd"], TINY_CONFIG["n_layer"], TINY_CONFIG["n_positions"]
@@ -35,7 +36,8 @@ def authors_state(seed=0, rows_seed=7):
     state["transformer.wte.weight"][GPT2_VOCAB_SIZE:] = torch.randn(30, D_MODEL, generator=generator) * 0.3
     state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: one storage, as torch.save keeps it
     for layer in range(N_LAYER):
-        state[f"transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(N_CTX, N_CTX)).view(1, 1, N_CTX, N_CTX)
+        state[f"transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(N_CTX, N_CTX)).view(
+            1, 1, N_CTX, N_CTX)
     state["p_gen_linear.weight"] = torch.randn(1, D_MODEL, generator=generator)
     state["p_gen_linear.bias"] = torch.randn(1, generator=generator)
     return state
@@ -68,7 +70,10 @@ def reference_logits(state, input_ids, token_type_ids, adapter_prefix=None):
     def hook_for(layer):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            p = lambda name: state[f"transformer.h.{layer}.adapter_block.{adapter_prefix}{name}"]
+
+            def p(name):
+                return state[f"transformer.h.{layer}.adapter_block.{adapter_prefix}{name}"]
+
             x = F.layer_norm(hidden, (D_MODEL,), p("ln.weight"), p("ln.bias"), config.layer_norm_epsilon)
             x = F.linear(torch.relu(F.linear(x, p("project_down.weight"), p("project_down.bias"))),
                          p("project_up.weight"), p("project_up.bias"))
@@ -88,7 +93,7 @@ def sample_batch(task, seed=0):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, GPT2_VOCAB_SIZE, (2, 40), generator=generator)
     ids[1, 5:35] = torch.arange(GPT2_VOCAB_SIZE, VOCAB)
-    bos, eos, source = task_token_ids(task)[:3]
+    bos, eos, source = task.token_ids()[:3]
     ids[:, 0], ids[:, -1] = bos, eos
     return ids, torch.full_like(ids, source)
 
@@ -150,7 +155,8 @@ def test_full_finetune_conversion(tiny_base, tmp_path, tokenizer):
     assert torch.equal(our_logits(conversion.model, ids, types, TASKS["nlg"].task_id), expected)
     save_checkpoint(conversion.model, tokenizer, str(tmp_path), "full", ["nlg"], tiny_base)
     loaded, _, config = load_checkpoint(str(tmp_path))
-    assert config["mode"] == "full" and {t: m.methods["adapter"].bottleneck for t, m in loaded.tasks.items()} == {"nlg": 5}
+    assert config["mode"] == "full" and ({t: m.methods["adapter"].bottleneck for t, m in loaded.tasks.items()}
+                                         == {"nlg": 5})
     assert torch.equal(our_logits(loaded, ids, types, TASKS["nlg"].task_id), expected)
 
 
@@ -190,7 +196,8 @@ def test_reading_other_files(tmp_path):
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
     (tmp_path / "broken.bin").write_bytes(b"not a torch file")
     (tmp_path / "weights.npz").write_bytes(b"")
-    for name, message in (("broken.bin", "not a"), ("weights.npz", "expected a .bin"), ("absent.bin", "not found")):
+    for name, message in (("broken.bin", "not a"), ("weights.npz", "expected a .bin"),
+                          ("absent.bin", "not found")):
         with pytest.raises(VLMError, match=message):
             load_authors_state_dict(str(tmp_path / name))
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
@@ -205,7 +212,8 @@ def test_refuses_what_it_cannot_convert(tiny_base):
         return state
 
     cases = {
-        "rows": broken(lambda s: s.update({"transformer.wte.weight": s["transformer.wte.weight"][:GPT2_VOCAB_SIZE]})),
+        "rows": broken(lambda s: s.update({"transformer.wte.weight":
+                                           s["transformer.wte.weight"][:GPT2_VOCAB_SIZE]})),
         "not a causal mask": broken(lambda s: s["transformer.h.1.attn.bias"].fill_(1)),
         "lm_head.weight differs": broken(lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, D_MODEL)})),
         "unexpected tensor": broken(lambda s: s.update({"transformer.extra.weight": torch.zeros(1)})),
@@ -213,7 +221,8 @@ def test_refuses_what_it_cannot_convert(tiny_base):
     }
     del cases["lacks project_up.bias"]["transformer.h.1.adapter_block.project_up.bias"]
     cases["project_up.weight has shape"] = add_adapter(authors_state(), "", 3, seed=0)
-    cases["project_up.weight has shape"]["transformer.h.1.adapter_block.project_up.weight"] = torch.zeros(D_MODEL, 4)
+    cases["project_up.weight has shape"]["transformer.h.1.adapter_block.project_up.weight"] = torch.zeros(
+        D_MODEL, 4)
     for message, state in cases.items():
         with pytest.raises(VLMError, match=message):
             convert(state, tiny_base, task="qa")

@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 
 import evaluate
 import train
-from models.checkpoint import load_checkpoint, save_checkpoint
-from engines.specs import adapter_specs
-from models.vlm import VersatileLM
-from utils.data import IGNORE_INDEX, build_inputs, iter_contexts, load_task_data, training_examples
-from utils.errors import VLMError
-from engines.evaluation import parse_mr, user_prompt
 from engines.generate import DecodingOptions, generate, generate_uncached
-from utils.tasks import TASKS, special_token_id
+from engines.specs import adapter_specs
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.vlm import VersatileLM
+from tasks.table import TASKS
+from utils.data import IGNORE_INDEX
+from utils.errors import VLMError
+from utils.vocab import special_token_id
 
 _spec = importlib.util.spec_from_file_location("prepare", os.path.join(REPO, "data", "prepare.py"))
 prepare = importlib.util.module_from_spec(_spec)
@@ -35,19 +35,22 @@ KEYS = ["train", "valid", "val", "test", "src", "tgt", "document", "personality"
         "candidates", "id", "turn_id"] + SLOTS
 
 # --- strategies ----------------------------------------------------------------------------------
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False), st.text(max_size=8),
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False),
+                    st.text(max_size=8),
                     st.sampled_from(["", " ", "a b c d", "The Vaults", "\u00e9t\u00e9 \U0001f600",
                                      "lone \ud800 surrogate"]))
 # Arbitrary JSON, shaped like the datasets often enough to get past the first checks.
 json_values = st.recursive(scalars, lambda children: st.one_of(
     st.lists(children, max_size=3),
-    st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=4)), children, max_size=4)), max_leaves=12)
+    st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=4)), children, max_size=4)),
+    max_leaves=12)
 token_lists = st.lists(st.integers(0, 50256), max_size=6)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """One folder for the files the property tests write (function-scoped tmp_path does not mix with @given)."""
+    """One folder for the files the property tests write
+    (function-scoped tmp_path does not mix with @given)."""
     return str(tmp_path_factory.mktemp("bad_input"))
 
 
@@ -62,9 +65,10 @@ def write_file(folder, name, content):
 @SETTINGS
 @given(task=st.sampled_from(list(TASKS)), value=json_values)
 def test_load_task_data_on_any_json(tokenizer, workdir, task, value):
-    path = write_file(workdir, "any.json", json.dumps({"train": [value]} if isinstance(value, dict) else value))
+    path = write_file(workdir, "any.json",
+                      json.dumps({"train": [value]} if isinstance(value, dict) else value))
     try:
-        data = load_task_data(TASKS[task], path, tokenizer, ["train"])
+        data = TASKS[task].load_data(path, tokenizer, ["train"])
     except VLMError as error:
         assert str(error).startswith(path)
         return
@@ -73,7 +77,8 @@ def test_load_task_data_on_any_json(tokenizer, workdir, task, value):
 
 @SETTINGS
 @given(task=st.sampled_from(list(TASKS)), records=st.lists(st.fixed_dictionaries({
-    "src": st.one_of(st.text(max_size=10), st.dictionaries(st.sampled_from(SLOTS), st.text(max_size=6), max_size=3)),
+    "src": st.one_of(st.text(max_size=10),
+                     st.dictionaries(st.sampled_from(SLOTS), st.text(max_size=6), max_size=3)),
     "tgt": st.text(max_size=10), "personality": st.lists(st.text(max_size=6), max_size=2),
     "document": st.lists(st.text(max_size=6), max_size=2),
     "utterances": st.lists(st.fixed_dictionaries({"history": st.lists(st.text(max_size=6), max_size=3),
@@ -83,8 +88,8 @@ def test_well_shaped_records_load_and_build_examples_or_fail_clearly(tokenizer, 
     path = write_file(workdir, "shaped.json", json.dumps({"train": records}))
     spec = TASKS[task]
     try:
-        data = load_task_data(spec, path, tokenizer, ["train"])
-        examples = training_examples(spec, data["train"], spec.max_history, max_positions=64, where=path)
+        data = spec.load_data(path, tokenizer, ["train"])
+        examples = spec.training_examples(data["train"], spec.max_history, max_positions=64, where=path)
     except VLMError as error:
         assert path in str(error)
         return
@@ -93,10 +98,11 @@ def test_well_shaped_records_load_and_build_examples_or_fail_clearly(tokenizer, 
 
 
 # --- the input builder on any token lists --------------------------------------------------------
-contexts = {
-    "seq2seq": token_lists,
+dialogue_contexts = st.tuples(st.lists(token_lists, max_size=3), st.lists(token_lists, max_size=5))
+contexts = {  # by task: its kind's context
+    "mt": token_lists, "summarization": token_lists,
     "nlg": st.lists(st.tuples(st.sampled_from(SLOTS), token_lists), max_size=4),
-    "dialogue": st.tuples(st.lists(token_lists, max_size=3), st.lists(token_lists, max_size=5)),
+    "dialogue": dialogue_contexts, "qa": dialogue_contexts,
 }
 
 
@@ -104,8 +110,8 @@ contexts = {
 @given(data=st.data(), task=st.sampled_from(list(TASKS)), reply=token_lists, with_eos=st.booleans())
 def test_build_inputs_layout_invariants(data, task, reply, with_eos):
     spec = TASKS[task]
-    context = data.draw(contexts[spec.layout])
-    example = build_inputs(spec, context, reply, with_eos=with_eos)
+    context = data.draw(contexts[task])
+    example = spec.build_inputs(context, reply, with_eos=with_eos)
     ids, types, labels = example["input_ids"], example["token_type_ids"], example["labels"]
     assert len(ids) == len(types) == len(labels)
     tail = list(reply) + ([special_token_id(spec.special_tokens[1])] if with_eos else [])
@@ -116,15 +122,15 @@ def test_build_inputs_layout_invariants(data, task, reply, with_eos):
 
 
 @SETTINGS
-@given(task=st.sampled_from(["mt", "summarization", "nlg"]), pairs=st.lists(st.tuples(token_lists, token_lists),
-                                                                            min_size=1, max_size=4),
+@given(task=st.sampled_from(["mt", "summarization", "nlg"]),
+       pairs=st.lists(st.tuples(token_lists, token_lists), min_size=1, max_size=4),
        max_positions=st.integers(1, 12))
 def test_training_examples_fit_or_fail_clearly(task, pairs, max_positions):
     spec = TASKS[task]
-    records = [{"src": src if spec.layout == "seq2seq" else {"name": src}, "tgt": tgt} for src, tgt in pairs]
-    contexts_seen = list(iter_contexts(spec, records, 0))
+    records = [{"src": src if task != "nlg" else {"name": src}, "tgt": tgt} for src, tgt in pairs]
+    contexts_seen = list(spec.iter_contexts(records, 0))
     try:
-        examples = training_examples(spec, records, 0, max_positions=max_positions, where="here")
+        examples = spec.training_examples(records, 0, max_positions=max_positions, where="here")
     except VLMError as error:
         assert str(error) == "here: no usable examples"
         return
@@ -142,7 +148,7 @@ mr_texts = st.one_of(st.text(max_size=30), st.lists(st.tuples(st.sampled_from(SL
 @given(text=mr_texts)
 def test_evaluation_parse_mr(text):
     try:
-        slots = parse_mr(text, TASKS["nlg"], "--input")
+        slots = TASKS["nlg"].parse_mr(text, "--input")
     except VLMError as error:
         assert str(error).startswith("--input: ")
         return
@@ -151,15 +157,15 @@ def test_evaluation_parse_mr(text):
 
 user_items = st.one_of(mr_texts, json_values, st.dictionaries(
     st.sampled_from(["src", "history", "personality", "document"]),
-    st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.sampled_from(SLOTS + ["bogus"]), scalars,
-                                                                      max_size=2)), max_size=4))
+    st.one_of(scalars, st.lists(scalars, max_size=3),
+              st.dictionaries(st.sampled_from(SLOTS + ["bogus"]), scalars, max_size=2)), max_size=4))
 
 
 @settings(SETTINGS, max_examples=150)
 @given(task=st.sampled_from(list(TASKS)), item=user_items)
 def test_user_prompt_on_any_item(tokenizer, task, item):
     try:
-        prompt = user_prompt(TASKS[task], item, tokenizer, 1, TASKS[task].task_id, "stdin line 1")
+        prompt = TASKS[task].input_prompt(item, tokenizer, 1, TASKS[task].task_id, "stdin line 1")
     except VLMError as error:
         assert str(error).startswith("stdin line 1: ")
         return
@@ -169,7 +175,8 @@ def test_user_prompt_on_any_item(tokenizer, task, item):
 # --- data/prepare.py's converters ---------------------------------------------------------------------
 lines = st.lists(st.one_of(st.text(max_size=20), st.sampled_from(
     ["mr,ref", "\"name[X], eatType[pub]\",X is a pub.", "1 your persona: i like tea.", "1 hi\thello",
-     "2 how are you?\tfine\t\tok|fine", '{"article": "a b", "highlights": "c"}', "\"unclosed", "\t", "\x00"])),
+     "2 how are you?\tfine\t\tok|fine", '{"article": "a b", "highlights": "c"}', "\"unclosed", "\t",
+     "\x00"])),
     max_size=5)
 
 
@@ -190,7 +197,8 @@ def test_prepare_readers_on_any_lines(workdir, reader, content):
     assert all(isinstance(r, dict) for r in records)
 
 
-@pytest.mark.parametrize("reader, name", [(prepare.read_personachat_json, "deep.json"), (prepare.read_coqa, "deep.json"),
+@pytest.mark.parametrize("reader, name", [(prepare.read_personachat_json, "deep.json"),
+                                          (prepare.read_coqa, "deep.json"),
                                           (prepare.read_summary_jsonl, "deep.jsonl")])
 def test_prepare_json_nested_too_deeply(workdir, reader, name):
     path = write_file(workdir, name, "[" * 5000 + "]" * 5000 + "\n")
@@ -231,8 +239,8 @@ LONG = " ".join(["word"] * 600)  # over the tiny model's 512 positions
 @pytest.fixture(scope="module")
 def nlg_checkpoint(tmp_path_factory, tiny_base, tokenizer):
     path = str(tmp_path_factory.mktemp("nlg_ckpt"))
-    save_checkpoint(VersatileLM.from_pretrained(tiny_base, adapter_specs({"nlg": 4})), tokenizer, path, "adapter", ["nlg"],
-                    tiny_base)
+    save_checkpoint(VersatileLM.from_pretrained(tiny_base, adapter_specs({"nlg": 4})), tokenizer, path,
+                    "adapter", ["nlg"], tiny_base)
     return path
 
 
@@ -271,7 +279,8 @@ TRAIN_DATA_CASES = [  # (dataset file content, expected part of the error line)
     ({"train": [{"src": "name[X]", "tgt": "X"}], "valid": NLG_OK}, "'src' must be a non-empty object"),
     ({"train": [{"src": {}, "tgt": "X"}], "valid": NLG_OK}, "'src' must be a non-empty object"),
     ({"train": [{"src": {"cuisine": "thai"}, "tgt": "X"}], "valid": NLG_OK}, "unknown NLG slot 'cuisine'"),
-    ({"train": [{"src": {"name": None}, "tgt": "X"}], "valid": NLG_OK}, "'src.name' must be a string, got NoneType"),
+    ({"train": [{"src": {"name": None}, "tgt": "X"}], "valid": NLG_OK},
+     "'src.name' must be a string, got NoneType"),
     ('{"train": [{"src": {"name": "a\\ud800"}, "tgt": "X"}], "valid": [{"src": {"name": "b"}, "tgt": "Y"}]}',
      "holds a lone surrogate escape"),
     ("[" * 5000 + "]" * 5000, "JSON nested too deeply"),
@@ -285,7 +294,8 @@ TRAIN_DATA_CASES = [  # (dataset file content, expected part of the error line)
 def test_train_bad_dataset(tmp_path, tiny_base, capsys, content, expected):
     path = dataset(tmp_path, content)
     line = one_error(train.main, ["--task", "nlg", "--dataset_path", path, "--dataset_cache", "",
-                                  "--model_checkpoint", tiny_base, "--device", "cpu", "--adapter_bottleneck", "4",
+                                  "--model_checkpoint", tiny_base, "--device", "cpu",
+                                  "--adapter_bottleneck", "4",
                                   "--output_dir", str(tmp_path / "out"), "--n_epochs", "1"], capsys)
     assert line.startswith(f"error: {path}") and expected in line, line
     assert not (tmp_path / "out").exists()
@@ -312,7 +322,8 @@ TRAIN_FLAG_CASES = [  # (extra flags, expected part of the error line)
     (["--device", "nonsense"], "--device nonsense: not a device name"),
     (["--device", "cuda:99"], "--device cuda:99: "),
     (["--resume", "--output_dir", ""], "--resume needs --output_dir"),
-    (["--dataset_path", "/nonexistent/data.json"], "--dataset_path /nonexistent/data.json: dataset file not found"),
+    (["--dataset_path", "/nonexistent/data.json"],
+     "--dataset_path /nonexistent/data.json: dataset file not found"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
 ]
 
@@ -321,7 +332,8 @@ TRAIN_FLAG_CASES = [  # (extra flags, expected part of the error line)
 def test_train_bad_flags(tmp_path, tiny_base, capsys, flags, expected):
     path = dataset(tmp_path, {"train": NLG_OK, "valid": NLG_OK})
     line = one_error(train.main, ["--task", "nlg", "--dataset_path", path, "--dataset_cache", "",
-                                  "--model_checkpoint", tiny_base, "--device", "cpu", "--adapter_bottleneck", "4",
+                                  "--model_checkpoint", tiny_base, "--device", "cpu",
+                                  "--adapter_bottleneck", "4",
                                   "--output_dir", str(tmp_path / "out"), *flags], capsys)
     assert expected in line, line
 
@@ -331,9 +343,11 @@ def test_train_output_dir_not_empty_or_a_file(tmp_path, tiny_base, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     (tmp_path / "file").write_text("x")
-    for out, expected in (("busy", "folder is not empty; choose a new one"), ("file", "exists and is not a folder")):
+    for out, expected in (("busy", "folder is not empty; choose a new one"),
+                          ("file", "exists and is not a folder")):
         line = one_error(train.main, ["--task", "nlg", "--dataset_path", path, "--dataset_cache", "",
-                                      "--model_checkpoint", tiny_base, "--output_dir", str(tmp_path / out)], capsys)
+                                      "--model_checkpoint", tiny_base, "--output_dir", str(tmp_path / out)],
+                         capsys)
         assert line == f"error: --output_dir {tmp_path / out}: {expected}"
 
 
@@ -342,9 +356,9 @@ def test_train_counts_dropped_long_and_empty_target_examples(tmp_path, tiny_base
     records = NLG_OK + [{"src": {"name": LONG}, "tgt": "X"}, {"src": {"name": "Y"}, "tgt": " "}]
     path = dataset(tmp_path, {"train": records, "valid": NLG_OK})
     with caplog.at_level(logging.WARNING):
-        train.main(["--task", "nlg", "--dataset_path", path, "--dataset_cache", "", "--model_checkpoint", tiny_base,
-                    "--device", "cpu", "--adapter_bottleneck", "4", "--output_dir", str(tmp_path / "out"),
-                    "--n_epochs", "1", "--train_batch_size", "1"])
+        train.main(["--task", "nlg", "--dataset_path", path, "--dataset_cache", "", "--model_checkpoint",
+                    tiny_base, "--device", "cpu", "--adapter_bottleneck", "4",
+                    "--output_dir", str(tmp_path / "out"), "--n_epochs", "1", "--train_batch_size", "1"])
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"{path}: split 'train': 1 of 4 records have an empty 'tgt'" in messages
     assert f"{path} split 'train': dropped 1 examples longer than the model's 512 positions" in messages
@@ -368,7 +382,8 @@ EVAL_CASES = [  # (flags, stdin or None, expected part of the error line)
     (["--input", "-"], '{"src": \n', "stdin line 1: invalid JSON"),
     (["--input", "-"], '{"src": {"name": 3}}\n', "stdin line 1: bad NLG slot 'name'"),
     (["--input", "-"], '[1, 2]\n', "stdin line 1: expected a string or a JSON object"),
-    (["--input", f"name[{LONG}]"], None, "decoding: prompt 0 (input '--input') has 603 tokens; the model has only 512 positions"),
+    (["--input", f"name[{LONG}]"], None,
+     "decoding: prompt 0 (input '--input') has 603 tokens; the model has only 512 positions"),
     (["--dataset_path", "DATA:{"], None, "invalid JSON at line 1"),
     (["--dataset_path", "DATA:" + json.dumps({"train": NLG_OK})], None, "no 'test' split (has: train)"),
     (["--dataset_path", "DATA:" + json.dumps({"test": NLG_OK + [{"src": {"name": LONG}, "tgt": "X"}]})], None,
@@ -397,7 +412,7 @@ def test_replies_are_cut_where_the_positions_end(tmp_path, nlg_checkpoint, token
     (cached and uncached alike), with a counted warning; the CLI finishes."""
     name = " ".join(["word"] * 500)
     model, _, _ = load_checkpoint(nlg_checkpoint, "cpu")
-    prompt = user_prompt(TASKS["nlg"], f"name[{name}]", tokenizer, 1, TASKS["nlg"].task_id, "--input")
+    prompt = TASKS["nlg"].input_prompt(f"name[{name}]", tokenizer, 1, TASKS["nlg"].task_id, "--input")
     assert len(prompt.input_ids) == 503
     options = DecodingOptions(max_length=20, min_length=20, no_sample=True)  # min_length: no early stop
     with caplog.at_level(logging.WARNING):

@@ -15,20 +15,20 @@ from conftest import REPO, run_script, tiny_gpt2
 
 from bench.baseline import decode_original
 from bench.run import LIVE_BYTES_MEMORY
+from engines.generate import DecodingOptions, generate_batch
 from engines.specs import adapter_specs
 from models.vlm import VersatileLM, add_special_token_rows
-from utils.data import IGNORE_INDEX, PAD_ID, collate, load_task_data, training_examples
-from engines.evaluation import dataset_prompts
-from engines.generate import DecodingOptions, generate_batch
-from utils.tasks import TASKS
+from tasks.table import TASKS
+from utils.data import IGNORE_INDEX, collate
+from utils.vocab import PAD_ID
 
 SAMPLES = os.path.join(REPO, "data", "samples")
 
 
 def sample_prompts(tokenizer, name, limit):
     task = TASKS[name]
-    records = load_task_data(task, os.path.join(SAMPLES, f"{name}.json"), tokenizer, [task.test_split])
-    return dataset_prompts(task, records[task.test_split], task.max_history, tokenizer, task.task_id)[:limit]
+    records = task.load_data(os.path.join(SAMPLES, f"{name}.json"), tokenizer, [task.test_split])
+    return task.dataset_prompts(records[task.test_split], task.max_history, tokenizer, task.task_id)[:limit]
 
 
 def test_original_decoding_gives_our_batched_cached_tokens(tokenizer):
@@ -60,7 +60,8 @@ def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokeni
                       str(tmp_path), timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
-    assert set(report["results"]) == {"decoding", "mixed", "adapter_overhead", "training", "padding", "end_to_end"}
+    assert set(report["results"]) == {"decoding", "mixed", "adapter_overhead", "training", "padding",
+                                      "end_to_end"}
     assert {"cpu", "cpu_count", "torch", "transformers", "device"} <= set(report["machine"])
     # One entry per target, each judged by its own bound.
     targets = report["targets"]
@@ -76,14 +77,15 @@ def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokeni
     assert results["end_to_end"]["mrs"] == 200 and results["decoding"]["ours_tokens"] > 0
     # The speedup is the fastest round of ours over the fastest round of the original decoding.
     decoding = results["decoding"]
-    fastest = {name: max(r["tokens"] / r["seconds"] for r in decoding[f"{name}_rounds"]) for name in ("ours", "baseline")}
+    fastest = {name: max(r["tokens"] / r["seconds"] for r in decoding[f"{name}_rounds"])
+               for name in ("ours", "baseline")}
     assert len(decoding["ours_rounds"]) == len(decoding["baseline_rounds"]) == 2
     assert sum(r["tokens"] for r in decoding["baseline_rounds"]) == decoding["baseline_tokens"]
     assert decoding["speedup"] == pytest.approx(fastest["ours"] / fastest["baseline"], rel=1e-12)
     # Padding shares recomputed here for one task: the original pads everything to the longest.
     task = TASKS["nlg"]
-    records = load_task_data(task, os.path.join(SAMPLES, "nlg.json"), tokenizer, ["train"])["train"]
-    lengths = [len(e["input_ids"]) for e in training_examples(task, records, task.max_history)]
+    records = task.load_data(os.path.join(SAMPLES, "nlg.json"), tokenizer, ["train"])["train"]
+    lengths = [len(e["input_ids"]) for e in task.training_examples(records, task.max_history)]
     nlg = results["padding"]["tasks"]["nlg"]
     assert nlg["examples"] == len(lengths) and nlg["real_tokens"] == sum(lengths)
     assert abs(nlg["original_share"] - sum(lengths) / (len(lengths) * max(lengths))) < 1e-12
@@ -94,8 +96,10 @@ def test_quick_run_writes_every_section_and_a_consistent_report(tmp_path, tokeni
     assert all(run["peak_bytes"] >= run["loaded_bytes"] > 0 for run in training.values())
     # On CPU the peak is that of one more process whose allocator unmaps freed tensors (live bytes);
     # the timing runs' own default-allocator peaks are kept beside it.
-    assert all(run["memory"] == LIVE_BYTES_MEMORY and len(run["timing_runs_peak_bytes"]) == 1 for run in training.values())
-    assert results["training"]["peak_memory_ratio"] == training["adapter"]["peak_bytes"] / training["full"]["peak_bytes"]
+    assert all(run["memory"] == LIVE_BYTES_MEMORY and len(run["timing_runs_peak_bytes"]) == 1
+               for run in training.values())
+    assert results["training"]["peak_memory_ratio"] == (training["adapter"]["peak_bytes"]
+                                                        / training["full"]["peak_bytes"])
     table = (tmp_path / "results.md").read_text()
     assert all(t["name"] in table for t in targets) and "## 6. evaluate.py end to end" in table
 
@@ -104,12 +108,13 @@ def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path):
     """The report is rewritten whole after every section: a run killed in its second section
     leaves the first one's results.json and results.md (a GPU lease can end mid-run)."""
     env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen([sys.executable, "bench/run.py", "--size", "tiny", "--quick", "--sections", "padding",
-                                "decoding", "--output_dir", str(tmp_path)], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "bench/run.py", "--size", "tiny", "--quick", "--sections",
+                                "padding", "decoding", "--output_dir", str(tmp_path)], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (tmp_path / "results.md").exists() and process.poll() is None and time.monotonic() < deadline:
+        while (not (tmp_path / "results.md").exists() and process.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.02)
         assert process.poll() is None, "the run ended before any report was written"
     finally:
@@ -118,7 +123,8 @@ def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["sections"] == list(report["results"]) == ["padding"]
     assert report["requested_sections"] == ["padding", "decoding"]
-    assert [t["name"] for t in report["targets"]] == ["padding: real-token share of our batches (lowest task)"]
+    assert [t["name"] for t in report["targets"]] == [
+        "padding: real-token share of our batches (lowest task)"]
     table = (tmp_path / "results.md").read_text()
     assert "Sections finished: padding (1 of 2 asked for" in table and "## 5. Padding" in table
     assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]  # no temp files left
@@ -154,10 +160,13 @@ def test_method_sections_report_every_method_and_equal_mixed_outputs(tmp_path):
     assert list(methods["methods"]) == ["lora", "prefix+ln"] and methods["memory"] == LIVE_BYTES_MEMORY
     d, layers = 128, 2  # the tiny shape
     lora = methods["methods"]["lora"]
-    assert lora["trainable_parameters"] == lora["saved_parameters"] == layers * 2 * 4 * (d + d)  # q and v, r 4
+    # q and v, r 4
+    assert lora["trainable_parameters"] == lora["saved_parameters"] == layers * 2 * 4 * (d + d)
     prefix = methods["methods"]["prefix+ln"]
-    # trained through the reparameterization MLP, saved as plain prefixes (10 keys and values per layer) + LN gains
-    assert prefix["saved_parameters"] == layers * 2 * 10 * d + (2 * layers + 1) * 2 * d < prefix["trainable_parameters"]
+    # trained through the reparameterization MLP, saved as plain prefixes (10 keys and values per layer)
+    # + LN gains
+    assert (prefix["saved_parameters"] == layers * 2 * 10 * d + (2 * layers + 1) * 2 * d
+            < prefix["trainable_parameters"])
     for m in methods["methods"].values():
         assert m["extra_pct"] == pytest.approx(100 * m["saved_parameters"] / methods["backbone_parameters"])
         assert m["step_time_ratio"] > 0 and 0 < m["peak_memory_ratio"] < 1.5
@@ -166,9 +175,11 @@ def test_method_sections_report_every_method_and_equal_mixed_outputs(tmp_path):
                 m[f"decoding_seconds_batch{batch}"] / m[f"plain_decoding_seconds_batch{batch}"] - 1)
         # each method's step time against the full fine-tuning process run beside it
         assert m["step_time_ratio"] == pytest.approx(m["median_step_seconds"] / m["full_median_step_seconds"])
-    assert methods["full_median_step_seconds"] == [m["full_median_step_seconds"] for m in methods["methods"].values()]
+    assert methods["full_median_step_seconds"] == [m["full_median_step_seconds"]
+                                                   for m in methods["methods"].values()]
     mixed = report["results"]["mixed_methods"]
-    assert mixed["outputs_equal"] == mixed["outputs_compared"] == 48  # 6 methods x 8 rows, each as in its own batch
+    # 6 methods x 8 rows, each as in its own batch
+    assert mixed["outputs_equal"] == mixed["outputs_compared"] == 48
     names = [t["name"] for t in report["targets"]]
     assert names == ["mixed methods: throughput, one 6x8 batch of six methods / 6 batches of 8",
                      "mixed methods: outputs equal to each method's own batch (share)"]

@@ -6,27 +6,35 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from conftest import run_script, tiny_gpt2, tiny_method_options
+from safetensors.torch import load_file, save_file
 
 import combine_all
 import models.combine
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.combine import (combine, comparable_token_ids, load_task_checkpoints, sample_inputs, task_logits,
-                            verify, write_vlm)
 from engines.specs import builtin_spec
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.combine import (
+    combine,
+    comparable_token_ids,
+    load_task_checkpoints,
+    sample_inputs,
+    task_logits,
+    verify,
+    write_vlm,
+)
 from models.methods import METHODS, method_class
 from models.vlm import VersatileLM, backbone_fingerprint, load_backbone
+from tasks.table import TASKS
 from utils.data import load_tokenizer
 from utils.errors import VLMError
-from utils.tasks import TASKS, task_token_ids
 
 BOTTLENECKS = {"qa": 6, "mt": 8, "nlg": 4}
 
 
 def make_task_checkpoint(base, task, bottleneck, folder, seed, tokenizer, mode="adapter"):
     """A trained-looking single-task adapter checkpoint."""
-    return make_method_checkpoint(base, task, {"adapter": {"bottleneck": bottleneck}}, folder, seed, tokenizer, mode)
+    return make_method_checkpoint(base, task, {"adapter": {"bottleneck": bottleneck}}, folder, seed,
+                                  tokenizer, mode)
 
 
 def make_method_checkpoint(base, task, methods, folder, seed, tokenizer, mode="adapter"):
@@ -39,7 +47,7 @@ def make_method_checkpoint(base, task, methods, folder, seed, tokenizer, mode="a
         for p in model.tasks[task].parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
         wte = model.gpt2.transformer.wte.weight
-        rows = task_token_ids(TASKS[task])
+        rows = TASKS[task].token_ids()
         wte[rows] += torch.randn(len(rows), wte.shape[1], generator=generator)
     save_checkpoint(model, tokenizer, str(folder), mode, [task], base)
     return str(folder)
@@ -74,7 +82,8 @@ def singles(ckpts):
 
 def all_logits(model_or_path):
     """{task: task_logits on its sample inputs} for every task the model has (one load)."""
-    model = load_checkpoint(str(model_or_path))[0] if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    model = (load_checkpoint(str(model_or_path))[0] if isinstance(model_or_path, (str, os.PathLike))
+             else model_or_path)
     return {t: task_logits(model, m.spec(), *sample_inputs(m.spec())) for t, m in model.tasks.items()}
 
 
@@ -82,7 +91,8 @@ def test_combined_logits_equal_each_single_task_checkpoint_exactly(vlm3, singles
     folder, manifest = vlm3
     assert manifest["verification"]["max_abs_logit_difference"] == {"qa": 0.0, "mt": 0.0, "nlg": 0.0}
     vlm, _, config = load_checkpoint(folder)
-    assert config["mode"] == "adapter" and {t: m.methods["adapter"].bottleneck for t, m in vlm.tasks.items()} == BOTTLENECKS
+    assert config["mode"] == "adapter" and ({t: m.methods["adapter"].bottleneck for t, m in vlm.tasks.items()}
+                                            == BOTTLENECKS)
     for task in BOTTLENECKS:
         ids, types, _ = sample_inputs(builtin_spec(task))
         with torch.no_grad():
@@ -94,7 +104,7 @@ def test_combined_logits_equal_each_single_task_checkpoint_exactly(vlm3, singles
         assert torch.equal(got[..., columns], expected[..., columns])
         # The other tasks' special-token columns differ by design: the VLM holds those tasks' trained
         # rows, a single-task checkpoint their init (they are never generated for this task).
-        others = [i for t in BOTTLENECKS if t != task for i in task_token_ids(TASKS[t])]
+        others = [i for t in BOTTLENECKS if t != task for i in TASKS[t].token_ids()]
         assert not torch.equal(got[..., others], expected[..., others])
 
 
@@ -104,7 +114,8 @@ def test_combined_model_serves_a_mixed_batch(vlm3, singles):
     ids = torch.cat([inputs[t][0][:1] for t in BOTTLENECKS])
     types = torch.cat([inputs[t][1][:1] for t in BOTTLENECKS])
     with torch.no_grad():
-        mixed = vlm(ids, token_type_ids=types, task_ids=torch.tensor([TASKS[t].task_id for t in BOTTLENECKS])).logits
+        mixed = vlm(ids, token_type_ids=types,
+                    task_ids=torch.tensor([TASKS[t].task_id for t in BOTTLENECKS])).logits
         for row, task in enumerate(BOTTLENECKS):
             expected = singles[task](ids[row:row + 1], token_type_ids=types[row:row + 1],
                                      task_ids=TASKS[task].task_id).logits[0]
@@ -115,7 +126,8 @@ def test_combined_model_serves_a_mixed_batch(vlm3, singles):
             assert torch.equal(mixed[row][:, columns].argmax(-1), expected[:, columns].argmax(-1))
 
 
-def test_checkpoint_with_all_special_rows_combines_its_own_rows_only(ckpts, tiny_base, tmp_path, tokenizer, capsys):
+def test_checkpoint_with_all_special_rows_combines_its_own_rows_only(ckpts, tiny_base, tmp_path, tokenizer,
+                                                                     capsys):
     """A converted authors' checkpoint stores all 30 added rows (`special_token_rows`), moved by
     their training; the VLM takes only the task's own rows, as the authors' combine_all.py did."""
     folder = make_task_checkpoint(tiny_base, "dialogue", 4, tmp_path / "dialogue", 20, tokenizer)
@@ -134,7 +146,8 @@ def test_checkpoint_with_all_special_rows_combines_its_own_rows_only(ckpts, tiny
         expected = source(ids, token_type_ids=types, task_ids=TASKS["dialogue"].task_id).logits
     columns = comparable_token_ids(builtin_spec("dialogue"))
     assert torch.equal(got[..., columns], expected[..., columns])
-    assert not torch.equal(got[..., 50257], expected[..., 50257])  # <pad>: the source's moved row is not taken
+    # <pad>: the source's moved row is not taken
+    assert not torch.equal(got[..., 50257], expected[..., 50257])
 
 
 def test_verify_fails_on_any_difference(vlm3, ckpts):
@@ -207,10 +220,12 @@ def random_folder(tmp_path):
 
 @pytest.mark.parametrize("make_args, where, message", [
     (lambda tmp, c: [c["mt"], c["other"]], lambda tmp, c: c["other"], "another backbone"),
-    (lambda tmp, c: [c["mt"], c["nlg"], c["mt_v2"]], lambda tmp, c: c["mt_v2"], "a second checkpoint for task mt"),
+    (lambda tmp, c: [c["mt"], c["nlg"], c["mt_v2"]], lambda tmp, c: c["mt_v2"],
+     "a second checkpoint for task mt"),
     (lambda tmp, c: [c["nlg"], c["full"]], lambda tmp, c: c["full"], "a full checkpoint (a whole GPT-2"),
     (lambda tmp, c: [c["nlg"], random_folder(tmp)], lambda tmp, c: str(tmp / "random"), "no vlm_config.json"),
-    (lambda tmp, c: [c["nlg"], str(tmp / "missing")], lambda tmp, c: str(tmp / "missing"), "no such checkpoint"),
+    (lambda tmp, c: [c["nlg"], str(tmp / "missing")], lambda tmp, c: str(tmp / "missing"),
+     "no such checkpoint"),
     (lambda tmp, c: [corrupt_config(tmp)], lambda tmp, c: str(tmp / "corrupt" / "vlm_config.json"),
      "invalid JSON"),
     (lambda tmp, c: [c["nlg"], "--remove", "mt"], lambda tmp, c: "--remove", "pass --vlm"),
@@ -275,7 +290,8 @@ METHODS_BY_TASK = {"qa": "adapter+lora", "mt": "houlsby+prefix+ln", "nlg": "ptun
 def test_tasks_of_every_method_combine_and_continual_edits_keep_the_others_bit_identical(tiny_base, tmp_path):
     assert sorted(m for spec in METHODS_BY_TASK.values() for m in spec.split("+")) == sorted(METHODS)
     tokenizer = load_tokenizer()
-    ckpts = {task: make_method_checkpoint(tiny_base, task, tiny_method_options(spec), tmp_path / task, seed, tokenizer)
+    ckpts = {task: make_method_checkpoint(tiny_base, task, tiny_method_options(spec), tmp_path / task, seed,
+                                          tokenizer)
              for seed, (task, spec) in enumerate(METHODS_BY_TASK.items())}
     singles = {task: all_logits(path)[task] for task, path in ckpts.items()}
     vlm = tmp_path / "vlm"
@@ -295,12 +311,14 @@ def test_tasks_of_every_method_combine_and_continual_edits_keep_the_others_bit_i
     assert set(added) == set(METHODS_BY_TASK) and all(torch.equal(added[t], before[t]) for t in added)
 
     # mt's houlsby+prefix+ln replaced by a LoRA: mt gives the new checkpoint's logits, the rest stay
-    lora = make_method_checkpoint(tiny_base, "mt", tiny_method_options("lora"), tmp_path / "mt_lora", 9, tokenizer)
+    lora = make_method_checkpoint(tiny_base, "mt", tiny_method_options("lora"), tmp_path / "mt_lora", 9,
+                                  tokenizer)
     run_cli("--vlm", vlm, "--replace", lora, "--output_dir", vlm)
     model = load_checkpoint(str(vlm))[0]
     assert list(model.tasks["mt"].methods) == ["lora"]
     replaced = all_logits(model)
-    assert torch.equal(replaced["mt"], all_logits(lora)["mt"]) and not torch.equal(replaced["mt"], before["mt"])
+    assert torch.equal(replaced["mt"], all_logits(lora)["mt"]) and not torch.equal(replaced["mt"],
+                                                                                   before["mt"])
     assert all(torch.equal(replaced[t], before[t]) for t in replaced if t != "mt")
 
 
@@ -312,7 +330,8 @@ def test_a_failed_verification_writes_nothing(vlm3, ckpts, tmp_path, capsys, mon
     def differs(model, sources, backbone=None, log=None):
         raise VLMError("the combined model's logits differ from the source checkpoint's for qa")
     monkeypatch.setattr(models.combine, "verify", differs)
-    for args in (["--vlm", vlm, "--remove", "nlg", "--output_dir", vlm], [ckpts["qa"], "--output_dir", tmp_path / "new"]):
+    for args in (["--vlm", vlm, "--remove", "nlg", "--output_dir", vlm],
+                 [ckpts["qa"], "--output_dir", tmp_path / "new"]):
         with pytest.raises(SystemExit) as exit_info:
             run_cli(*args)
         assert exit_info.value.code == 2 and "differ" in capsys.readouterr().err

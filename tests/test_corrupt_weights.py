@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from conftest import run_script
-from models.checkpoint import save_checkpoint
-from models.combine import combine, load_task_checkpoints, write_vlm
-from engines.specs import adapter_specs
-from models.vlm import VersatileLM
 from test_authors import authors_state
 from test_train import train_argv, train_in_process
+
+from engines.specs import adapter_specs
+from models.checkpoint import save_checkpoint
+from models.combine import combine, load_task_checkpoints, write_vlm
+from models.vlm import VersatileLM
 from utils.data import load_tokenizer
 
 KINDS = ("full checkpoint", "plain GPT-2 folder", "adapter checkpoint", "combined VLM", "resume state",
@@ -76,7 +76,8 @@ def pristine(tmp_path_factory, tiny_base):
     run_root = root / "resume"
     run_root.mkdir()
     data = run_root / "nlg.json"
-    records = [{"src": {"name": f"Place{i}", "eatType": "pub"}, "tgt": f"Place{i} is a pub."} for i in range(4)]
+    records = [{"src": {"name": f"Place{i}", "eatType": "pub"}, "tgt": f"Place{i} is a pub."}
+               for i in range(4)]
     data.write_text(json.dumps({"train": records, "valid": records[:2]}), encoding="utf-8")
     resume_argv = train_argv(run_root, str(data), tiny_base, "--adapter_bottleneck", "4", "--n_epochs", "2",
                              out="run")

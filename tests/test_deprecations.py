@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO, run_script, tiny_gpt2
+
 from models.vlm import VersatileLM
 
 PROBES = '''

@@ -7,23 +7,24 @@ import pytest
 import torch
 from conftest import run_script
 
+import engines.distill
 import sentence_distiller
 import train
-import engines.distill
+from engines import loaders, settings
+from engines.generate import DecodingOptions, generate_uncached
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.vlm import VersatileLM
-from engines import training
+from tasks.base import decode_text
+from tasks.table import TASKS
 from utils.data import IGNORE_INDEX
-from engines.evaluation import decode_text, make_prompt
-from engines.generate import DecodingOptions, generate_uncached
-from utils.tasks import TASKS
 
 MAX_LENGTH = 6
 MT = {"train": [{"src": "a dog runs .", "tgt": "ein hund rennt ."},
                 {"src": "two men are talking in the park .", "tgt": "zwei männer reden im park ."},
                 {"src": "x", "tgt": "y"},  # under min_tokens: training drops it, the distiller does not
                 {"src": "a woman reads .", "tgt": "eine frau liest ."},
-                {"src": "children play football on the beach .", "tgt": "kinder spielen fußball am strand ."}],
+                {"src": "children play football on the beach .",
+                 "tgt": "kinder spielen fußball am strand ."}],
       "test": [{"src": "a cat sleeps .", "tgt": "eine katze schläft ."},
                {"src": "the sun is shining .", "tgt": "die sonne scheint ."}]}
 DIALOGUE = {
@@ -33,7 +34,8 @@ DIALOGUE = {
         {"history": ["hi !", "hello , i like dogs .", "me too !", "great .", "what do you cook ?"],
          "candidates": ["pasta ."]}]},
         {"personality": ["i run ."], "utterances": [{"history": ["hello"], "candidates": ["hey there"]}]}],
-    "valid": [{"personality": ["i sing ."], "utterances": [{"history": ["hey"], "candidates": ["hi , i sing ."]}]}]}
+    "valid": [{"personality": ["i sing ."],
+               "utterances": [{"history": ["hey"], "candidates": ["hi , i sing ."]}]}]}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,8 @@ def write_dataset(tmp_path, name, content):
 
 def distill_argv(tmp_path, task, teacher, dataset, *extra, max_history="1"):
     return ["--task", task, "--model_checkpoint", teacher, "--dataset_path", dataset, "--no_sample",
-            "--max_length", str(MAX_LENGTH), "--max_history", max_history, "--device", "cpu", "--batch_size", "2",
-            "--dataset_cache", str(tmp_path / "cache"), *extra]
+            "--max_length", str(MAX_LENGTH), "--max_history", max_history, "--device", "cpu",
+            "--batch_size", "2", "--dataset_cache", str(tmp_path / "cache"), *extra]
 
 
 def greedy_texts(teacher, task_name, contexts):
@@ -66,7 +68,8 @@ def greedy_texts(teacher, task_name, contexts):
     model, tokenizer, _ = load_checkpoint(teacher)
     task = TASKS[task_name]
     options = DecodingOptions(max_length=MAX_LENGTH, no_sample=True)
-    return [decode_text(tokenizer, generate_uncached(model, make_prompt(task, context, -1), options), cleanup=False)
+    return [decode_text(tokenizer, generate_uncached(model, task.make_prompt(context, -1), options),
+                        cleanup=False)
             for context in contexts]
 
 
@@ -118,9 +121,11 @@ def test_dialogue_targets_follow_training_contexts_per_utterance(tmp_path, teach
     assert distilled["valid"] == DIALOGUE["valid"]
 
 
-def test_nlg_decodes_a_repeated_mr_once_and_gives_every_record_its_text(tmp_path, teacher, tokenizer, monkeypatch):
+def test_nlg_decodes_a_repeated_mr_once_and_gives_every_record_its_text(tmp_path, teacher, tokenizer,
+                                                                        monkeypatch):
     mr, other = {"name": "The Vaults", "eatType": "pub"}, {"name": "Alimentum", "area": "city centre"}
-    nlg = {"train": [{"src": mr, "tgt": "The Vaults is a pub."}, {"src": other, "tgt": "Alimentum is central."},
+    nlg = {"train": [{"src": mr, "tgt": "The Vaults is a pub."},
+                     {"src": other, "tgt": "Alimentum is central."},
                      {"src": mr, "tgt": "There is a pub called The Vaults."}],
            "valid": [{"src": other, "tgt": "Alimentum is in the centre."}]}
     dataset = write_dataset(tmp_path, "nlg", nlg)
@@ -204,14 +209,15 @@ def test_train_distillation_finds_the_distilled_file_and_keeps_validation_gold(t
     distilled = read(distilled_file)
     capsys.readouterr()
 
-    args = train.parse_args(["--task", "mt", "--dataset_path", dataset, "--dataset_cache", str(tmp_path / "cache"),
-                             "--distillation", "--model_checkpoint", tiny_base, "--output_dir", str(tmp_path / "run")])
-    task, _ = training.prepare_args(args)
-    data = training.load_splits(args, task, tokenizer)
+    args = train.parse_args(["--task", "mt", "--dataset_path", dataset,
+                             "--dataset_cache", str(tmp_path / "cache"), "--distillation",
+                             "--model_checkpoint", tiny_base, "--output_dir", str(tmp_path / "run")])
+    task, _ = settings.prepare_args(args)
+    data = loaders.load_splits(args, task, tokenizer)
     assert capsys.readouterr().out.strip() == \
         f"--distillation: training on the distilled targets of {distilled_file}"
     assert args.dataset_path == distilled_file
-    train_examples, valid_examples = training.split_examples(args, task, data, 512)
+    train_examples, valid_examples = loaders.split_examples(args, task, data, 512)
 
     def targets(examples):
         return [tokenizer.decode([t for t in e["labels"] if t != IGNORE_INDEX][:-1]) for e in examples]
@@ -228,12 +234,14 @@ def test_train_distillation_prefers_a_dataset_that_has_the_targets(tmp_path, tok
     records = [dict(r, distillated_tgt="distilled " + r["tgt"]) for r in MT["train"]]
     dataset = write_dataset(tmp_path, "own", {"train": records, "test": MT["test"]})
     write_dataset(tmp_path, "own.distilled", {"train": MT["train"], "test": MT["test"]})  # not used
-    args = train.parse_args(["--task", "mt", "--dataset_path", dataset, "--dataset_cache", "", "--distillation",
-                             "--model_checkpoint", tiny_base, "--output_dir", str(tmp_path / "run")])
-    task, _ = training.prepare_args(args)
-    training.load_splits(args, task, tokenizer)
+    args = train.parse_args(["--task", "mt", "--dataset_path", dataset, "--dataset_cache", "",
+                             "--distillation", "--model_checkpoint", tiny_base,
+                             "--output_dir", str(tmp_path / "run")])
+    task, _ = settings.prepare_args(args)
+    loaders.load_splits(args, task, tokenizer)
     assert args.dataset_path == dataset
-    assert capsys.readouterr().out.strip() == f"--distillation: training on the distilled targets of {dataset}"
+    assert capsys.readouterr().out.strip() == ("--distillation: training on the distilled targets of "
+                                               f"{dataset}")
 
 
 # --- (5): bad input ---------------------------------------------------------------------------------
@@ -250,7 +258,8 @@ def test_bad_input_gives_one_error_line(tmp_path, teacher, capsys, case, expecte
     argv = distill_argv(tmp_path, "mt", teacher, dataset)
     argv += {"same_output": ["--output", dataset], "unknown_task": ["--task", "poetry"],
              "missing_teacher": ["--model_checkpoint", str(tmp_path / "nowhere")],
-             "missing_dataset": ["--dataset_path", str(tmp_path / "missing.json")], "bad_flag": ["--bogus"]}[case]
+             "missing_dataset": ["--dataset_path", str(tmp_path / "missing.json")],
+             "bad_flag": ["--bogus"]}[case]
     with pytest.raises(SystemExit) as exit_info:
         sentence_distiller.main(argv)
     assert exit_info.value.code == 2

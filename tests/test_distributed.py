@@ -25,12 +25,11 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import train
-from models.checkpoint import ADAPTER_WEIGHTS
+from engines import run_state, training
 from engines.specs import builtin_spec
+from models.checkpoint import ADAPTER_WEIGHTS, task_state_dict
 from models.methods import METHODS, key_prefix, method_class
-from models.checkpoint import task_state_dict
 from models.vlm import VersatileLM
-from engines import training
 
 NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi", "Wildwood", "Strada",
          "Browns Cambridge", "The Golden Curry", "Fitzbillies", "The Punter", "Midsummer House",
@@ -47,7 +46,8 @@ def records(names, offset=0):
         tgt = f"{name} is a {TYPES[i % 3]}."
         if i % 2:
             src["area"] = AREAS[i % 2]
-            tgt = f"In the {AREAS[i % 2]} area there is {name}, a {TYPES[i % 3]} " + "worth a visit. " * (i % 4)
+            tgt = (f"In the {AREAS[i % 2]} area there is {name}, a {TYPES[i % 3]} "
+                   + "worth a visit. " * (i % 4))
         out.append({"src": src, "tgt": tgt.strip()})
     return out
 
@@ -98,7 +98,7 @@ def argv(tmp_path, data, base, out, accumulation, method="adapter"):
 
 
 def metrics(out):
-    with open(os.path.join(out, training.METRICS_FILE), encoding="utf-8") as f:
+    with open(os.path.join(out, run_state.METRICS_FILE), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -114,8 +114,8 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no
                                                                     monkeypatch, method):
     env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-               *argv(tmp_path, nlg_data, no_dropout_base, "ddp", accumulation=1, method=method)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "train.py", *argv(tmp_path, nlg_data, no_dropout_base, "ddp", accumulation=1, method=method)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -139,7 +139,8 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no
     single_weights = load_file(os.path.join(single.output_dir, ADAPTER_WEIGHTS))
     assert sorted(ddp_weights) == sorted(single_weights)
     options = {name: method_class(name).resolve(o) for name, o in METHOD_CASES[method][1].items()}
-    initial = task_state_dict(VersatileLM.from_pretrained(no_dropout_base, [builtin_spec("nlg", options)]), ["nlg"])
+    initial = task_state_dict(VersatileLM.from_pretrained(no_dropout_base, [builtin_spec("nlg", options)]),
+                              ["nlg"])
     assert sorted(single_weights) == sorted(initial)
     for name, tensor in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], tensor, rtol=0, atol=1e-5, msg=name)

@@ -5,13 +5,13 @@ import pytest
 import torch
 from conftest import run_script
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from engines.specs import adapter_specs
-from models.vlm import VersatileLM
-from utils import metrics
-from engines.evaluation import dataset_prompts, decode_text
 from engines.generate import DecodingOptions, generate
-from utils.tasks import TASKS
+from engines.specs import adapter_specs
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.vlm import VersatileLM
+from tasks.base import decode_text
+from tasks.table import TASKS
+from utils import metrics
 
 NLG = {"train": [{"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "The Vaults is a pub."}],
        "test": [{"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "The Vaults is a pub."},
@@ -53,7 +53,8 @@ def write_dataset(tmp_path, name, content):
 def evaluate(tmp_path, task, checkpoint_path, dataset, *extra):
     result = run_script("evaluate.py", "--task", task, "--no_sample", "--model_checkpoint", checkpoint_path,
                         "--dataset_path", dataset, "--device", "cpu", "--max_length", "12",
-                        "--output_dir", str(tmp_path / "out"), "--dataset_cache", str(tmp_path / "cache"), *extra)
+                        "--output_dir", str(tmp_path / "out"), "--dataset_cache", str(tmp_path / "cache"),
+                        *extra)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -66,7 +67,8 @@ def test_nlg_groups_references_by_mr_and_matches_in_process_decoding(tmp_path, c
     outputs = (out / "nlg_output.txt").read_text(encoding="utf-8").splitlines()
     assert len(outputs) == 2  # one output per meaning representation
     assert (out / "nlg_ref.txt").read_text(encoding="utf-8") == (
-        "The Vaults is a pub.\nThere is a pub called The Vaults.\n\nAlimentum is in the city centre and rated low.\n")
+        "The Vaults is a pub.\nThere is a pub called The Vaults.\n\n"
+        "Alimentum is in the city centre and rated low.\n")
     assert (out / "nlg_mr.txt").read_text(encoding="utf-8").splitlines() == [
         "name[The Vaults], eatType[pub]", "name[Alimentum], area[city centre], customer rating[low]"]
     written = json.loads((out / "nlg_metrics.json").read_text())
@@ -74,13 +76,14 @@ def test_nlg_groups_references_by_mr_and_matches_in_process_decoding(tmp_path, c
     assert "BLEU=" in result.stdout
     # The same outputs as decoding in-process, one prompt at a time.
     model, _, _ = load_checkpoint(ckpt)
-    from utils.data import load_task_data
-    records = load_task_data(TASKS["nlg"], dataset, tokenizer, ["test"])["test"]
-    prompts = dataset_prompts(TASKS["nlg"], records, 2, tokenizer, TASKS["nlg"].task_id)
+    records = TASKS["nlg"].load_data(dataset, tokenizer, ["test"])["test"]
+    prompts = TASKS["nlg"].dataset_prompts(records, 2, tokenizer, TASKS["nlg"].task_id)
     expected = [decode_text(tokenizer, ids) for ids in
-                generate(model, prompts, DecodingOptions(max_length=12, no_sample=True), batch_size=1, progress=False)]
+                generate(model, prompts, DecodingOptions(max_length=12, no_sample=True), batch_size=1,
+                         progress=False)]
     assert outputs == expected
-    assert written["BLEU"] == pytest.approx(metrics.e2e_scores(outputs, [p.meta["references"] for p in prompts])["BLEU"])
+    assert written["BLEU"] == pytest.approx(
+        metrics.e2e_scores(outputs, [p.meta["references"] for p in prompts])["BLEU"])
 
 
 def test_mt_writes_outputs_references_and_scores_them(tmp_path, checkpoint):

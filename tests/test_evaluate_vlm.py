@@ -12,10 +12,10 @@ from conftest import REPO, run_script
 
 import evaluate
 import evaluate_vlm
-from models.checkpoint import save_checkpoint
 from engines.specs import adapter_specs
+from models.checkpoint import save_checkpoint
 from models.vlm import VersatileLM
-from utils.tasks import TASKS, task_token_ids
+from tasks.table import TASKS
 
 BOTTLENECKS = {"mt": 8, "nlg": 4, "qa": 6, "dialogue": 5}
 DATASETS = {
@@ -25,7 +25,8 @@ DATASETS = {
                     {"src": "a woman reads a book .", "tgt": "eine frau liest ein buch ."}]},
     "nlg": {"train": [{"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "The Vaults is a pub."}],
             "test": [{"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "The Vaults is a pub."},
-                     {"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "There is a pub called The Vaults."},
+                     {"src": {"name": "The Vaults", "eatType": "pub"},
+                      "tgt": "There is a pub called The Vaults."},
                      {"src": {"name": "Alimentum", "area": "city centre", "customer rating": "low"},
                       "tgt": "Alimentum is in the city centre and rated low."}]},
     "qa": {"valid": [{"id": "story1", "document": ["The cat sat on the mat. It was red."], "utterances": [
@@ -50,7 +51,7 @@ def vlm(tmp_path_factory, tiny_base, tokenizer):
         for task in BOTTLENECKS:
             for p in model.tasks[task].methods["adapter"].parameters():
                 p.add_(torch.randn_like(p) * 0.5)
-            rows = task_token_ids(TASKS[task])
+            rows = TASKS[task].token_ids()
             wte[rows] += torch.randn(len(rows), wte.shape[1]) * 0.02
     save_checkpoint(model, tokenizer, str(root / "VLM"), "adapter", list(BOTTLENECKS), tiny_base)
     single = {}
@@ -62,7 +63,8 @@ def vlm(tmp_path_factory, tiny_base, tokenizer):
         datasets[task] = str(root / f"{task}.json")
         with open(datasets[task], "w", encoding="utf-8") as f:
             json.dump(content, f)
-    return SimpleNamespace(path=str(root / "VLM"), single=single, datasets=datasets, cache=str(root / "cache"))
+    return SimpleNamespace(path=str(root / "VLM"), single=single, datasets=datasets,
+                           cache=str(root / "cache"))
 
 
 def read_files(folder):
@@ -88,8 +90,9 @@ def single_task_run(vlm, tmp_path_factory):
     def run(task, sampling=False):
         if (task, sampling) not in runs:
             out = tmp_path_factory.mktemp(f"vlm_{task}_{'sampled' if sampling else 'greedy'}")
-            evaluate_vlm.main(["--model_checkpoint", vlm.path, "--task", task, "--dataset_path", vlm.datasets[task],
-                               "--output_dir", str(out), *common_flags(vlm, sampling)])
+            evaluate_vlm.main(["--model_checkpoint", vlm.path, "--task", task,
+                               "--dataset_path", vlm.datasets[task], "--output_dir", str(out),
+                               *common_flags(vlm, sampling)])
             runs[task, sampling] = out
         return runs[task, sampling]
     return run
@@ -97,8 +100,9 @@ def single_task_run(vlm, tmp_path_factory):
 
 @pytest.mark.parametrize("task", list(BOTTLENECKS))
 def test_one_task_equals_evaluate_py_on_its_own_checkpoint(task, vlm, single_task_run, tmp_path):
-    evaluate.main(["--model_checkpoint", vlm.single[task], "--task", task, "--dataset_path", vlm.datasets[task],
-                   "--output_dir", str(tmp_path / "single"), *common_flags(vlm)])
+    evaluate.main(["--model_checkpoint", vlm.single[task], "--task", task,
+                   "--dataset_path", vlm.datasets[task], "--output_dir", str(tmp_path / "single"),
+                   *common_flags(vlm)])
     expected, got = read_files(tmp_path / "single"), read_files(single_task_run(task))
     assert sorted(got) == sorted(expected) and f"{task}_output.txt" in got
     assert "summary.json" not in got  # only --task all writes a summary
@@ -161,7 +165,8 @@ def test_all_tasks_decode_in_mixed_batches_with_single_task_outputs(sampling, vl
     assert table[:2] == ["| task | examples | metrics |", "|---|---:|---|"]
     assert [row.split(" | ")[0] for row in table[2:]] == [f"| {task}" for task in BOTTLENECKS]
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines if line.startswith("task=")] == [f"task={t}" for t in BOTTLENECKS]
+    assert ([line.split()[0] for line in lines if line.startswith("task=")]
+            == [f"task={t}" for t in BOTTLENECKS])
 
 
 def test_own_input_decodes_as_evaluate_py(vlm, monkeypatch, capsys):
@@ -191,16 +196,20 @@ def test_bad_dataset_paths_on_the_command_line_exit_2_with_one_error_line(vlm):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--task", "summarization"], ("--task summarization: ", "holds mt, nlg, qa, dialogue, not summarization")),
+    (["--task", "summarization"],
+     ("--task summarization: ", "holds mt, nlg, qa, dialogue, not summarization")),
     (["--task", "mt", "--dataset_paths", "mt:foo"], "--dataset_paths mt:foo: expected TASK=PATH"),
-    (["--task", "all", "--dataset_paths", "poetry=x.json"], "--dataset_paths poetry=x.json: unknown task 'poetry'"),
+    (["--task", "all", "--dataset_paths", "poetry=x.json"],
+     "--dataset_paths poetry=x.json: unknown task 'poetry'"),
     (["--task", "poetry"], "--task: unknown task 'poetry'"),
     (["--task", "all", "--input", "hello"], "--input decodes one task"),
     (["--task", "all", "--dataset_path", "x.json"], "--dataset_path names one task's file"),
     (["--task", "mt", "--dataset_path", "a.json", "--dataset_paths", "mt=b.json"], "both give the mt file"),
-    (["--task", "mt", "--dataset_paths", "summarization=x.json"], "holds mt, nlg, qa, dialogue, not summarization"),
+    (["--task", "mt", "--dataset_paths", "summarization=x.json"],
+     "holds mt, nlg, qa, dialogue, not summarization"),
     (["--task", "mt", "--dataset_paths", "mt=a.json", "mt=b.json"], "mt is given twice"),
-    (["--task", "all", "--dataset_paths", "mt=/nonexistent.json"], "/nonexistent.json: dataset file not found"),
+    (["--task", "all", "--dataset_paths", "mt=/nonexistent.json"],
+     "/nonexistent.json: dataset file not found"),
 ])
 def test_bad_flags_exit_2_with_one_error_line(flags, message, vlm, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -5,11 +5,10 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
+from engines.generate import DecodingOptions, Prompt, filter_logits, generate, generate_uncached
 from engines.specs import adapter_specs
 from models.vlm import VersatileLM, add_special_token_rows
-from utils.data import build_inputs
-from engines.generate import DecodingOptions, Prompt, filter_logits, generate, generate_uncached
-from utils.tasks import TASKS, task_token_ids
+from tasks.table import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +18,22 @@ def model():
     vlm = VersatileLM(gpt2, adapter_specs({"mt": 16, "nlg": 8, "dialogue": 8}))
     with torch.no_grad():  # make each task's eos likely enough that some rows stop early
         for name in ("mt", "nlg", "dialogue"):
-            gpt2.transformer.wte.weight[task_token_ids(TASKS[name])[1]] *= 40
+            gpt2.transformer.wte.weight[TASKS[name].token_ids()[1]] *= 40
     return vlm.eval()
 
 
 def task_prompt(task_name, rng, task_id=None):
     task = TASKS[task_name]
     words = lambda n: [rng.randrange(50257) for _ in range(n)]  # noqa: E731
-    if task.layout == "seq2seq":
+    if task_name in ("mt", "summarization"):
         context = words(rng.randrange(2, 30))
-    elif task.layout == "nlg":
+    elif task_name == "nlg":
         context = [("name", words(2)), ("food", words(rng.randrange(1, 5)))]
     else:
         context = ([words(3), words(4)], [words(rng.randrange(1, 8)) for _ in range(rng.randrange(1, 4))])
-    example = build_inputs(task, context, [], with_eos=False)
+    example = task.build_inputs(context, [], with_eos=False)
     return Prompt(example["input_ids"], example["token_type_ids"],
-                  task.task_id if task_id is None else task_id, tuple(task_token_ids(task)))
+                  task.task_id if task_id is None else task_id, tuple(task.token_ids()))
 
 
 def prompts_for(names, count, seed=0):

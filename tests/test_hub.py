@@ -2,14 +2,13 @@
 hub when it answers, and otherwise one error line within seconds that says how to get the
 weights (Hugging Face's client alone retries an unreachable hub for half a minute or more)."""
 import http.server
-import os
 import threading
 import time
 
 import pytest
+from conftest import run_script, tiny_gpt2
 from huggingface_hub import constants
 
-from conftest import run_script, tiny_gpt2
 from models import vlm
 from utils import hub
 from utils.errors import VLMError
@@ -33,10 +32,12 @@ def run_without_hub(monkeypatch, tmp_path, *args):
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
 def test_hub_name_without_hub_fails_fast_with_a_way_to_get_the_weights(monkeypatch, tmp_path, script):
-    extra = (["--task", "nlg", "--dataset_path", "data/samples/nlg.json", "--output_dir", str(tmp_path / "out"),
-              "--dataset_cache", str(tmp_path / "cache")] if script == "train.py"
+    extra = (["--task", "nlg", "--dataset_path", "data/samples/nlg.json",
+              "--output_dir", str(tmp_path / "out"), "--dataset_cache", str(tmp_path / "cache")]
+             if script == "train.py"
              else ["--task", "nlg", "--no_sample", "--input", "name[The Vaults]"])
-    done, seconds = run_without_hub(monkeypatch, tmp_path, script, "--model_checkpoint", "gpt2", "--device", "cpu", *extra)
+    done, seconds = run_without_hub(monkeypatch, tmp_path, script, "--model_checkpoint", "gpt2",
+                                    "--device", "cpu", *extra)
     assert done.returncode == 2
     # a hub that retries with back-off takes minutes; 30 s leaves room for a loaded machine (two test workers)
     assert seconds < 30, f"took {seconds:.1f} s"

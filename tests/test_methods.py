@@ -43,13 +43,16 @@ def counted(name, options, shape=SMALL):
 
 # --- parameter counts --------------------------------------------------------------------------
 @pytest.mark.parametrize("name, options, formula", [
-    ("adapter", {"bottleneck": 300}, 12 * (2 * 768 + 768 * 300 + 300 + 300 * 768 + 768)),  # 5.55M, as the paper
+    # 5.55M, as the paper
+    ("adapter", {"bottleneck": 300}, 12 * (2 * 768 + 768 * 300 + 300 + 300 * 768 + 768)),
     ("adapter", {"bottleneck": 10}, 12 * (2 * 768 + 768 * 10 + 10 + 10 * 768 + 768)),
     ("lora", {}, 12 * 2 * 4 * (768 + 768)),                                                # q, v at rank 4
     ("lora", {"r": 8, "targets": ["q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj"]},
      12 * 8 * (4 * (768 + 768) + (768 + 3072) + (3072 + 768))),
-    ("prefix", {}, 10 * 768 + (768 * 512 + 512) + (512 * 2 * 12 * 768 + 2 * 12 * 768)),  # trained through the MLP
-    ("prefix", {"reparameterize": False}, 10 * 2 * 12 * 768),                            # what a checkpoint stores
+    # trained through the MLP
+    ("prefix", {}, 10 * 768 + (768 * 512 + 512) + (512 * 2 * 12 * 768 + 2 * 12 * 768)),
+    # what a checkpoint stores
+    ("prefix", {"reparameterize": False}, 10 * 2 * 12 * 768),
     ("prompt", {}, 100 * 768),
     ("ptuning", {}, 10 * 768 + 2 * (4 * 768 * 768 + 4 * 768 * 768 + 8 * 768)
      + 2 * (4 * 768 * 1536 + 4 * 768 * 768 + 8 * 768) + (1536 * 1536 + 1536) + (1536 * 768 + 768)),
@@ -115,9 +118,10 @@ def test_lora_on_q_and_v_agrees_with_peft_lora_on_the_fused_c_attn():
     from peft import LoraConfig
     model, reference = one_task_model({"lora": {"r": 4, "alpha": 32.0, "dropout": 0.0}})
     lora = model.tasks["nlg"].methods["lora"]
-    # q and v of rank 4 each are one LoRA of rank 8 on c_attn: A stacked, B block-diagonal into q's and v's columns.
-    reference = peft_model(reference, LoraConfig(r=8, lora_alpha=64, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                 lora_dropout=0.0))
+    # q and v of rank 4 each are one LoRA of rank 8 on c_attn: A stacked, B block-diagonal into q's and
+    # v's columns.
+    reference = peft_model(reference, LoraConfig(r=8, lora_alpha=64, target_modules=["c_attn"],
+                                                 fan_in_fan_out=True, lora_dropout=0.0))
     d = 64
     with torch.no_grad():
         for layer in range(2):
@@ -156,10 +160,12 @@ def test_lora_on_the_output_and_mlp_projections_agrees_with_peft():
 @pytest.mark.parametrize("reparameterize", [True, False])
 def test_prefix_agrees_with_peft_prefix_tuning(reparameterize):
     from peft import PrefixTuningConfig
-    model, reference = one_task_model({"prefix": {"length": 4, "hidden": 16, "reparameterize": reparameterize}})
+    model, reference = one_task_model({"prefix": {"length": 4, "hidden": 16,
+                                                  "reparameterize": reparameterize}})
     prefix = model.tasks["nlg"].methods["prefix"]
     reference = peft_model(reference, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                         prefix_projection=reparameterize, encoder_hidden_size=16))
+                                                         prefix_projection=reparameterize,
+                                                         encoder_hidden_size=16))
     encoder = reference.prompt_encoder["default"]
     with torch.no_grad():
         if reparameterize:
@@ -170,7 +176,8 @@ def test_prefix_agrees_with_peft_prefix_tuning(reparameterize):
         ours = model(IDS, task_ids=4).logits
     mask = torch.ones_like(IDS)
     # PEFT's real tokens start at position P too (it lets GPT-2 count the cached prefix).
-    torch.testing.assert_close(ours, peft_logits(reference, input_ids=IDS, attention_mask=mask), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, peft_logits(reference, input_ids=IDS, attention_mask=mask), rtol=0,
+                               atol=1e-5)
 
 
 def virtual_inputs(ids, n):
@@ -200,8 +207,8 @@ def test_ptuning_agrees_with_peft_and_its_exported_row_is_the_encoder_output(enc
         task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_reparameterization_type=encoder.upper(),
         encoder_hidden_size=12, encoder_num_layers=2))
     with torch.no_grad():
-        missing, unexpected = reference.prompt_encoder["default"].load_state_dict(ptuning.encoder.state_dict(),
-                                                                                  strict=False)
+        missing, unexpected = reference.prompt_encoder["default"].load_state_dict(
+            ptuning.encoder.state_dict(), strict=False)
         assert not unexpected and not missing
         input_ids, virtual = virtual_inputs(IDS, 5)
         ours = model(input_ids, task_ids=4, virtual_ids=virtual).logits
@@ -225,7 +232,8 @@ def test_an_exported_prefix_gives_the_trained_logits_exactly():
 # --- mixing ---------------------------------------------------------------------------------------
 MIX = [("mt", 2, {"adapter": {"bottleneck": 8}}), ("nlg", 4, {"lora": {"r": 2}}),
        ("qa", 1, {"prefix": {"length": 3, "hidden": 8}}), ("dialogue", 0, {"prompt": {"length": 4}}),
-       ("summarization", 3, {"ptuning": {"length": 2, "encoder": "mlp"}, "lora": {"r": 3, "targets": ["k", "mlp_fc"]}})]
+       ("summarization", 3, {"ptuning": {"length": 2, "encoder": "mlp"},
+                             "lora": {"r": 3, "targets": ["k", "mlp_fc"]}})]
 
 
 def mixed_model():
@@ -271,14 +279,16 @@ def test_batched_lora_routing_equals_per_task_sub_batches(monkeypatch, routing):
     with torch.no_grad():
         mixed = model(ids, task_ids=tids).logits
         for row, task in enumerate(tids.tolist()):
-            torch.testing.assert_close(mixed[row], model(ids[row:row + 1], task_ids=task).logits[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(mixed[row], model(ids[row:row + 1], task_ids=task).logits[0], rtol=0,
+                                       atol=1e-5)
 
 
 def test_batched_lora_gradients_equal_per_task_sub_batches(monkeypatch):
     """Training through the batched gathers: every LoRA tensor gets the gradient the per-task
     sub-batches give it (ranks 2 and 5, partly different targets, a plain row, a task-less slot)."""
     specs = [TaskSpec("mt", 2, builtin_token_ids("mt"), {"lora": {"r": 2, "dropout": 0.0}}),
-             TaskSpec("nlg", 4, builtin_token_ids("nlg"), {"lora": {"r": 5, "dropout": 0.0, "targets": ["q", "mlp_proj"]}})]
+             TaskSpec("nlg", 4, builtin_token_ids("nlg"),
+                      {"lora": {"r": 5, "dropout": 0.0, "targets": ["q", "mlp_proj"]}})]
     model = randomize(VersatileLM(base_gpt2(), specs)).eval()  # eval: GPT-2's own dropout off
     model.mark_trainable("adapter", ["mt", "nlg"])
     ids, tids = IDS.repeat(2, 1), torch.tensor([2, 4, -1, 4, 2, 2])
@@ -320,11 +330,13 @@ def test_the_prefix_cache_follows_rows_leaving_the_batch():
     ids, tids, virtual = mixed_batch()
     with torch.no_grad():
         full = model(ids, token_type_ids=ids, task_ids=tids, virtual_ids=virtual).logits
-        first = model(ids[:, :7], token_type_ids=ids[:, :7], task_ids=tids, virtual_ids=virtual[:, :7], use_cache=True)
+        first = model(ids[:, :7], token_type_ids=ids[:, :7], task_ids=tids, virtual_ids=virtual[:, :7],
+                      use_cache=True)
         keep = torch.tensor([0, 2, 4, 5])
         first.cache.batch_select_indices(keep)
-        rest = model(ids[keep, 7:], token_type_ids=ids[keep, 7:], task_ids=tids[keep], virtual_ids=virtual[keep, 7:],
-                     cache=first.cache, use_cache=True, attention_mask=torch.ones(4, 12, dtype=torch.long),
+        rest = model(ids[keep, 7:], token_type_ids=ids[keep, 7:], task_ids=tids[keep],
+                     virtual_ids=virtual[keep, 7:], cache=first.cache, use_cache=True,
+                     attention_mask=torch.ones(4, 12, dtype=torch.long),
                      position_ids=torch.arange(7, 12).expand(4, 5))
     torch.testing.assert_close(rest.logits, full[keep, 7:], rtol=0, atol=1e-5)
     assert math.isfinite(rest.logits.abs().max().item())

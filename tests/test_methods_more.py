@@ -11,14 +11,15 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
-from models.vlm import TaskSpec, VersatileLM, add_special_token_rows
 from models.methods import METHODS, BackboneShape, method_class
+from models.vlm import TaskSpec, VersatileLM, add_special_token_rows
 from utils.errors import VLMError
 from utils.vocab import builtin_token_ids
 
 SMALL = BackboneShape(n_layer=12, d_model=768, n_head=12, d_inner=3072)
 NEW = ("houlsby", "parallel", "ln", "adapterbias", "compacter", "krona", "unipelt")
-# Options that fit the tiny GPT-2 (d = 64): compacter's default bottleneck d/32 = 2 is no multiple of phm_dim 4.
+# Options that fit the tiny GPT-2 (d = 64): compacter's default bottleneck d/32 = 2 is no multiple of
+# phm_dim 4.
 TINY_OPTIONS = {"houlsby": {}, "parallel": {}, "ln": {}, "adapterbias": {}, "compacter": {"bottleneck": 8},
                 "krona": {}, "unipelt": {"prefix_length": 3, "prefix_hidden": 32}}
 
@@ -56,7 +57,7 @@ def ids(batch=2, length=7, seed=3):
 
 
 # --- parameter counts ------------------------------------------------------------------------
-D, L, I = 768, 12, 3072
+D, L, INNER = 768, 12, 3072
 UNIPELT_LORA = L * 2 * (8 * (D + D) + (D + 1))                                 # A, B, gate on q and v
 UNIPELT_PREFIX_MLP = 10 * D + (D * 512 + 512) + (512 * 2 * L * D + 2 * L * D)
 UNIPELT_REST = L * (D + 1) + L * (D * 48 + 48 + 48 * D + D + (D + 1))       # prefix gates; adapter + its gate
@@ -132,7 +133,8 @@ def tapped(gpt2):
     modules = {"ln_f": gpt2.transformer.ln_f}
     for i, block in enumerate(gpt2.transformer.h):
         modules.update({(i, "ln_1"): block.ln_1, (i, "ln_2"): block.ln_2, (i, "attn"): block.attn,
-                        (i, "mlp"): block.mlp, (i, "c_attn"): block.attn.c_attn, (i, "c_proj"): block.mlp.c_proj})
+                        (i, "mlp"): block.mlp, (i, "c_attn"): block.attn.c_attn,
+                        (i, "c_proj"): block.mlp.c_proj})
     return modules
 
 
@@ -217,7 +219,8 @@ def test_ln_agrees_with_peft_ln_tuning():
     method = model.tasks["t"].methods["ln"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = get_peft_model(base_gpt2(), LNTuningConfig(target_modules=["ln_1", "ln_2", "ln_f"])).eval()
+        reference = get_peft_model(base_gpt2(),
+                                   LNTuningConfig(target_modules=["ln_1", "ln_2", "ln_f"])).eval()
         transformer = reference.base_model.model.transformer
         copied = 0
         for layer, name in method.norm_names():
@@ -241,7 +244,7 @@ def test_adapterbias_shifts_the_mlp_output_by_a_vector_times_a_score_of_the_hidd
     assert method.alphas[0].in_features == 4 * 64
     for i in range(2):
         r, out = before.x((i, "c_proj")), before.out((i, "c_proj"))
-        alpha = r @ method.alphas[i].weight.t() + method.alphas[i].bias       # (batch, T, 1): one score a token
+        alpha = r @ method.alphas[i].weight.t() + method.alphas[i].bias  # (batch, T, 1): one score a token
         close(after.out((i, "c_proj")), out + alpha * method.vectors[i])
 
 
@@ -294,7 +297,8 @@ def test_krona_adds_the_kronecker_product_update_to_q_and_v():
 
 
 def test_krona_with_rectangular_factors_on_the_mlp():
-    method, before, after = run_tapped("krona", {"a1": 4, "a2": 16, "targets": ["mlp_fc", "mlp_proj"], "scale": 2.0})
+    method, before, after = run_tapped("krona", {"a1": 4, "a2": 16, "targets": ["mlp_fc", "mlp_proj"],
+                                                 "scale": 2.0})
     assert method.pairs["0_mlp_fc"].B.shape == (256 // 4, 64 // 16)
     for i in range(2):
         pair = method.pairs[f"{i}_mlp_proj"]
@@ -341,7 +345,8 @@ def test_unipelt_is_gated_lora_plus_gated_prefix_plus_gated_adapter():
         own_scores = own_scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
         probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1), dim=-1)
         mixed = (gate * probs[..., :P]) @ pv + probs[..., P:] @ v
-        c_proj = base_gpt2().transformer.h[i].attn.c_proj  # GPT-2's own (identical) projection, Conv1D x W + b
+        # GPT-2's own (identical) projection, Conv1D x W + b
+        c_proj = base_gpt2().transformer.h[i].attn.c_proj
         attn_out = mixed.transpose(1, 2).reshape(batch, T, 64) @ c_proj.weight + c_proj.bias
         close(after.out((i, "attn")), attn_out)
         # the adapter after the MLP, gated per token from the MLP's output
@@ -365,8 +370,10 @@ def test_unipelt_gates_are_per_token_not_sequence_means():
 # --- one batch, many methods ------------------------------------------------------------------
 MIXED = [("dialogue", 0, "houlsby", {}), ("qa", 1, "parallel", {}), ("mt", 2, "ln", {}),
          ("summarization", 3, "adapterbias", {}), ("nlg", 4, "compacter", {"bottleneck": 8}),
-         ("user_krona", 5, "krona", {}), ("user_unipelt", 6, "unipelt", {"prefix_length": 3, "prefix_hidden": 32}),
-         ("user_prefix", 7, "prefix", {"length": 5, "hidden": 16})]  # a longer prefix: unipelt's rows get padded
+         ("user_krona", 5, "krona", {}),
+         ("user_unipelt", 6, "unipelt", {"prefix_length": 3, "prefix_hidden": 32}),
+         # a longer prefix: unipelt's rows get padded
+         ("user_prefix", 7, "prefix", {"length": 5, "hidden": 16})]
 
 
 def mixed_model():
@@ -471,7 +478,8 @@ def test_bad_options_are_errors_naming_the_option(name, options, message):
     ("compacter", {"bottleneck": 6}, "phm_dim 4 must divide the bottleneck 6"),
     ("compacter", {"phm_dim": 3, "bottleneck": 6}, "phm_dim 3 must divide the model width 64"),
     ("krona", {"a1": 7}, "a1=7 must divide the output width 64 of target q"),
-    ("krona", {"a2": 48, "targets": ["mlp_proj"]}, "a2=48 must divide the input width 256 of target mlp_proj"),
+    ("krona", {"a2": 48, "targets": ["mlp_proj"]},
+     "a2=48 must divide the input width 256 of target mlp_proj"),
 ])
 def test_options_that_do_not_fit_the_backbone_are_errors_naming_the_option(name, options, message):
     with pytest.raises(VLMError, match=message):
@@ -488,7 +496,8 @@ def test_the_exported_form_gives_the_trained_logits_and_rebuilds_from_its_option
     model.export_methods()
     exported = model.tasks["t"].methods[name]
     shape = BackboneShape.of(model.gpt2.config)
-    assert sum(p.numel() for p in exported.parameters()) == method_class(name).parameter_count(shape, exported.options)
+    assert sum(p.numel() for p in exported.parameters()) == method_class(name).parameter_count(
+        shape, exported.options)
     with torch.no_grad():
         close(model(tokens, task_ids=0).logits, trained)
     rebuilt = VersatileLM(base_gpt2(), [model.tasks["t"].spec()]).eval()

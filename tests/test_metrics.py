@@ -7,8 +7,18 @@ from nltk.translate.meteor_score import single_meteor_score
 from utils import metrics
 from utils.errors import VLMError
 from utils.metrics import (
-    coqa_exact, coqa_f1, coqa_normalize_answer, coqa_scores, e2e_group_references, e2e_scores, moses_bleu,
-    perplexity, rouge_scores, sacre_bleu, unigram_f1)
+    coqa_exact,
+    coqa_f1,
+    coqa_normalize_answer,
+    coqa_scores,
+    e2e_group_references,
+    e2e_scores,
+    moses_bleu,
+    perplexity,
+    rouge_scores,
+    sacre_bleu,
+    unigram_f1,
+)
 
 # Two sentences, worked out n by n:
 #   "the cat sat on the mat" vs "the cat sat on the red mat": 1g 6/6, 2g 4/5 (not "the mat"),
@@ -117,7 +127,8 @@ def test_coqa_scores_leave_one_out_and_missing_turns():
     gold = {("s1", 1): ["red", "blue"], ("s1", 2): ["red car"], ("s1", 3): ["yes"]}
     predictions = [{"id": "s1", "turn_id": 1, "answer": "red"}, {"id": "s1", "turn_id": 2, "answer": "car"}]
     scores = coqa_scores(predictions, gold)
-    # turn 1, two golds: leaving out "red" scores 0 against ["blue"], leaving out "blue" scores 1 -> 0.5 for F1 and EM
+    # turn 1, two golds: leaving out "red" scores 0 against ["blue"], leaving out "blue" scores 1
+    # -> 0.5 for F1 and EM
     # turn 2, one gold: F1 2/3, EM 0; turn 3 has no prediction: 0
     assert scores["turns"] == 3
     assert scores["f1"] == pytest.approx(100 * (0.5 + 2 / 3 + 0) / 3)
@@ -167,7 +178,8 @@ def test_e2e_nist_hand_computed():
 def test_e2e_bleu_is_case_insensitive_and_mteval_tokenized():
     # mteval splits off "," and "." and the E2E scorer lowercases, so these are identical
     assert e2e_scores(["The pub, cheap."], [["the pub , cheap ."]])["BLEU"] == pytest.approx(1.0)
-    assert metrics._mteval_tokens('It costs 3.5, OK. "Fine"') == ["it", "costs", "3.5", ",", "ok", ".", '"', "fine", '"']
+    assert metrics._mteval_tokens('It costs 3.5, OK. "Fine"') == ["it", "costs", "3.5", ",", "ok", ".", '"',
+                                                                  "fine", '"']
 
 
 def test_coco_rouge_l_takes_max_precision_and_recall_separately():

@@ -9,8 +9,9 @@ from engines.specs import adapter_specs
 from models.adapters import Adapter
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.vlm import VOCAB_SIZE, VersatileLM, add_special_token_rows, backbone_fingerprint
+from tasks.table import TASKS
 from utils.errors import VLMError
-from utils.tasks import ALL_SPECIAL_TOKENS, TASKS, special_token_id, task_token_ids
+from utils.vocab import ALL_SPECIAL_TOKENS, special_token_id
 
 
 def make_model(adapters=None, seed=0):
@@ -21,9 +22,9 @@ def make_model(adapters=None, seed=0):
 
 def test_special_tokens_have_the_reference_ids(tokenizer):
     assert len(ALL_SPECIAL_TOKENS) == 30 and VOCAB_SIZE == 50287
-    expected = {"<pad>": 50257, "<bos_dial>": 50258, "<persona>": 50262, "<bos_qa>": 50263, "<document>": 50267,
-                "<bos_mt>": 50268, "<target_mt>": 50271, "<bos_sm>": 50272, "<target_sm>": 50275,
-                "<bos_nlg>": 50276, "<customerRating>": 50285, "<response>": 50286}
+    expected = {"<pad>": 50257, "<bos_dial>": 50258, "<persona>": 50262, "<bos_qa>": 50263,
+                "<document>": 50267, "<bos_mt>": 50268, "<target_mt>": 50271, "<bos_sm>": 50272,
+                "<target_sm>": 50275, "<bos_nlg>": 50276, "<customerRating>": 50285, "<response>": 50286}
     for token, token_id in expected.items():
         assert special_token_id(token) == token_id
         assert tokenizer.convert_tokens_to_ids(token) == token_id
@@ -38,10 +39,12 @@ def test_all_ids_minus_one_equals_plain_gpt2_exactly():
     types = torch.randint(0, VOCAB_SIZE, (3, 11))
     with torch.no_grad():
         expected = plain(ids, token_type_ids=types).logits
-        assert torch.equal(model(ids, token_type_ids=types, task_ids=torch.tensor([-1, -1, -1])).logits, expected)
+        assert torch.equal(model(ids, token_type_ids=types, task_ids=torch.tensor([-1, -1, -1])).logits,
+                           expected)
         assert torch.equal(model(ids, token_type_ids=types).logits, expected)
         # and the adapters really change the output when selected
-        assert not torch.allclose(model(ids, token_type_ids=types, task_ids=TASKS["mt"].task_id).logits, expected)
+        assert not torch.allclose(model(ids, token_type_ids=types, task_ids=TASKS["mt"].task_id).logits,
+                                  expected)
 
 
 def test_mixed_batch_rows_equal_single_task_rows():
@@ -90,7 +93,7 @@ def test_adapter_training_keeps_backbone_and_other_rows_bit_identical():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model, "adapter", "mt")
     after = model.state_dict()
-    own = task_token_ids(TASKS["mt"])
+    own = TASKS["mt"].token_ids()
     for name, tensor in before.items():
         if name.startswith("tasks.mt."):
             assert not torch.equal(tensor, after[name]), name
@@ -109,7 +112,7 @@ def test_emb_only_trains_only_the_task_rows():
     before = model.gpt2.transformer.wte.weight.clone()
     train_steps(model, "emb_only", "nlg")
     after = model.gpt2.transformer.wte.weight
-    own = task_token_ids(TASKS["nlg"])
+    own = TASKS["nlg"].token_ids()
     changed = (before != after).any(-1).nonzero().flatten().tolist()
     assert changed and set(changed) <= set(own)
 
@@ -126,9 +129,9 @@ def test_task_rows_train_as_views_with_the_tied_tables_gradient():
     reference.gpt2.transformer.wte.weight.requires_grad_(True)
     generator = torch.Generator().manual_seed(5)
     ids = torch.randint(0, VOCAB_SIZE, (4, 9), generator=generator)
-    ids[:, 0] = task_token_ids(TASKS["mt"])[0]
-    ids[:, 3] = task_token_ids(TASKS["nlg"])[2]
-    types = torch.where(torch.arange(9) < 5, task_token_ids(TASKS["mt"])[2], task_token_ids(TASKS["nlg"])[1])
+    ids[:, 0] = TASKS["mt"].token_ids()[0]
+    ids[:, 3] = TASKS["nlg"].token_ids()[2]
+    types = torch.where(torch.arange(9) < 5, TASKS["mt"].token_ids()[2], TASKS["nlg"].token_ids()[1])
     types = types.expand(4, 9)
     task_ids = torch.tensor([TASKS["mt"].task_id, TASKS["nlg"].task_id, TASKS["mt"].task_id, -1])
     logits = model(ids, token_type_ids=types, task_ids=task_ids).logits  # grad mode: the hooks run
@@ -139,13 +142,13 @@ def test_task_rows_train_as_views_with_the_tied_tables_gradient():
     table_grad = reference.gpt2.transformer.wte.weight.grad
     for task in ("mt", "nlg"):
         rows = model.task_rows.rows[task]
-        assert rows.data_ptr() == wte[task_token_ids(TASKS[task])[0]].data_ptr()  # a view of the table
-        torch.testing.assert_close(rows.grad, table_grad[task_token_ids(TASKS[task])], rtol=1e-5, atol=1e-7)
+        assert rows.data_ptr() == wte[TASKS[task].token_ids()[0]].data_ptr()  # a view of the table
+        torch.testing.assert_close(rows.grad, table_grad[TASKS[task].token_ids()], rtol=1e-5, atol=1e-7)
         assert rows.grad.abs().sum() > 0
     with torch.no_grad():  # an optimizer's in-place update lands in the table
         model.task_rows.rows["nlg"].add_(1.0)
-    assert torch.equal(wte[task_token_ids(TASKS["nlg"])], reference.gpt2.transformer.wte.weight[
-        task_token_ids(TASKS["nlg"])].detach() + 1.0)
+    assert torch.equal(wte[TASKS["nlg"].token_ids()], reference.gpt2.transformer.wte.weight[
+        TASKS["nlg"].token_ids()].detach() + 1.0)
     assert not any(k.startswith("task_rows") for k in model.state_dict())
     model.mark_trainable("full")
     assert model.task_rows is None and wte.requires_grad
@@ -162,10 +165,12 @@ def test_loss_from_labelled_positions_equals_the_full_logits_loss():
     task_ids = torch.tensor([TASKS["mt"].task_id, -1, TASKS["mt"].task_id])
     with torch.no_grad():
         full = model(ids, token_type_ids=ids, task_ids=task_ids).logits
-        expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, VOCAB_SIZE), labels[:, 1:].reshape(-1))
+        expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, VOCAB_SIZE),
+                                                     labels[:, 1:].reshape(-1))
         loss = model(ids, token_type_ids=ids, task_ids=task_ids, labels=labels).loss
         logits, targets = model.labelled_logits(ids, labels, ids, task_ids)
-    assert logits.shape == (4 + 4 + 2, VOCAB_SIZE) and targets.tolist() == labels[:, 1:][labels[:, 1:] != -100].tolist()
+    assert logits.shape == (4 + 4 + 2, VOCAB_SIZE) and (targets.tolist()
+                                                        == labels[:, 1:][labels[:, 1:] != -100].tolist())
     torch.testing.assert_close(logits, full[:, :-1][labels[:, 1:] != -100], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
@@ -216,11 +221,12 @@ def test_training_memory_savers_keep_values_and_gradients(monkeypatch):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             loss = model(ids, token_type_ids=ids, task_ids=TASKS["nlg"].task_id, labels=labels).loss
         loss.backward()
-        results[name] = (loss.detach(), [p.grad.clone() for p in model.tasks["nlg"].methods.parameters()], sum(saved),
-                         model.gpt2.config._attn_implementation)
+        results[name] = (loss.detach(), [p.grad.clone() for p in model.tasks["nlg"].methods.parameters()],
+                         sum(saved), model.gpt2.config._attn_implementation)
         model.eval()
         assert model.gpt2.config._attn_implementation == "sdpa"
-    (lean_loss, lean_grads, lean_saved, lean_attention), (loss, grads, saved, attention) = results["lean"], results["plain"]
+    (lean_loss, lean_grads, lean_saved, lean_attention), (loss, grads, saved, attention) = (results["lean"],
+                                                                                            results["plain"])
     assert lean_attention != attention == "sdpa"
     torch.testing.assert_close(lean_loss, loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(lean_grads, grads):
@@ -245,7 +251,7 @@ def test_adapter_checkpoint_reloads_to_identical_logits(tmp_path, tiny_base, tok
     assert weights.stat().st_size < 100_000  # adapters and rows only, not the backbone
     loaded, _, config = load_checkpoint(str(tmp_path / "ckpt"))
     assert config["tasks"] == {"nlg": {"bottleneck": 4, "task_id": TASKS["nlg"].task_id,
-                                       "token_ids": list(task_token_ids(TASKS["nlg"])),
+                                       "token_ids": list(TASKS["nlg"].token_ids()),
                                        "methods": {"adapter": {"bottleneck": 4}}}}
     assert config["base_fingerprint"] == backbone_fingerprint(model.gpt2)
     ids = torch.randint(0, VOCAB_SIZE, (2, 10))
@@ -284,7 +290,8 @@ def test_checkpoint_refuses_another_backbone_and_corrupt_files(tmp_path, tiny_ba
 
 def test_a_backbone_with_another_vocabulary_is_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=1000)).save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                               vocab_size=1000)).save_pretrained(tmp_path)
     with pytest.raises(VLMError, match="vocabulary of 1000 tokens"):
         VersatileLM.from_pretrained(str(tmp_path))
 

@@ -8,7 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from models.output_ceiling import output_ceiling
 
 D, V, NORM = 16, 50, 3.0
-CONFIG = GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0)
+CONFIG = GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=2, n_positions=8, bos_token_id=0,
+                    eos_token_id=0)
 
 
 def hand_built_model():

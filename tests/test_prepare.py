@@ -95,7 +95,8 @@ def test_e2e_slots_parsed_in_mr_order():
     assert first["tgt"] == "The Vaults pub near Café Adriatic has a 5 star rating.  Prices start at £30."
     # a quoted reference spanning two lines is one record
     assert len(data["train"]) == 5
-    assert data["train"][4]["tgt"].endswith("located near The Bakers.\n  This coffee shop is a high customer rating")
+    assert data["train"][4]["tgt"].endswith("located near The Bakers.\n  "
+                                            "This coffee shop is a high customer rating")
     assert len(data["valid"]) == 12
     assert all(set(r["src"]) <= set(prepare.E2E_SLOTS) for r in data["train"] + data["valid"])
 
@@ -104,7 +105,8 @@ def test_nlg_slice_counts_mrs_with_all_their_references():
     data = prepare.prepare("nlg", {"valid": [fixture("e2e_dev.csv")], "test": [fixture("e2e_dev.csv")]},
                            {"valid": (0, 1), "test": (1, 2)})
     assert len(data["valid"]) == 6 and len(data["test"]) == 6
-    assert all(r["src"] == {"name": "Alimentum", "area": "city centre", "familyFriendly": "no"} for r in data["valid"])
+    assert all(r["src"] == {"name": "Alimentum", "area": "city centre", "familyFriendly": "no"}
+               for r in data["valid"])
     assert all(r["src"]["near"] == "Burger King" for r in data["test"])
     assert prepare.describe("nlg", data["valid"]) == "6 references of 1 MRs"
 
@@ -135,7 +137,8 @@ def test_parlai_text_dialogues_history_and_gold():
                                     "i only eat kosher.", "i was raised in a single parent household."]
     assert len(first["utterances"]) == 8
     assert first["utterances"][0] == {"history": ["hello what are doing today ?"],
-                                      "candidates": ["i am good , i just got off work and tired , i have two jobs ."]}
+                                      "candidates": ["i am good , i just got off work and tired , "
+                                                     "i have two jobs ."]}
     second = first["utterances"][1]
     assert second["history"] == ["hello what are doing today ?",
                                  "i am good , i just got off work and tired , i have two jobs .",
@@ -173,7 +176,8 @@ def test_personachat_json_copies_the_flagged_split():
 
 
 def test_personachat_json_missing_key_names_record(tmp_path):
-    path = write(tmp_path, "p.json", json.dumps({"train": [{"personality": ["x"], "utterances": [{"history": ["hi"]}]}]}))
+    path = write(tmp_path, "p.json",
+                 json.dumps({"train": [{"personality": ["x"], "utterances": [{"history": ["hi"]}]}]}))
     with pytest.raises(VLMError, match=r"p\.json, train record 0, utterance 0: missing key 'candidates'"):
         prepare.prepare("dialogue", {"train": [path]})
 
@@ -187,7 +191,8 @@ def test_coqa_history_candidates_turn_ids():
     story = data["valid"][0]
     assert story["id"] == "3dr23u6we5exclen4th8uq9rb42tel"
     assert story["document"][0].startswith("Once upon a time, in a barn near a farm house")
-    assert story["utterances"][0] == {"history": ["What color was Cotton?"], "candidates": ["white"], "turn_id": 1}
+    assert story["utterances"][0] == {"history": ["What color was Cotton?"], "candidates": ["white"],
+                                      "turn_id": 1}
     assert story["utterances"][2]["history"] == ["What color was Cotton?", "white", "Where did she live?",
                                                  "in a barn", "Did she live alone?"]
     assert [u["turn_id"] for u in story["utterances"]] == list(range(1, len(story["utterances"]) + 1))
@@ -221,9 +226,9 @@ def test_cnndm_jsonl():
     records = convert("summarization", test=["cnndm_test.jsonl"])["test"]
     assert len(records) == 2
     assert records[0]["src"].startswith("Gary Locke will be confirmed as Kilmarnock\u2019s permanent manager")
-    assert records[0]["tgt"] == ("Gary Locke will be confirmed as Kilmarnock boss on Friday . The club went unbeaten "
-                                 "during Locke 's first six games in charge . The 39-year-old former Killie defender "
-                                 "has paid tribute to his players .")
+    assert records[0]["tgt"] == ("Gary Locke will be confirmed as Kilmarnock boss on Friday . "
+                                 "The club went unbeaten during Locke 's first six games in charge . "
+                                 "The 39-year-old former Killie defender has paid tribute to his players .")
 
 
 def test_story_folder_joins_highlights_like_see_et_al():

@@ -20,9 +20,9 @@ SCRIPT = os.path.join(REPO, "data", "prepare.py")
 _spec = importlib.util.spec_from_file_location("prepare", SCRIPT)
 prepare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(prepare)
+from tasks.task_file import load_task_file  # noqa: E402
+from tasks.template import build_template_example, template_records  # noqa: E402
 from utils.errors import VLMError  # noqa: E402
-from utils.task_file import load_task_file  # noqa: E402
-from utils.templates import build_template_example, template_records  # noqa: E402
 
 HEADER = "answerid;scenario;intent;answer_annotation;answer_from_anno;answer_from_user\n"
 
@@ -50,8 +50,8 @@ def test_phrasebank_lines_to_records():
     records = prepare.read_phrasebank(fixture("phrasebank_allagree.txt"))
     assert len(records) == 48
     assert records[0] == {"taskname": "sentiment", "label": "neutral", "sentence": (
-        "According to Gran , the company has no plans to move all production to Russia , although that is where "
-        "the company is growing .")}
+        "According to Gran , the company has no plans to move all production to Russia , "
+        "although that is where the company is growing .")}
     assert records[28] == {"taskname": "sentiment", "sentence": "Sales have risen in other export markets .",
                            "label": "positive"}
     assert [r["label"] for r in records].count("negative") == 3
@@ -101,8 +101,10 @@ def test_assistant_csv_rows_to_intent_and_slot_records():
 
 @pytest.mark.parametrize("annotation, message", [
     ("wake me [time : five am", "unclosed '[' in the annotation 'wake me [time : five am'"),
-    ("wake me time : five am]", "']' without '[' at character 22 of the annotation 'wake me time : five am]'"),
-    ("wake [time : [x : five] am]", "nested '[' at character 13 of the annotation 'wake [time : [x : five] am]'"),
+    ("wake me time : five am]",
+     "']' without '[' at character 22 of the annotation 'wake me time : five am]'"),
+    ("wake [time : [x : five] am]",
+     "nested '[' at character 13 of the annotation 'wake [time : [x : five] am]'"),
     ("wake me [five am]", "slot '[five am]' is not [name : value]"),
     ("wake me [time : ]", "slot '[time : ]' is not [name : value]"),
     ("wake me [ : five am]", "slot '[ : five am]' is not [name : value]"),
@@ -121,7 +123,8 @@ def test_annotation_spacing_is_normalized():
 
 
 def test_assistant_csv_errors_name_file_and_line(tmp_path):
-    path = write(tmp_path, "a.csv", HEADER + '1;alarm;set;"wake me";"wake me";"Wake me"\n2;alarm;set;"x";"x"\n')
+    path = write(tmp_path, "a.csv",
+                 HEADER + '1;alarm;set;"wake me";"wake me";"Wake me"\n2;alarm;set;"x";"x"\n')
     assert error(prepare.read_assistant_csv, path) == f"{path}, line 3: 5 fields where the header has 6"
     path = write(tmp_path, "b.csv", "answerid;scenario;intent;answer\n1;a;b;c\n")
     assert error(prepare.read_assistant_csv, path) == (
@@ -186,7 +189,8 @@ def test_fractions_are_exact():
     # 0.07 x 100 is 7.000000000000001 in floating point, whose ceiling is 8; the fraction 7/100 gives 7
     assert math.ceil(0.07 * 100) == 8
     records = [{"id": i} for i in range(200)]
-    split = prepare.fold_split(records, folds=2, fold=0, train_fraction=prepare.train_fraction("0.07"), test=[])
+    split = prepare.fold_split(records, folds=2, fold=0, train_fraction=prepare.train_fraction("0.07"),
+                               test=[])
     assert len(split["train"]) == 7
 
 
@@ -238,8 +242,8 @@ def test_sentiment_cli_drops_the_duplicate_and_writes_three_files(tmp_path):
     assert sorted(r["sentence"] for r in everything) == sorted(
         {r["sentence"] for r in prepare.read_phrasebank(fixture("phrasebank_allagree.txt"))})
     # the same command again gives the same files; a fraction keeps a prefix of the training split
-    again = run_cli("sentiment", "--input", fixture("phrasebank_allagree_latin1.txt"), "--output", str(tmp_path / "b"),
-                    "--train_fraction", "0.2")
+    again = run_cli("sentiment", "--input", fixture("phrasebank_allagree_latin1.txt"),
+                    "--output", str(tmp_path / "b"), "--train_fraction", "0.2")
     assert again.returncode == 0, again.stderr
     assert read_split(tmp_path / "b", "train") == splits["train"][:8]  # ceil(0.2 x 38)
     assert read_split(tmp_path / "b", "test") == splits["test"]
@@ -247,7 +251,8 @@ def test_sentiment_cli_drops_the_duplicate_and_writes_three_files(tmp_path):
 
 def test_assistant_cli_with_a_test_csv(tmp_path):
     out = tmp_path / "assistant"
-    result = run_cli("assistant", "--train", fixture("assistant_train.csv"), "--test", fixture("assistant_test.csv"),
+    result = run_cli("assistant", "--train", fixture("assistant_train.csv"),
+                     "--test", fixture("assistant_test.csv"),
                      "--output", str(out), "--folds", "10", "--fold", "0", "--seed", "1234")
     assert result.returncode == 0, result.stderr
     # 34 rows in 10 folds: fold 0 (3 rows) is valid, the other 31 train; the 10 test rows as they are
@@ -257,8 +262,10 @@ def test_assistant_cli_with_a_test_csv(tmp_path):
                        "label": "Intent: alarm_query\nSlots: date(today)"}
     assert [r["utterance"] for r in test] == [r["utterance"] for r in
                                               prepare.read_assistant_csv(fixture("assistant_test.csv"))[0]]
-    without_test = run_cli("assistant", "--train", fixture("assistant_train.csv"), "--output", str(tmp_path / "b"))
-    assert without_test.stdout.splitlines()[:3] == ["train: 28 records", "valid: 3 records", "test: 3 records"]
+    without_test = run_cli("assistant", "--train", fixture("assistant_train.csv"),
+                           "--output", str(tmp_path / "b"))
+    assert without_test.stdout.splitlines()[:3] == ["train: 28 records", "valid: 3 records",
+                                                    "test: 3 records"]
     assert read_split(tmp_path / "b", "test") == read_split(out, "valid")  # fold 0 either way
 
 
@@ -321,8 +328,8 @@ def test_samples_have_documented_sizes_and_fit_their_task(tokenizer, name):
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None)
 lines = st.lists(st.one_of(st.text(max_size=20), st.sampled_from([
-    HEADER.strip(), '1;alarm;set;"wake [time : six]";"wake six";"x"', '2;a;b;"[x : y";"";""', "a .@neutral", "@",
-    "x@positive", '"unclosed', ";;;;;", "\x00"])), max_size=5)
+    HEADER.strip(), '1;alarm;set;"wake [time : six]";"wake six";"x"', '2;a;b;"[x : y";"";""', "a .@neutral",
+    "@", "x@positive", '"unclosed', ";;;;;", "\x00"])), max_size=5)
 
 
 @pytest.fixture(scope="module")

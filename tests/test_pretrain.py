@@ -3,8 +3,8 @@ text stream packs, shuffles and resumes exactly; a SIGKILLed run resumed ends wi
 weights; two torchrun processes train what one process trains; bad input is one error line."""
 import json
 import lzma
-import random
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,13 +26,16 @@ VALID = os.path.join(FIXTURES, "valid_en.txt")
 
 def pretrain_argv(out, *extra, steps=12, interval=4):
     return ["pretrain.py", "--train_files", WIKI, GERMAN, "--valid_files", VALID, "--valid_tokens", "1024",
-            "--block_size", "64", "--batch_size", "4", "--max_steps", str(steps), "--eval_interval", str(interval),
+            "--block_size", "64", "--batch_size", "4", "--max_steps", str(steps),
+            "--eval_interval", str(interval),
             "--warmup_steps", "2", "--lr", "1e-2", "--n_layer", "2", "--n_embd", "32", "--n_head", "2",
-            "--n_positions", "128", "--shuffle_blocks", "16", "--device", "cpu", "--output_dir", str(out), *extra]
+            "--n_positions", "128", "--shuffle_blocks", "16", "--device", "cpu", "--output_dir", str(out),
+            *extra]
 
 
 def env():
-    return dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                OMP_NUM_THREADS="1")
 
 
 def read_metrics(out):
@@ -133,12 +136,14 @@ def test_pretraining_lowers_the_loss_and_writes_a_gpt2_folder(pretrained):
 
 def test_the_pretrained_folder_is_a_backbone_for_adapter_training(pretrained, tmp_path):
     out, _ = pretrained
-    result = run_script("train.py", "--task", "nlg", "--dataset_path", "data/samples/nlg.json", "--dataset_cache", "",
+    result = run_script("train.py", "--task", "nlg", "--dataset_path", "data/samples/nlg.json",
+                        "--dataset_cache", "",
                         "--model_checkpoint", str(out), "--adapter_bottleneck", "4", "--n_epochs", "1",
                         "--train_batch_size", "32", "--device", "cpu", "--output_dir", str(tmp_path / "nlg"))
     assert result.returncode == 0, result.stderr[-2000:]
-    result = run_script("evaluate.py", "--task", "nlg", "--no_sample", "--max_length", "5", "--model_checkpoint",
-                        str(tmp_path / "nlg"), "--dataset_path", "data/samples/nlg.json", "--dataset_cache", "",
+    result = run_script("evaluate.py", "--task", "nlg", "--no_sample", "--max_length", "5",
+                        "--model_checkpoint", str(tmp_path / "nlg"),
+                        "--dataset_path", "data/samples/nlg.json", "--dataset_cache", "",
                         "--output_dir", str(tmp_path / "results"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.isfile(tmp_path / "results" / "nlg_metrics.json")
@@ -170,8 +175,8 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, *pretrain_argv(killed, *flags, steps=24)], cwd=REPO, env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, *pretrain_argv(killed, *flags, steps=24)], cwd=REPO,
+                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "checkpoint" / "training_state.json"
     deadline = time.time() + 240
     while time.time() < deadline and checkpoint_iteration(state) < 8:
@@ -212,7 +217,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
 def _error(result):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert (len(lines) == 1 and lines[0].startswith("error: ")
+            and "Traceback" not in result.stderr), result.stderr
     return lines[0]
 
 
@@ -243,19 +249,22 @@ def test_bad_training_files_are_one_error_line(tmp_path, damage, message):
     argv = pretrain_argv(tmp_path / "out", steps=2, interval=2)
     argv[argv.index(WIKI)] = str(path)
     argv.remove(GERMAN)  # the damaged file alone, so the run must read it before any step
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env(), capture_output=True, text=True,
+                            timeout=120)
     check = _stream_error if damage == "latin1" else _error
     assert check(result) == message.format(path=path)
 
 
 def test_a_damaged_xz_file_is_one_error_line(tmp_path):
     path = tmp_path / "corpus.txt.xz"
-    words = random.Random(0).choices(["river", "stone", "light", "north", "glass", "winter", "field"], k=20000)
+    words = random.Random(0).choices(["river", "stone", "light", "north", "glass", "winter", "field"],
+                                     k=20000)
     path.write_bytes(lzma.compress(" ".join(words).encode())[:400])  # far fewer tokens than the run needs
     argv = pretrain_argv(tmp_path / "out", steps=2, interval=2)
     argv[argv.index(WIKI)] = str(path)
     argv.remove(GERMAN)  # the damaged file alone, so the run must read it before any step
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env(), capture_output=True, text=True,
+                            timeout=120)
     assert _stream_error(result).startswith(f"error: {path}: damaged .xz stream after line")
 
 
@@ -268,8 +277,8 @@ def test_a_damaged_xz_file_is_one_error_line(tmp_path):
 ])
 def test_bad_flags_are_one_error_line(tmp_path, extra, message):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, *pretrain_argv(out, *extra, steps=2, interval=2)], cwd=REPO, env=env(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, *pretrain_argv(out, *extra, steps=2, interval=2)], cwd=REPO,
+                            env=env(), capture_output=True, text=True, timeout=120)
     assert _error(result) == message.format(out=out)
 
 
@@ -279,7 +288,8 @@ def test_a_non_empty_output_folder_is_refused(tmp_path):
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     result = subprocess.run([sys.executable, *pretrain_argv(out, steps=2, interval=2)], cwd=REPO, env=env(),
                             capture_output=True, text=True, timeout=120)
-    assert _error(result) == f"error: --output_dir {out}: folder is not empty; choose a new one or pass --resume"
+    assert _error(result) == (f"error: --output_dir {out}: folder is not empty; "
+                              "choose a new one or pass --resume")
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 

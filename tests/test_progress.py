@@ -12,9 +12,9 @@ import sys
 import termios
 import time
 
+from conftest import REPO
 from tqdm.std import tqdm
 
-from conftest import REPO
 from utils import progress
 from utils.progress import LineWriter, engine_progress_bar, progress_bar, tqdm_kwargs
 
@@ -99,14 +99,17 @@ def test_every_progress_bar_comes_from_the_helper():
 
 # --- train.py as a person runs it ------------------------------------------------------------
 def progress_train(tmp_path, base, out):
-    records = [{"src": {"name": f"Place{i}", "eatType": "pub"}, "tgt": f"Place{i} is a pub."} for i in range(12)]
+    records = [{"src": {"name": f"Place{i}", "eatType": "pub"}, "tgt": f"Place{i} is a pub."}
+               for i in range(12)]
     data = tmp_path / "nlg.json"
-    data.write_text(json.dumps({"train": records, "valid": records[:2], "test": records[:2]}), encoding="utf-8")
+    data.write_text(json.dumps({"train": records, "valid": records[:2], "test": records[:2]}),
+                    encoding="utf-8")
     argv = [sys.executable, "train.py", "--task", "nlg", "--dataset_path", str(data), "--dataset_cache",
             str(tmp_path / "cache"), "--model_checkpoint", base, "--device", "cpu", "--output_dir",
-            str(tmp_path / out), "--adapter_bottleneck", "4", "--train_batch_size", "2", "--valid_batch_size", "2",
-            "--gradient_accumulation_steps", "1", "--n_epochs", "3"]
-    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+            str(tmp_path / out), "--adapter_bottleneck", "4", "--train_batch_size", "2",
+            "--valid_batch_size", "2", "--gradient_accumulation_steps", "1", "--n_epochs", "3"]
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
     return argv, env
 
 

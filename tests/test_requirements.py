@@ -2,11 +2,10 @@
 ranges, pin every package exactly, and hold no CUDA package (torch is the CPU build here)."""
 import os
 
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-from conftest import REPO
 
 
 def requirement_lines(name):
@@ -36,7 +35,8 @@ def unsatisfied(ranges, pins):
         if version is None:
             problems.append(f"{requirement.name}: not in the lock")
         elif not requirement.specifier.contains(version, prereleases=True):
-            problems.append(f"{requirement.name}: lock has {version}, requirements.txt wants {requirement.specifier}")
+            problems.append(f"{requirement.name}: lock has {version}, "
+                            f"requirements.txt wants {requirement.specifier}")
     return problems
 
 
@@ -65,6 +65,7 @@ def test_the_check_finds_a_lock_that_does_not_satisfy():
 def test_readme_and_ci_install_from_the_lock():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()
-    assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.lock && bash demo.sh"
-            in readme)
-    assert "pip install -q -r requirements.lock" in ci and "requirements.txt" not in ci.split("pip install")[1]
+    assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.lock "
+            "&& bash demo.sh" in readme)
+    assert ("pip install -q -r requirements.lock" in ci
+            and "requirements.txt" not in ci.split("pip install")[1])

@@ -12,8 +12,8 @@ from conftest import popen_script
 from safetensors.torch import load_file, save_file
 
 import train
+from engines import run_state, training
 from models.checkpoint import load_checkpoint
-from engines import training
 
 TYPES = ["pub", "restaurant", "coffee shop"]
 
@@ -34,9 +34,9 @@ def resume_data(tmp_path, train_count):
 def resume_argv(tmp_path, data, base, out, *extra):
     # Adapter training with GPT-2's dropout on: equal weights need the torch random state restored.
     return ["--task", "nlg", "--dataset_path", data, "--dataset_cache", str(tmp_path / f"cache_{out.name}"),
-            "--model_checkpoint", base, "--device", "cpu", "--output_dir", str(out), "--adapter_bottleneck", "8",
-            "--train_batch_size", "2", "--valid_batch_size", "4", "--gradient_accumulation_steps", "2",
-            "--lr", "1e-3", "--n_epochs", "3", *extra]
+            "--model_checkpoint", base, "--device", "cpu", "--output_dir", str(out),
+            "--adapter_bottleneck", "8", "--train_batch_size", "2", "--valid_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--lr", "1e-3", "--n_epochs", "3", *extra]
 
 
 def resume_without_output_dir(argv):
@@ -67,12 +67,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     data = resume_data(tmp_path, 60)  # 30 batches of 2 per epoch: about 2 s an epoch here
     full, killed = tmp_path / "full", tmp_path / "killed"
     # the uninterrupted run and the run to kill go side by side (each its own dataset cache)
-    reference = resume_popen(resume_argv(tmp_path, data, tiny_base, full, "--eval_before_start"), tmp_path / "full.log")
-    victim = resume_popen(resume_argv(tmp_path, data, tiny_base, killed, "--eval_before_start"), tmp_path / "killed.log")
+    reference = resume_popen(resume_argv(tmp_path, data, tiny_base, full, "--eval_before_start"),
+                             tmp_path / "full.log")
+    victim = resume_popen(resume_argv(tmp_path, data, tiny_base, killed, "--eval_before_start"),
+                          tmp_path / "killed.log")
     try:
         deadline = time.time() + 120
         while not (killed / "checkpoint_epoch1").is_dir():
-            assert victim.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-2000:]
+            assert victim.poll() is None and time.time() < deadline, \
+                (tmp_path / "killed.log").read_text()[-2000:]
             time.sleep(0.02)
         # checkpoint_epoch1/ appears by rename, complete; wait until epoch 2 has run a few batches
         while max(map(int, re.findall(r"Epoch \[2/3\]: \[(\d+)/30\]", (tmp_path / "killed.log").read_text(
@@ -145,8 +148,10 @@ def test_resume_without_a_complete_checkpoint_is_one_line_error(tmp_path, tiny_b
 
 
 # --- 3. a NaN loss stops training; the last good checkpoint stays and resumes -----------------------
-@pytest.mark.parametrize("mode", [["--adapter_bottleneck", "8"], ["--adapter_bottleneck", "0"]], ids=["adapter", "full"])
-def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_base, capsys, monkeypatch, mode):
+@pytest.mark.parametrize("mode", [["--adapter_bottleneck", "8"], ["--adapter_bottleneck", "0"]],
+                         ids=["adapter", "full"])
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_base, capsys, monkeypatch,
+                                                                    mode):
     data = resume_data(tmp_path, 8)  # 4 batches per epoch: the 6th training forward is epoch 2, iteration 6
     settings = ["--gradient_accumulation_steps", "1", "--n_epochs", "2", *mode]
     original = training.build_model
@@ -172,10 +177,12 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, ti
         train.main(resume_argv(tmp_path, data, tiny_base, out, *settings))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == (f"error: training loss is nan at epoch 2, iteration 6: training stopped; "
+    assert err.strip().splitlines()[-1] == (f"error: training loss is nan at epoch 2, iteration 6: "
+                                            "training stopped; "
                                             f"last complete checkpoint: {out / 'checkpoint_epoch1'}")
     assert "Traceback" not in err
-    assert sorted(os.listdir(out)) == ["checkpoint_epoch1", "metrics.jsonl", "tensorboard", "training_args.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint_epoch1", "metrics.jsonl", "tensorboard",
+                                       "training_args.json"]
     loaded, _, config = load_checkpoint(str(out / "checkpoint_epoch1"))  # loads: complete and consistent
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
@@ -203,13 +210,15 @@ def test_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
     def crashing_state(path):
         raise KeyboardInterrupt  # stands for a kill between the model files and the training state
 
-    training.CheckpointKeeper(str(tmp_path), save, save_state=lambda p: open(os.path.join(p, "state"), "w").close())(1)
+    run_state.CheckpointKeeper(str(tmp_path), save,
+                              save_state=lambda p: open(os.path.join(p, "state"), "w").close())(1)
     with pytest.raises(KeyboardInterrupt):
-        training.CheckpointKeeper(str(tmp_path), save, save_state=crashing_state)(2)
+        run_state.CheckpointKeeper(str(tmp_path), save, save_state=crashing_state)(2)
     assert sorted(os.listdir(tmp_path)) == [".checkpoint_epoch2.partial", "checkpoint_epoch1"]
     assert sorted(os.listdir(tmp_path / "checkpoint_epoch1")) == ["state", "weights"]
     # the next attempt clears the leftover and completes
-    training.CheckpointKeeper(str(tmp_path), save, save_state=lambda p: open(os.path.join(p, "state"), "w").close())(2)
+    run_state.CheckpointKeeper(str(tmp_path), save,
+                              save_state=lambda p: open(os.path.join(p, "state"), "w").close())(2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_epoch1", "checkpoint_epoch2"]
 
 
@@ -222,13 +231,15 @@ def test_optimizer_state_round_trip_stores_masked_rows_sparsely(tmp_path):
         table.grad[[2, 7]] = torch.randn(2, 3)  # only two rows train, like a task's own token rows
         bias.grad = torch.randn(3)
         optimizer.step()
-    state, tensors = training.optimizer_state(optimizer)
+    state, tensors = run_state.optimizer_state(optimizer)
     assert state["sparse"] == {"optimizer.0.exp_avg": [10, 3], "optimizer.0.exp_avg_sq": [10, 3]}
     assert tensors["optimizer.0.exp_avg.rows"].tolist() == [2, 7]
     save_file(tensors, str(tmp_path / "s.safetensors"))
-    fresh = torch.optim.AdamW([torch.nn.Parameter(table.detach().clone()), torch.nn.Parameter(bias.detach().clone())],
+    fresh = torch.optim.AdamW([torch.nn.Parameter(table.detach().clone()),
+                               torch.nn.Parameter(bias.detach().clone())],
                               lr=0.1, weight_decay=0.0)
-    training.restore_optimizer(fresh, json.loads(json.dumps(state)), load_file(str(tmp_path / "s.safetensors")), "x")
+    run_state.restore_optimizer(fresh, json.loads(json.dumps(state)),
+                               load_file(str(tmp_path / "s.safetensors")), "x")
     before, after = optimizer.state_dict(), fresh.state_dict()
     assert before["param_groups"] == after["param_groups"]
     for index in (0, 1):

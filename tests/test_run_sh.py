@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tasks.table import TASKS
 from tests.conftest import REPO, run_script
-from utils.tasks import GPT2_VOCAB_SIZE, TASKS
+from utils.vocab import GPT2_VOCAB_SIZE
 
 ALL = ("dialogue", "qa", "mt", "summarization", "nlg")
 
@@ -33,7 +34,8 @@ def flag(cmd, name):
 
 
 def script_calls(cmds, script, task=None):
-    return [c for c in cmds if script in c and (task is None or ("--task" in c and flag(c, "--task") == task))]
+    return [c for c in cmds
+            if script in c and (task is None or ("--task" in c and flag(c, "--task") == task))]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def test_dry_run_prints_the_pipeline_and_runs_nothing(dry):
     for task in ("qa", "nlg"):
         assert "--distillation" not in script_calls(cmds, "train.py", task)[1]
     evaluations = script_calls(cmds, "evaluate.py")
-    assert [(flag(c, "--task"), flag(c, "--model_checkpoint"), flag(c, "--output_dir")) for c in evaluations] == (
+    assert [(flag(c, "--task"), flag(c, "--model_checkpoint"), flag(c, "--output_dir"))
+            for c in evaluations] == (
         [(t, f"{runs}/{t}_full", f"{results}/GPT2_result") for t in ALL]
         + [(t, f"{runs}/{t}_adapter", f"{results}/adapter_result") for t in ALL])
     assert all("--no_sample" in c for c in evaluations)
@@ -77,8 +80,10 @@ def test_dry_run_prints_the_pipeline_and_runs_nothing(dry):
     assert combine == [["/bin/false", "combine_all.py", *[f"{runs}/{t}_adapter" for t in ALL],
                         "--output_dir", f"{runs}/VLM"]]
     vlm_evals = script_calls(cmds, "evaluate_vlm.py")
-    assert [(flag(c, "--task"), flag(c, "--model_checkpoint"), flag(c, "--output_dir")) for c in vlm_evals] == [
-        ("all", f"{runs}/VLM", f"{results}/VLM_result"), ("all", f"{runs}/multitask", f"{results}/multitask_result")]
+    assert [(flag(c, "--task"), flag(c, "--model_checkpoint"), flag(c, "--output_dir"))
+            for c in vlm_evals] == [
+        ("all", f"{runs}/VLM", f"{results}/VLM_result"),
+        ("all", f"{runs}/multitask", f"{results}/multitask_result")]
     pairs = [f"{t}={TASKS[t].default_dataset}" for t in ALL]
     for c in vlm_evals:
         assert c[c.index("--dataset_paths") + 1:][:5] == pairs
@@ -92,7 +97,8 @@ def test_dry_run_prints_the_pipeline_and_runs_nothing(dry):
     order = [next(i for i, c in enumerate(cmds) if s in c) for s in
              ("train.py", "sentence_distiller.py", "combine_all.py", "evaluate_vlm.py", "train_vlm.py")]
     assert order == sorted(order)
-    assert cmds[-1] == ["/bin/false", "-m", "engines.report", results, "--runs", runs, "--tasks", ",".join(ALL)]
+    assert cmds[-1] == ["/bin/false", "-m", "engines.report", results, "--runs", runs,
+                        "--tasks", ",".join(ALL)]
 
 
 def test_mini_dry_run_is_every_stage_on_the_stand_in_and_the_samples():
@@ -105,18 +111,20 @@ def test_mini_dry_run_is_every_stage_on_the_stand_in_and_the_samples():
             assert flag(c, "--model_checkpoint") == "data/gpt2-stand-in"
         if "--dataset_path" in c:  # the samples, or their distilled copy
             task = flag(c, "--task")
-            expected = f"{runs}/distilled/{task}.json" if "--distillation" in c else f"data/samples/{task}.json"
+            expected = (f"{runs}/distilled/{task}.json" if "--distillation" in c
+                        else f"data/samples/{task}.json")
             assert flag(c, "--dataset_path") == expected
     for task in ALL:
         trains = {flag(c, "--output_dir"): c for c in script_calls(cmds, "train.py", task)}
         distilled = task in ("mt", "summarization", "dialogue")
-        expected = [f"{runs}/{task}_{s}" for s in ("full", "adapter", *(["adapter_gold"] if distilled else []),
-                                                   "emb_only")]
+        expected = [f"{runs}/{task}_{s}"
+                    for s in ("full", "adapter", *(["adapter_gold"] if distilled else []), "emb_only")]
         assert list(trains) == expected
         # the authors' epochs and learning rates, batches of 8 without accumulation
         hyper = TASKS[task]
         full, adapter, emb = trains[expected[0]], trains[expected[1]], trains[expected[-1]]
-        assert [flag(full, f) for f in ("--n_epochs", "--train_batch_size", "--gradient_accumulation_steps")] \
+        assert [flag(full, f)
+                for f in ("--n_epochs", "--train_batch_size", "--gradient_accumulation_steps")] \
             == [str(hyper.full_finetune.n_epochs), "8", "1"]
         assert float(flag(full, "--lr")) == hyper.full_finetune.lr
         assert ("--distillation" in adapter) == distilled
@@ -124,19 +132,22 @@ def test_mini_dry_run_is_every_stage_on_the_stand_in_and_the_samples():
         assert float(flag(emb, "--lr")) == hyper.adapter.lr
         if distilled:
             gold = trains[f"{runs}/{task}_adapter_gold"]
-            assert "--distillation" not in gold and flag(gold, "--dataset_path") == f"data/samples/{task}.json"
+            assert ("--distillation" not in gold
+                    and flag(gold, "--dataset_path") == f"data/samples/{task}.json")
             assert flag(gold, "--adapter_bottleneck") == flag(adapter, "--adapter_bottleneck")
     outputs = {flag(c, "--output_dir") for c in script_calls(cmds, "evaluate.py")}
     assert outputs == {f"{results}/{d}" for d in ("GPT2_result", "adapter_result", "adapter_gold_result",
                                                   "emb_only_result")}
     assert [flag(c, "--output_dir") for c in script_calls(cmds, "evaluate_vlm.py")] == [
         f"{results}/VLM_result", f"{results}/multitask_result"]
-    assert cmds[-1] == ["/bin/false", "-m", "engines.report", results, "--runs", runs, "--tasks", ",".join(ALL)]
+    assert cmds[-1] == ["/bin/false", "-m", "engines.report", results, "--runs", runs,
+                        "--tasks", ",".join(ALL)]
 
 
 def test_mini_and_smoke_exclude_each_other():
     result = run_sh("--mini", "--smoke", "--dry-run")
-    assert result.returncode == 2 and result.stderr.startswith("run.sh: --smoke and --mini exclude each other")
+    assert result.returncode == 2 and result.stderr.startswith(
+        "run.sh: --smoke and --mini exclude each other")
 
 
 def test_default_dry_run_writes_into_runs_repro_and_results_without_creating_them():
@@ -252,7 +263,8 @@ def adapter_checkpoint(folder, tasks, distillation=None, adapters=True):
             tensors[f"adapters.{t}.0.project_down.weight"] = torch.zeros(2, 5 * (i + 1))
         tensors[f"task_embeddings.{t}"] = torch.zeros(1, 3)
     save_file(tensors, os.path.join(folder, "adapters.safetensors"))
-    config = {"format": "vlm", "mode": "adapter", "tasks": {t: {"bottleneck": 2 if adapters else 0} for t in tasks},
+    config = {"format": "vlm", "mode": "adapter",
+              "tasks": {t: {"bottleneck": 2 if adapters else 0} for t in tasks},
               "gpt2_config": dict(SMALL, vocab_size=GPT2_VOCAB_SIZE + 30)}
     if distillation is not None:
         config["training_args"] = {"distillation": distillation}
@@ -300,19 +312,22 @@ def test_report_tables_csv_and_plot(fake_tree):
         ["task", "setting", "metric", "value"],
         ["mt", "finetune", "parameters", "33"], ["mt", "finetune", "extra_parameters_pct", "100.0"],
         ["mt", "finetune", "bleu", "20.5"], ["mt", "finetune", "rouge1", "0.25"],
-        ["mt", "adapter", "parameters", "13"], ["mt", "adapter", "extra_parameters_pct", repr(100.0 * 13 / backbone)],
+        ["mt", "adapter", "parameters", "13"],
+        ["mt", "adapter", "extra_parameters_pct", repr(100.0 * 13 / backbone)],
         ["mt", "adapter", "bleu", "19.0"], ["mt", "adapter", "rouge1", "0.5"],
         ["mt", "adapter_gold", "parameters", "13"],
         ["mt", "adapter_gold", "extra_parameters_pct", repr(100.0 * 13 / backbone)],
         ["mt", "adapter_gold", "bleu", "17.0"],
-        ["mt", "emb_only", "parameters", "3"], ["mt", "emb_only", "extra_parameters_pct", repr(100.0 * 3 / backbone)],
+        ["mt", "emb_only", "parameters", "3"],
+        ["mt", "emb_only", "extra_parameters_pct", repr(100.0 * 3 / backbone)],
         ["mt", "emb_only", "bleu", "2.0"],
         ["mt", "vlm", "parameters", "50"], ["mt", "vlm", "extra_parameters_pct", "5.0"],
         ["mt", "vlm", "bleu", "19.0"], ["mt", "vlm", "rouge1", "0.5"],
         ["mt", "multitask", "parameters", "23"],
         ["mt", "multitask", "extra_parameters_pct", repr(100.0 * 23 / backbone)],
         ["mt", "multitask", "bleu", "18.0"],
-        ["nlg", "adapter", "BLEU", "0.625"],  # no nlg_adapter checkpoint: no parameter rows; "turns" is no score
+        # no nlg_adapter checkpoint: no parameter rows; "turns" is no score
+        ["nlg", "adapter", "BLEU", "0.625"],
     ]
     with open(os.path.join(results, "summary.md")) as f:
         md = f.read().splitlines()
@@ -337,8 +352,8 @@ def test_report_without_results_is_one_line_error(tmp_path):
     result = run_script("-m", "engines.report", str(tmp_path), "--runs", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {tmp_path}: no <task>_metrics.json in any of "
-                                     "GPT2_result, adapter_result, adapter_gold_result, emb_only_result, VLM_result, "
-                                     "multitask_result")
+                                     "GPT2_result, adapter_result, adapter_gold_result, emb_only_result, "
+                                     "VLM_result, multitask_result")
     result = run_script("-m", "engines.report", str(tmp_path), "--tasks", "mt,chat")
     assert result.returncode == 2
     assert "--tasks: unknown task 'chat'" in result.stderr
@@ -362,7 +377,8 @@ def test_smoke_run_completes_and_writes_the_summary(tmp_path):
     assert settings == {(t, s) for t in tasks for s in ("finetune", "adapter", "vlm", "multitask")}
     # every setting's parameter count was found in its checkpoint
     assert {(r["task"], r["setting"]) for r in rows if r["metric"] == "parameters"} == settings
-    assert {r["value"] for r in rows if r["metric"] == "extra_parameters_pct" and r["setting"] == "finetune"} == {"100.0"}
+    assert {r["value"] for r in rows
+            if r["metric"] == "extra_parameters_pct" and r["setting"] == "finetune"} == {"100.0"}
     summary = (out / "results" / "summary.md").read_text()
     assert all(f"## {t}" in summary for t in tasks)
     assert (out / "results" / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -370,7 +386,8 @@ def test_smoke_run_completes_and_writes_the_summary(tmp_path):
         for subdir in ("GPT2_result", "adapter_result", "VLM_result", "multitask_result"):
             assert (out / "results" / subdir / f"{t}_output.txt").is_file()
     assert (out / "runs" / "distilled" / "mt.json").is_file()  # mt's adapters learnt from distilled targets
-    assert json.loads((out / "runs" / "mt_adapter" / "training_args.json").read_text())["distillation"] is True
+    assert json.loads((out / "runs" / "mt_adapter" / "training_args.json").read_text())[
+        "distillation"] is True
     assert json.loads((out / "runs" / "VLM" / "manifest.json").read_text())["verification"][
         "max_abs_logit_difference"] == {"mt": 0.0}
 
@@ -385,19 +402,22 @@ def test_methods_stage_trains_every_method_with_the_tasks_one_budget():
         trains = script_calls(cmds, "train.py", task)
         assert [flag(c, "--method") for c in trains] == ["lora", "prefix+ln"]
         for c, method in zip(trains, ("lora", "prefix+ln")):
-            assert [flag(c, f) for f in ("--train_batch_size", "--gradient_accumulation_steps", "--n_epochs")] + \
+            assert [flag(c, f)
+                    for f in ("--train_batch_size", "--gradient_accumulation_steps", "--n_epochs")] + \
                 [str(float(flag(c, "--lr")))] == budget[:3] + [budget[3]]
             assert flag(c, "--output_dir") == f"/tmp/m/runs/methods/{task}_{method}"
             assert "--distillation" not in c and "--adapter_bottleneck" not in c
         assert [flag(c, "--output_dir") for c in script_calls(cmds, "evaluate.py", task)] == [
             "/tmp/m/results/methods_result/lora", "/tmp/m/results/methods_result/prefix+ln"]
     report = [c for c in cmds if "engines.methods_report" in c]
-    assert report == [["/bin/false", "-m", "engines.methods_report", "/tmp/m/results", "--runs", "/tmp/m/runs",
-                       "--tasks", "mt,nlg"]]
+    assert report == [["/bin/false", "-m", "engines.methods_report", "/tmp/m/results",
+                       "--runs", "/tmp/m/runs", "--tasks", "mt,nlg"]]
     assert not [c for c in cmds if "engines.report" in c]  # no summary of stages that did not run
-    mini = commands(run_sh("--dry-run", "--mini", "--stages", "methods", "--tasks", "mt", "--methods", "ln").stdout)
+    mini = commands(run_sh("--dry-run", "--mini", "--stages", "methods", "--tasks", "mt",
+                           "--methods", "ln").stdout)
     assert flag(script_calls(mini, "train.py", "mt")[0], "--n_epochs") == "3"
-    assert not script_calls(commands(run_sh("--dry-run", "--mini").stdout), "train.py", "mt")[-1].count("--method")
+    assert not script_calls(commands(run_sh("--dry-run", "--mini").stdout), "train.py", "mt")[-1].count(
+        "--method")
 
 
 def test_methods_stage_refuses_an_unknown_method():
@@ -425,8 +445,10 @@ def test_methods_report_table_csv_and_plot(fake_tree):
     write_metrics(results, "methods_result/lora", "mt", {"bleu": 12.5, "rouge1": 0.25})
     write_metrics(results, "methods_result/prefix+ln", "mt", {"bleu": 7.0})
     write_metrics(results, "methods_result/adapter", "mt", {"bleu": 19.0})
-    method_checkpoint(f"{runs}/methods/mt_lora", "mt", {"methods.mt.lora.0.q.a": 8, "methods.mt.lora.0.q.b": 4}, [9.0, 8.0])
-    method_checkpoint(f"{runs}/methods/mt_prefix+ln", "mt", {"methods.mt.prefix.keys": 6, "methods.mt.ln.0.ln_1.weight": 5}, [7.5])
+    method_checkpoint(f"{runs}/methods/mt_lora", "mt",
+                      {"methods.mt.lora.0.q.a": 8, "methods.mt.lora.0.q.b": 4}, [9.0, 8.0])
+    method_checkpoint(f"{runs}/methods/mt_prefix+ln", "mt",
+                      {"methods.mt.prefix.keys": 6, "methods.mt.ln.0.ln_1.weight": 5}, [7.5])
     method_checkpoint(f"{runs}/methods/mt_adapter", "mt", {"adapters.mt.0.project_down.weight": 20}, [6.0])
     write_jsonl(f"{runs}/mt_full/metrics.jsonl", [{"epoch": 1, "val_nll": 3.0, "val_ppl": 20.1}])
     result = run_script("-m", "engines.methods_report", results, "--runs", runs, "--tasks", "mt,nlg")
@@ -453,4 +475,5 @@ def test_methods_report_without_method_results_is_one_error_line(fake_tree):
     results, runs = fake_tree
     result = run_script("-m", "engines.methods_report", results, "--runs", runs, "--tasks", "mt")
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {results}/methods_result: no <method>/<task>_metrics.json for tasks mt"
+    assert result.stderr.strip() == (f"error: {results}/methods_result: "
+                                     "no <method>/<task>_metrics.json for tasks mt")

@@ -6,7 +6,6 @@ import json
 import math
 import os
 
-import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -76,7 +75,8 @@ def test_adapters_learn_on_the_stand_in_and_beat_a_random_backbone(tmp_path):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config.from_pretrained(STANDIN)).save_pretrained(random_base)
     _, random_after = adapter_run(tmp_path, data, str(random_base), "random_run")
-    print(f"adapter validation nll: stand-in {before:.3f} -> {after:.3f}, random backbone -> {random_after:.3f}")
+    print(f"adapter validation nll: stand-in {before:.3f} -> {after:.3f}, "
+          f"random backbone -> {random_after:.3f}")
     # measured on 2 CPU cores, torch 2.13: 7.36 -> 6.43 (0.93 nats); random backbone ends at 10.28
     assert after < before - 0.6, (before, after)
     assert after < random_after - 2.0, (after, random_after)

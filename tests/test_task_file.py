@@ -1,12 +1,13 @@
-"""utils/task_file.py: task files with NeMo's keys and ours, every rule with its exact error line."""
+"""tasks/task_file.py: task files with NeMo's keys and ours, every rule with its exact error line."""
 import dataclasses
 import json
 import os
 
 import pytest
 
+from tasks.task_file import KNOWN_KEYS, load_task_file
+from tasks.template import TemplateTask
 from utils.errors import VLMError
-from utils.task_file import KNOWN_KEYS, TemplateTask, load_task_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,13 +65,15 @@ def test_the_example_task_file_of_the_nemo_article():
                                ("field", "label"))
     assert sentiment.fields == ("sentence", "label")
     assert (sentiment.total_virtual_tokens, sentiment.virtual_token_splits) == (10, (10,))
-    assert (sentiment.truncate_field, sentiment.answer_field, sentiment.answer_only_loss) == ("sentence", "label", True)
+    assert (sentiment.truncate_field, sentiment.answer_field,
+            sentiment.answer_only_loss) == ("sentence", "label", True)
     assert (sentiment.metric, sentiment.method, sentiment.stop) == ("accuracy", "ptuning", ("\n",))
     assert sentiment.label_map["negativt"] == "negative"
     assert assistant.parts == (("virtual", 0), ("text", " Predict intent and slot "), ("virtual", 1),
                                ("text", " :\n"), ("field", "utterance"), ("text", "\n"), ("field", "label"))
     assert assistant.virtual_token_splits == (7, 3)
-    assert (assistant.truncate_field, assistant.answer_only_loss, assistant.metric) == (None, False, "intent_slot")
+    assert (assistant.truncate_field, assistant.answer_only_loss,
+            assistant.metric) == (None, False, "intent_slot")
     assert assistant.stop == ()  # its label has a newline inside: decoding stops at <|endoftext|> only
     assert assistant.source.endswith(os.path.join("data", "tasks", "nemo_article.json"))
 
@@ -82,7 +85,8 @@ def test_defaults_of_the_optional_keys(in_tmp):
         name="sentiment", prompt_template=SENTIMENT["prompt_template"], total_virtual_tokens=10,
         virtual_token_splits=(10,), truncate_field=None, answer_only_loss=False, answer_field="label",
         method="ptuning", method_options={}, metric="exact_match", label_map={}, max_seq_length=512,
-        max_answer_tokens=32, stop=("\n",), parts=loaded.parts, fields=("sentence", "label"), source="tasks.json")
+        max_answer_tokens=32, stop=("\n",), parts=loaded.parts, fields=("sentence", "label"),
+        source="tasks.json")
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded.name = "other"
     # hashable (a dict key, a set member) though it holds dicts
@@ -90,8 +94,9 @@ def test_defaults_of_the_optional_keys(in_tmp):
 
 
 def test_our_keys_are_read_and_any_method_string_passes(in_tmp):
-    (task,) = load_one(method="lora", method_options={"rank": 8}, metric="token_f1", label_map={"Pos": "positive"},
-                       max_seq_length=128, max_answer_tokens=5, stop=["\n", "."]).values()
+    (task,) = load_one(method="lora", method_options={"rank": 8}, metric="token_f1",
+                       label_map={"Pos": "positive"}, max_seq_length=128, max_answer_tokens=5,
+                       stop=["\n", "."]).values()
     assert (task.method, task.method_options, task.metric) == ("lora", {"rank": 8}, "token_f1")
     assert (task.label_map, task.max_seq_length, task.max_answer_tokens, task.stop) == (
         {"Pos": "positive"}, 128, 5, ("\n", "."))
@@ -115,8 +120,10 @@ def test_tasks_keep_the_file_order_and_trailing_whitespace_after_the_answer_is_a
     ({"task_templates": []}, 'tasks.json: "task_templates" is empty'),
     ({"task_templates": [SENTIMENT], "tasks": []},
      "tasks.json: unknown top-level key 'tasks' (a task file holds only \"task_templates\")"),
-    ({"task_templates": ["sentiment"]}, "tasks.json: task_templates[0]: expected a task object, got a string"),
-    ({"task_templates": [SENTIMENT, None]}, "tasks.json: task_templates[1]: expected a task object, got null"),
+    ({"task_templates": ["sentiment"]},
+     "tasks.json: task_templates[0]: expected a task object, got a string"),
+    ({"task_templates": [SENTIMENT, None]},
+     "tasks.json: task_templates[1]: expected a task object, got null"),
 ])
 def test_file_structure_errors(in_tmp, content, message):
     with pytest.raises(VLMError) as caught:
@@ -177,7 +184,8 @@ def test_unknown_keys_are_named(in_tmp):
         f"tasks.json: task 'sentiment': unknown key 'colour' (known keys: {', '.join(KNOWN_KEYS)})"
 
 
-@pytest.mark.parametrize("key", ["prompt_template", "total_virtual_tokens", "virtual_token_splits", "answer_field"])
+@pytest.mark.parametrize("key", ["prompt_template", "total_virtual_tokens", "virtual_token_splits",
+                                 "answer_field"])
 def test_missing_required_keys(in_tmp, key):
     with pytest.raises(VLMError) as caught:
         load_task_file(write({"task_templates": [without(key)]}))
@@ -192,8 +200,10 @@ def test_missing_required_keys(in_tmp, key):
     ("total_virtual_tokens", True, "total_virtual_tokens: expected a positive integer, got true"),
     ("max_seq_length", 2.5, "max_seq_length: expected a positive integer, got 2.5"),
     ("max_answer_tokens", -1, "max_answer_tokens: expected a positive integer, got -1"),
-    ("virtual_token_splits", 10, "virtual_token_splits: expected a non-empty list of positive integers, got 10"),
-    ("virtual_token_splits", [], "virtual_token_splits: expected a non-empty list of positive integers, got []"),
+    ("virtual_token_splits", 10,
+     "virtual_token_splits: expected a non-empty list of positive integers, got 10"),
+    ("virtual_token_splits", [],
+     "virtual_token_splits: expected a non-empty list of positive integers, got []"),
     ("virtual_token_splits", [10, 0],
      "virtual_token_splits: expected a non-empty list of positive integers, got [10, 0]"),
     ("truncate_field", 1, "truncate_field: expected a field name or null, got 1"),
@@ -203,11 +213,12 @@ def test_missing_required_keys(in_tmp, key):
     ("method", "", 'method: expected a non-empty string, got ""'),
     ("method_options", ["lr"], "method_options: expected an object of the method's options, got [\"lr\"]"),
     ("metric", 1, "metric: expected a string, got 1"),
-    ("metric", "acc", "metric: unknown metric 'acc' (choose one of accuracy, intent_slot, exact_match, token_f1, "
-                      "bleu, rouge)"),
+    ("metric", "acc", "metric: unknown metric 'acc' (choose one of accuracy, intent_slot, exact_match, "
+                      "token_f1, bleu, rouge, sacrebleu, f1)"),
     ("label_map", ["positivt"], 'label_map: expected an object of variant: label strings, got ["positivt"]'),
     ("label_map", {"positivt": 1}, "label_map: the label of 'positivt' must be a non-empty string, got 1"),
-    ("label_map", {"positivt": " "}, "label_map: the label of 'positivt' must be a non-empty string, got \" \""),
+    ("label_map", {"positivt": " "},
+     "label_map: the label of 'positivt' must be a non-empty string, got \" \""),
     ("label_map", {" ": "positive"}, "label_map: an empty variant (mapped to 'positive')"),
     ("label_map", {"Positivt": "positive", "positivt ": "negative"},
      "label_map: 'Positivt' and 'positivt ' are the same variant after lowercasing but map to 'positive' and "
@@ -266,19 +277,22 @@ def test_one_marker_per_split_in_order(in_tmp, template, splits, message):
      "unmatched '{' at character 32 (fields are written {name})"),
     ("<|VIRTUAL_PROMPT_0|> {sentence} sentiment} {label}",
      "unmatched '}' at character 41 (fields are written {name})"),
-    ("<|VIRTUAL_PROMPT_0|> {sentence} {sentence} sentiment: {label}", "field {sentence} appears more than once"),
+    ("<|VIRTUAL_PROMPT_0|> {sentence} {sentence} sentiment: {label}",
+     "field {sentence} appears more than once"),
 ])
 def test_template_fields(in_tmp, template, message):
     assert error_of(prompt_template=template) == f"tasks.json: task 'sentiment': prompt_template: {message}"
 
 
 def test_truncate_field_must_be_a_field(in_tmp):
-    assert error_of(truncate_field="sentense") == ("tasks.json: task 'sentiment': truncate_field: unknown field "
-                                                   "'sentense' (the template's fields: sentence, label)")
+    assert error_of(truncate_field="sentense") == ("tasks.json: task 'sentiment': truncate_field: "
+                                                   "unknown field 'sentense' "
+                                                   "(the template's fields: sentence, label)")
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"answer_field": "labels"}, "answer_field: unknown field 'labels' (the template's fields: sentence, label)"),
+    ({"answer_field": "labels"},
+     "answer_field: unknown field 'labels' (the template's fields: sentence, label)"),
     ({"prompt_template": "<|VIRTUAL_PROMPT_0|> {label} is the sentiment of {sentence}"},
      "answer_field: {label} must end the template, but 'is the sentiment of' follows it"),
     ({"prompt_template": "<|VIRTUAL_PROMPT_0|> {label}{sentence}"},
@@ -297,7 +311,7 @@ def test_answer_field_rules(in_tmp, changes, message):
 
 def test_the_answer_budget_must_leave_room_for_the_input(in_tmp):
     assert error_of(max_seq_length=40, max_answer_tokens=30) == (
-        "tasks.json: task 'sentiment': max_answer_tokens: 30 answer tokens and 10 virtual tokens leave no room for "
-        "the input within max_seq_length 40")
+        "tasks.json: task 'sentiment': max_answer_tokens: 30 answer tokens and 10 virtual tokens "
+        "leave no room for the input within max_seq_length 40")
     (task,) = load_one(max_seq_length=41, max_answer_tokens=30).values()
     assert task.max_seq_length == 41

@@ -3,8 +3,15 @@ exact match and token F1, on hand-computed cases (each worked out in the comment
 import pytest
 
 from utils.errors import VLMError
-from utils.metrics import (apply_label_map, exact_match, intent_slot_scores, label_accuracy, normalize_label,
-                           parse_intent_slots, token_f1)
+from utils.metrics import (
+    apply_label_map,
+    exact_match,
+    intent_slot_scores,
+    label_accuracy,
+    normalize_label,
+    parse_intent_slots,
+    token_f1,
+)
 
 SWEDISH = {"negativt": "negative", "Positiv": "positive"}
 
@@ -19,7 +26,8 @@ def test_labels_are_compared_stripped_with_one_space_and_lowercased():
 def test_label_accuracy_maps_both_sides():
     predictions = [" positive", "Negativt", "neutral", "positive"]
     references = ["positive", "negative", "positive", "Positiv"]
-    # mapped: (positive, positive) yes, (negative, negative) yes, (neutral, positive) no, (positive, positive) yes
+    # mapped: (positive, positive) yes, (negative, negative) yes, (neutral, positive) no,
+    # (positive, positive) yes
     assert label_accuracy(predictions, references, SWEDISH) == 0.75
     # unmapped: only the first pair agrees once normalized
     assert label_accuracy(predictions, references) == 0.25
@@ -70,11 +78,13 @@ def test_intent_slot_scores_by_hand():
     ]
     predictions = [
         "Intent: iot_coffee\nSlots: device_type(coffee pot)",          # intent right; 1 pair, 1 right
-        "Intent: alarm_set\nSlots: time(four am), time(four am)",      # intent wrong; 2 pairs, 1 right (multiset)
+        "Intent: alarm_set\nSlots: time(four am), time(four am)",      # intent wrong; 2 pairs, 1 right
+                                                                       # (multiset)
         "Intent: general_affirm\nSlots: date(today)",                  # intent right; 1 pair, 0 right
         "Intent: calendar_set\nSlots: event_name(baseball practice",   # does not parse: wrong, no pairs
     ]
-    # intent 2/4; predicted pairs 4, reference pairs 6, right 2: P 1/2, R 1/3, F1 2PR/(P+R) = (1/3)/(5/6) = 0.4
+    # intent 2/4; predicted pairs 4, reference pairs 6, right 2: P 1/2, R 1/3,
+    # F1 2PR/(P+R) = (1/3)/(5/6) = 0.4
     assert intent_slot_scores(predictions, references) == pytest.approx(
         {"intent_accuracy": 0.5, "slot_precision": 0.5, "slot_recall": 1 / 3, "slot_f1": 0.4})
 

@@ -1,4 +1,4 @@
-"""utils/templates.py: hand-written ids of template examples (virtual tokens per split, labels,
+"""tasks/template.py: hand-written ids of template examples (virtual tokens per split, labels,
 truncation), the JSON-lines reader, records of a task, split files and the stop rule."""
 import dataclasses
 import json
@@ -8,10 +8,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tasks.task_file import load_task_file
+from tasks.template import (
+    EOS_ID,
+    NO_SEGMENT,
+    VIRTUAL_PLACEHOLDER_ID,
+    ExampleTooLong,
+    build_template_example,
+    cut_at_stop,
+    read_jsonl,
+    template_records,
+    user_task_split_path,
+)
 from utils.errors import VLMError
-from utils.task_file import load_task_file
-from utils.templates import (EOS_ID, NO_SEGMENT, VIRTUAL_PLACEHOLDER_ID, ExampleTooLong, build_template_example,
-                             cut_at_stop, read_jsonl, stop_ids, template_records, user_task_split_path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = load_task_file(os.path.join(REPO, "data", "tasks", "nemo_article.json"))
@@ -19,7 +28,8 @@ SENTIMENT, ASSISTANT = TASKS["sentiment"], TASKS["intent_and_slot"]
 V, X = VIRTUAL_PLACEHOLDER_ID, -100
 
 # PhraseBank Sentences_AllAgree.txt line 29 (tests/fixtures/user_tasks/phrasebank_allagree.txt)
-SENTENCE = {"taskname": "sentiment", "sentence": "Sales have risen in other export markets .", "label": "positive"}
+SENTENCE = {"taskname": "sentiment", "sentence": "Sales have risen in other export markets .",
+            "label": "positive"}
 # NLU-Evaluation-Data assistant_train.csv line 4192, as `prepare.py assistant` converts it
 UTTERANCE = {"taskname": "intent_and_slot", "utterance": "please activate my coffee pot for me",
              "label": "Intent: iot_coffee\nSlots: device_type(coffee pot)"}
@@ -57,7 +67,8 @@ def test_sentiment_example_by_hand(tokenizer):
 
 
 def test_sentiment_decoding_prompt_stops_where_the_answer_begins(tokenizer):
-    example = build_template_example(SENTIMENT, {"sentence": SENTENCE["sentence"]}, tokenizer, with_answer=False)
+    example = build_template_example(SENTIMENT, {"sentence": SENTENCE["sentence"]}, tokenizer,
+                                     with_answer=False)
     assert example["input_ids"] == [V] * 10 + SENTENCE_IDS + [15598, 25]
     assert example["labels"] == [X] * 20
     assert example["virtual_ids"] == list(range(10)) + [-1] * 10
@@ -69,8 +80,9 @@ def test_without_answer_only_loss_every_real_token_is_a_target(tokenizer):
     example = build_template_example(task, SENTENCE, tokenizer)
     assert example["labels"] == [X] * 10 + SENTIMENT_IDS[10:]
     # a template starting with text: its first token has nothing before it to predict it
-    task = dataclasses.replace(task, parts=(("text", "Review:"), ("virtual", 0), ("text", " "), ("field", "sentence"),
-                                            ("text", " sentiment: "), ("field", "label")))
+    task = dataclasses.replace(task, parts=(("text", "Review:"), ("virtual", 0), ("text", " "),
+                                            ("field", "sentence"), ("text", " sentiment: "),
+                                            ("field", "label")))
     example = build_template_example(task, SENTENCE, tokenizer)
     review = enc(tokenizer, "Review:")
     assert review == [14832, 25]
@@ -95,12 +107,13 @@ def test_truncation_cuts_the_truncate_field_only(tokenizer):
 def test_truncation_keeps_one_token_or_gives_up(tokenizer):
     # everything but the sentence is 10 + 2 + 2 = 14 tokens: 15 keeps one sentence token, 14 cannot fit
     task = dataclasses.replace(SENTIMENT, max_seq_length=15)
-    assert build_template_example(task, SENTENCE, tokenizer)["input_ids"] == [V] * 10 + [17329, 15598, 25, 3967, EOS_ID]
+    assert (build_template_example(task, SENTENCE, tokenizer)["input_ids"]
+            == [V] * 10 + [17329, 15598, 25, 3967, EOS_ID])
     task = dataclasses.replace(SENTIMENT, max_seq_length=14)
     with pytest.raises(ExampleTooLong) as caught:
         build_template_example(task, SENTENCE, tokenizer)
-    assert str(caught.value) == ("task 'sentiment': the example has 22 tokens, over max_seq_length 14, even with its "
-                                 "truncate_field 'sentence' cut to one token")
+    assert str(caught.value) == ("task 'sentiment': the example has 22 tokens, over max_seq_length 14, "
+                                 "even with its truncate_field 'sentence' cut to one token")
     assert (caught.value.length, caught.value.limit) == (22, 14)
     assert isinstance(caught.value, VLMError)
 
@@ -132,9 +145,10 @@ def test_record_fields_are_checked(tokenizer):
 PREDICT = [49461, 6824, 290, 10852, 220]         # ĠPredict Ġintent Ġand Ġslot Ġ
 # " :\n" before {utterance}: " :" 1058; the "\n" moves into the utterance, which starts at a line
 UTTERANCE_IDS = [198, 29688, 15155, 616, 6891, 1787, 329, 502]  # Ċ please Ġactivate Ġmy Ġcoffee Ġpot Ġfor Ġme
-# "\n" before {label} moves into the label: Ċ Int ent : Ġi ot _ co ffee Ċ Sl ots : Ġdevice _ type ( co ffee Ġpot )
-LABEL_IDS = [198, 5317, 298, 25, 1312, 313, 62, 1073, 5853, 198, 11122, 1747, 25, 3335, 62, 4906, 7, 1073, 5853,
-             1787, 8]
+# "\n" before {label} moves into the label:
+# Ċ Int ent : Ġi ot _ co ffee Ċ Sl ots : Ġdevice _ type ( co ffee Ġpot )
+LABEL_IDS = [198, 5317, 298, 25, 1312, 313, 62, 1073, 5853, 198, 11122, 1747, 25, 3335, 62, 4906, 7, 1073,
+             5853, 1787, 8]
 
 
 def test_assistant_example_by_hand(tokenizer):
@@ -165,13 +179,14 @@ def test_no_truncate_field_too_long_is_an_error(tokenizer):
     task = dataclasses.replace(ASSISTANT, max_seq_length=40)
     with pytest.raises(ExampleTooLong) as caught:
         build_template_example(task, UTTERANCE, tokenizer)
-    assert str(caught.value) == ("task 'intent_and_slot': the example has 46 tokens, over max_seq_length 40, and the "
-                                 "task has no truncate_field")
+    assert str(caught.value) == ("task 'intent_and_slot': the example has 46 tokens, over max_seq_length 40, "
+                                 "and the task has no truncate_field")
     task = dataclasses.replace(task, max_answer_tokens=20)  # the 24-token prompt gets 40 - 20 = 20
     with pytest.raises(ExampleTooLong) as caught:
         build_template_example(task, UTTERANCE, tokenizer, with_answer=False)
-    assert str(caught.value) == ("task 'intent_and_slot': the prompt has 24 tokens, over the 20 that max_seq_length "
-                                 "40 leaves after max_answer_tokens 20, and the task has no truncate_field")
+    assert str(caught.value) == ("task 'intent_and_slot': the prompt has 24 tokens, over the 20 that "
+                                 "max_seq_length 40 leaves after max_answer_tokens 20, "
+                                 "and the task has no truncate_field")
     assert (caught.value.length, caught.value.limit) == (24, 20)
 
 
@@ -185,7 +200,8 @@ def write(tmp_path, content, name="data.jsonl"):
 
 
 def test_read_jsonl_numbers_lines_and_skips_blank_ones(tmp_path):
-    path = write(tmp_path, b'\xef\xbb\xbf{"a": 1}\r\n\n  \n{"b": "x\xe2\x80\xa8y"}\n')  # BOM, CRLF, U+2028 in a string
+    # BOM, CRLF, U+2028 in a string
+    path = write(tmp_path, b'\xef\xbb\xbf{"a": 1}\r\n\n  \n{"b": "x\xe2\x80\xa8y"}\n')
     assert read_jsonl(path) == [(1, {"a": 1}), (4, {"b": "x\u2028y"})]
 
 
@@ -219,7 +235,8 @@ MIXED = "\n".join(json.dumps(r) for r in [
 def test_template_records_of_one_task_in_a_mixed_file(tmp_path):
     path = write(tmp_path, MIXED)
     assert template_records(SENTIMENT, path) == [
-        (1, SENTENCE), (4, {"taskname": "sentiment", "sentence": "Profit fell .", "label": "negative", "id": 7})]
+        (1, SENTENCE),
+        (4, {"taskname": "sentiment", "sentence": "Profit fell .", "label": "negative", "id": 7})]
     assert template_records(ASSISTANT, path) == [(2, UTTERANCE)]
     # (line, object) pairs work too, named by `source`
     assert template_records(ASSISTANT, [(9, UTTERANCE)], source="<stdin>") == [(9, UTTERANCE)]
@@ -228,8 +245,10 @@ def test_template_records_of_one_task_in_a_mixed_file(tmp_path):
 @pytest.mark.parametrize("record, message", [
     ({"sentence": "a", "label": "b"}, 'line 2: no "taskname" (each record names its task)'),
     ({"taskname": 3, "sentence": "a"}, 'line 2: "taskname" must be a string, got a number'),
-    ({"taskname": "sentiment", "label": "b"}, "line 2: task 'sentiment': missing field 'sentence' of the template"),
-    ({"taskname": "sentiment", "sentence": "a"}, "line 2: task 'sentiment': missing field 'label' of the template"),
+    ({"taskname": "sentiment", "label": "b"},
+     "line 2: task 'sentiment': missing field 'sentence' of the template"),
+    ({"taskname": "sentiment", "sentence": "a"},
+     "line 2: task 'sentiment': missing field 'label' of the template"),
     ({"taskname": "sentiment", "sentence": "a", "label": ["b"]},
      "line 2: task 'sentiment': field 'label' must be a string, got a list"),
 ])
@@ -241,7 +260,8 @@ def test_template_record_errors_name_file_and_line(tmp_path, record, message):
 
 
 def test_template_records_answer_optional_and_none_found(tmp_path):
-    assert template_records(SENTIMENT, [(1, {"taskname": "sentiment", "sentence": "a"})], require_answer=False) == \
+    assert template_records(SENTIMENT, [(1, {"taskname": "sentiment", "sentence": "a"})],
+                            require_answer=False) == \
         [(1, {"taskname": "sentiment", "sentence": "a"})]
     # another task's records are not checked against this task's template
     path = write(tmp_path, json.dumps({"taskname": "intent_and_slot"}) + "\n")
@@ -254,8 +274,8 @@ def test_user_task_split_path(tmp_path):
     (tmp_path / "train.jsonl").write_text("")
     assert user_task_split_path(str(tmp_path), "train") == str(tmp_path / "train.jsonl")
     messages = {}
-    for folder, split in [(tmp_path, "valid"), (tmp_path / "nope", "train"), (tmp_path / "train.jsonl", "train"),
-                          (tmp_path, "dev")]:
+    for folder, split in [(tmp_path, "valid"), (tmp_path / "nope", "train"),
+                          (tmp_path / "train.jsonl", "train"), (tmp_path, "dev")]:
         with pytest.raises(VLMError) as caught:
             user_task_split_path(str(folder), split)
         messages[split if folder == tmp_path else folder.name] = str(caught.value)
@@ -273,9 +293,10 @@ def test_user_task_split_path(tmp_path):
 
 
 def test_stop_rule():
-    assert stop_ids(SENTIMENT) == stop_ids(ASSISTANT) == (EOS_ID,)
+    assert SENTIMENT.stop_ids() == ASSISTANT.stop_ids() == (EOS_ID,)
     assert cut_at_stop(" positive\nnegative", SENTIMENT) == "positive"
-    assert cut_at_stop("\n neutral \n", SENTIMENT) == "neutral"  # leading whitespace is the template's, skipped
+    # leading whitespace is the template's, skipped
+    assert cut_at_stop("\n neutral \n", SENTIMENT) == "neutral"
     assert cut_at_stop(" no stop here ", SENTIMENT) == "no stop here"
     # no stop strings (its label spans two lines): only stripped
     assert cut_at_stop("\nIntent: iot_coffee\nSlots: None\n", ASSISTANT) == "Intent: iot_coffee\nSlots: None"
@@ -288,7 +309,8 @@ def test_stop_rule():
 # ---- any record: ExampleTooLong or a well-formed example whose prompt is its prefix ---------------
 
 texts = st.one_of(st.text(max_size=30), st.sampled_from([
-    "", " ", "\n", "  x  ", "<|endoftext|>", "<pad>", "<|VIRTUAL_PROMPT_0|>", "{label}", "\u00e9t\u00e9 \U0001f600"]))
+    "", " ", "\n", "  x  ", "<|endoftext|>", "<pad>", "<|VIRTUAL_PROMPT_0|>", "{label}",
+    "\u00e9t\u00e9 \U0001f600"]))
 
 
 @settings(max_examples=80, deadline=None, database=None)
@@ -347,5 +369,6 @@ def test_any_jsonl_file_gives_records_or_an_error_naming_it(workdir, content):
     except VLMError as caught:
         assert str(caught).startswith(path)
         return
-    assert records and all(isinstance(n, int) and r["taskname"] == "sentiment" and isinstance(r["sentence"], str)
+    assert records and all(isinstance(n, int) and r["taskname"] == "sentiment"
+                           and isinstance(r["sentence"], str)
                            for n, r in records)

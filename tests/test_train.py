@@ -12,17 +12,19 @@ import torch
 from conftest import REPO
 
 import train
-from models.checkpoint import load_checkpoint
+from engines import loaders, settings, steps, training
 from engines.specs import adapter_specs
+from models.checkpoint import load_checkpoint
 from models.vlm import VersatileLM
-from engines import training
-from utils.data import IGNORE_INDEX, load_task_data, load_tokenizer, training_examples
-from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
+from tasks.table import TASKS
+from utils.data import IGNORE_INDEX, load_tokenizer
+from utils.vocab import GPT2_VOCAB_SIZE
 
 NLG_NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi", "Wildwood", "Strada"]
 NLG_TYPES = ["pub", "restaurant", "coffee shop"]
 MT_PAIRS = [("a man sleeps", "ein mann schläft"), ("two dogs run", "zwei hunde rennen"),
-            ("a woman reads a book", "eine frau liest ein buch"), ("children play outside", "kinder spielen draußen"),
+            ("a woman reads a book", "eine frau liest ein buch"),
+            ("children play outside", "kinder spielen draußen"),
             ("the cat is black", "die katze ist schwarz")]
 
 
@@ -72,8 +74,8 @@ def train_run_cli(*args, module=None):
 
 def train_valid_examples(task_name, data):
     task = TASKS[task_name]
-    records = load_task_data(task, data, load_tokenizer(), splits=[task.splits[1]])[task.splits[1]]
-    return training_examples(task, records, task.max_history, max_positions=512)
+    records = task.load_data(data, load_tokenizer(), splits=[task.splits[1]])[task.splits[1]]
+    return task.training_examples(records, task.max_history, max_positions=512)
 
 
 def train_exact_nll(model, examples, task_ids):
@@ -103,7 +105,8 @@ def train_trainable_line(stdout):
 # --- 1. adapter training: only the task's adapters and rows move ---------------------------------
 def test_adapter_cli_trains_adapters_and_own_rows_only(tmp_path, tiny_base, train_nlg_data):
     out = tmp_path / "out"
-    result = train_run_cli("train.py", *train_argv(tmp_path, train_nlg_data, tiny_base, "--adapter_bottleneck", "8",
+    result = train_run_cli("train.py", *train_argv(tmp_path, train_nlg_data, tiny_base,
+                                                   "--adapter_bottleneck", "8",
                                                    "--n_epochs", "2", "--lr", "1e-2", "--eval_before_start",
                                                    "--train_batch_size", "4"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -115,7 +118,8 @@ def test_adapter_cli_trains_adapters_and_own_rows_only(tmp_path, tiny_base, trai
     backbone = training.backbone_parameter_count(base)
     assert backbone == sum(p.numel() for p in base.gpt2.parameters()) - 30 * 64
     line = train_trainable_line(result.stdout)
-    assert line.startswith(f"trainable parameters: {expected:,} (") and f"of the {backbone:,}-parameter backbone" in line
+    assert (line.startswith(f"trainable parameters: {expected:,} (")
+            and f"of the {backbone:,}-parameter backbone" in line)
 
     # The saved fingerprint is taken from the trained model at save time, so this load (which
     # checks it against the untouched base) proves every backbone weight and original row is intact.
@@ -126,7 +130,7 @@ def test_adapter_cli_trains_adapters_and_own_rows_only(tmp_path, tiny_base, trai
         ["adapters.safetensors", "tokenizer.json", "tokenizer_config.json", "vlm_config.json",
          "training_state.json", "training_state.safetensors"])  # the state --resume continues from
     wte, base_wte = model.gpt2.get_input_embeddings().weight, base.gpt2.get_input_embeddings().weight
-    own = task_token_ids(TASKS["nlg"])
+    own = TASKS["nlg"].token_ids()
     used = [own[i] for i in (0, 1, 2, 3, 10)]  # <bos_nlg> <eos_nlg> <name> <eatType> <response>
     assert not torch.equal(wte[own], base_wte[own])
     for row in used:
@@ -150,7 +154,7 @@ def test_adapter_training_leaves_backbone_and_other_rows_bit_identical(tmp_path,
     wte, base_wte = trained["transformer.wte.weight"], initial["transformer.wte.weight"]
     assert torch.equal(wte[:GPT2_VOCAB_SIZE], base_wte[:GPT2_VOCAB_SIZE])
     for name, task in TASKS.items():
-        rows = task_token_ids(task)
+        rows = task.token_ids()
         assert torch.equal(wte[rows], base_wte[rows]) == (name != "nlg"), name
     pad = GPT2_VOCAB_SIZE
     assert torch.equal(wte[pad], base_wte[pad])
@@ -158,8 +162,8 @@ def test_adapter_training_leaves_backbone_and_other_rows_bit_identical(tmp_path,
 
 # --- 2. full fine-tuning: the saved checkpoint reloads to the same logits --------------------------
 def test_full_finetune_checkpoint_reloads_to_identical_logits(tmp_path, tiny_base, train_mt_data, capsys):
-    result = train_in_process(train_argv(tmp_path, train_mt_data, tiny_base, "--n_epochs", "1", "--lr", "1e-3",
-                                         task="mt"))
+    result = train_in_process(train_argv(tmp_path, train_mt_data, tiny_base, "--n_epochs", "1",
+                                         "--lr", "1e-3", task="mt"))
     assert result.mode == "full"
     stdout = capsys.readouterr().out
     expected = result.model.count_trainable("full")
@@ -235,7 +239,7 @@ def test_gradient_accumulation_steps_and_flushes_the_epoch_remainder():
 
     model = Quadratic()
     optimizer = Recorder(model.parameters(), lr=0.0)
-    trainer = training.create_trainer(model, optimizer, list(model.parameters()), torch.device("cpu"),
+    trainer = steps.create_trainer(model, optimizer, list(model.parameters()), torch.device("cpu"),
                                       gradient_accumulation_steps=3, max_norm=1e9)
     batches = [{"input_ids": torch.tensor([[v]]), "token_type_ids": torch.tensor([[v]]),
                 "labels": torch.tensor([[v]]), "task_ids": torch.tensor([0])} for v in (1, 2, 3, 5)]
@@ -282,7 +286,8 @@ def test_bad_dataset_record_and_busy_output_dir(tmp_path, tiny_base, train_nlg_d
     with pytest.raises(SystemExit) as exit_info:
         train.main(train_argv(tmp_path, data, tiny_base))
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith(f"error: {data}: split 'train' record 1: missing key 'tgt'")
+    assert exit_info.value.code == 2 and err.startswith(
+        f"error: {data}: split 'train' record 1: missing key 'tgt'")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit):
@@ -298,18 +303,21 @@ def test_cli_user_error_is_one_line_without_traceback():
 
 
 def test_default_output_dir_and_task_defaults():
-    args = train.parse_args(["--task", "nlg", "--adapter_bottleneck", "10", "--model_checkpoint", "/models/gpt2-medium/"])
+    args = train.parse_args(["--task", "nlg", "--adapter_bottleneck", "10",
+                             "--model_checkpoint", "/models/gpt2-medium/"])
     task = TASKS["nlg"]
-    mode = training.training_mode(args)
-    training.fill_task_defaults(args, task, mode)
-    assert (args.train_batch_size, args.gradient_accumulation_steps, args.n_epochs, args.lr) == (8, 4, 10, 5e-3)
+    mode = settings.training_mode(args)
+    settings.fill_task_defaults(args, task, mode)
+    assert (args.train_batch_size, args.gradient_accumulation_steps, args.n_epochs,
+            args.lr) == (8, 4, 10, 5e-3)
     assert args.dataset_path == task.default_dataset and args.valid_batch_size == 8
     from datetime import datetime
-    path = training.default_output_dir(args, mode, now=datetime(2020, 4, 8, 13, 5, 9))
+    path = settings.default_output_dir(args, mode, now=datetime(2020, 4, 8, 13, 5, 9))
     assert path == os.path.join("runs", "Apr08_13-05-09_gpt2-medium_nlg_adapter10_lr0.005_ep10")
     full = train.parse_args(["--task", "mt"])
-    training.fill_task_defaults(full, TASKS["mt"], training.training_mode(full))
-    assert (full.train_batch_size, full.gradient_accumulation_steps, full.n_epochs, full.lr) == (8, 4, 8, 6.25e-5)
+    settings.fill_task_defaults(full, TASKS["mt"], settings.training_mode(full))
+    assert (full.train_batch_size, full.gradient_accumulation_steps, full.n_epochs,
+            full.lr) == (8, 4, 8, 6.25e-5)
 
 
 # --- distributed: torchrun with two CPU processes --------------------------------------------------
@@ -354,10 +362,10 @@ def test_distillation_trains_on_distilled_targets_and_validates_on_gold(tmp_path
     data = train_write_json(tmp_path / "distilled.json", {"train": records, "valid": records[:2]})
     args = train.parse_args(["--task", "nlg", "--dataset_path", data, "--dataset_cache", "", "--distillation",
                              "--output_dir", str(tmp_path / "out")])
-    task, _ = training.prepare_args(args)
+    task, _ = settings.prepare_args(args)
     tokenizer = load_tokenizer()
-    train_examples, valid_examples = training.split_examples(args, task, training.load_splits(args, task, tokenizer),
-                                                             512)
+    train_examples, valid_examples = loaders.split_examples(args, task,
+                                                             loaders.load_splits(args, task, tokenizer), 512)
 
     def targets(examples):
         return [tokenizer.decode([t for t in e["labels"] if t != IGNORE_INDEX][:-1]) for e in examples]

@@ -10,15 +10,15 @@ from safetensors.torch import load_file
 
 import train
 from engines import training
-from engines.evaluation import dataset_prompts
 from engines.generate import DecodingOptions, generate, generate_uncached
 from models.checkpoint import load_checkpoint
 from models.combine import build_model, combine, load_task_checkpoints
 from models.methods import METHODS, BackboneShape
 from models.vlm import VersatileLM
-from utils.data import load_task_data, load_tokenizer
+from tasks.table import TASKS
+from utils.data import load_tokenizer
 from utils.errors import VLMError
-from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
+from utils.vocab import GPT2_VOCAB_SIZE
 
 NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi"]
 
@@ -30,7 +30,8 @@ def records(names):
 @pytest.fixture(scope="module")
 def nlg_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("nlg") / "nlg.json"
-    path.write_text(json.dumps({"train": records(NAMES), "valid": records(NAMES[:2]), "test": records(NAMES[2:4])}),
+    path.write_text(json.dumps({"train": records(NAMES), "valid": records(NAMES[:2]),
+                                "test": records(NAMES[2:4])}),
                     encoding="utf-8")
     return str(path)
 
@@ -39,8 +40,8 @@ def run(tmp_path, data, base, method, *extra, task="nlg"):
     argv = ["--task", task, "--dataset_path", data, "--dataset_cache", str(tmp_path / "cache"),
             "--model_checkpoint", base, "--device", "cpu", "--output_dir", str(tmp_path / method),
             "--train_batch_size", "2", "--valid_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--n_epochs", "2", "--lr", "5e-2", "--eval_before_start", *method_flags(tiny_method_options(method)),
-            *extra]
+            "--n_epochs", "2", "--lr", "5e-2", "--eval_before_start",
+            *method_flags(tiny_method_options(method)), *extra]
     return training.run_training(train.parse_args(argv))
 
 
@@ -49,19 +50,20 @@ def test_every_registered_method_has_small_test_sizes():
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_method_trains_saves_only_its_tensors_and_reloads_identically(method, tmp_path, tiny_base, nlg_data, capsys):
+def test_method_trains_saves_only_its_tensors_and_reloads_identically(method, tmp_path, tiny_base, nlg_data,
+                                                                      capsys):
     result = run(tmp_path, nlg_data, tiny_base, method)
     out = capsys.readouterr().out
     model = result.model.eval()
     options = model.tasks["nlg"].methods[method].options
     shape = BackboneShape.of(model.config)
-    rows = len(task_token_ids(TASKS["nlg"])) * model.config.n_embd
+    rows = len(TASKS["nlg"].token_ids()) * model.config.n_embd
     # the printed count is the method's formula plus the task's own rows
     assert f"trainable parameters: {METHODS[method].parameter_count(shape, options) + rows:,} (" in out
     assert result.metrics[-1]["val_nll"] < result.metrics[0]["val_nll"] - 0.05  # it learned
 
     base = VersatileLM.from_pretrained(tiny_base)
-    own = set(task_token_ids(TASKS["nlg"]))
+    own = set(TASKS["nlg"].token_ids())
     trained = model.gpt2.state_dict()
     for name, tensor in base.gpt2.state_dict().items():
         if name in ("transformer.wte.weight", "lm_head.weight"):
@@ -92,8 +94,8 @@ def test_method_trains_saves_only_its_tensors_and_reloads_identically(method, tm
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # exported prefixes: same values, other sums
 
     # decoding: batched with the cache gives the authors' uncached tokens, row by row
-    test = load_task_data(TASKS["nlg"], nlg_data, tokenizer, ["test"])["test"]
-    prompts = dataset_prompts(TASKS["nlg"], test, 0, tokenizer, loaded.task_id("nlg"))
+    test = TASKS["nlg"].load_data(nlg_data, tokenizer, ["test"])["test"]
+    prompts = TASKS["nlg"].dataset_prompts(test, 0, tokenizer, loaded.task_id("nlg"))
     options = DecodingOptions(max_length=6, no_sample=True)
     batched = generate(loaded, prompts, options, progress=False)
     assert batched == [generate_uncached(loaded, p, options) for p in prompts]
@@ -110,13 +112,15 @@ def test_methods_compose_and_resume_after_a_kill_gives_identical_weights(tmp_pat
         (part / name).unlink()
     shutil.rmtree(part / "checkpoint_epoch2")
     resumed = run(tmp_path / "b", nlg_data, tiny_base, "prefix+ln", "--resume")
-    a, b = load_file(f"{whole.output_dir}/adapters.safetensors"), load_file(f"{resumed.output_dir}/adapters.safetensors")
+    a, b = (load_file(f"{whole.output_dir}/adapters.safetensors"),
+            load_file(f"{resumed.output_dir}/adapters.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_tasks_of_different_methods_combine_with_outputs_unchanged(tmp_path, tiny_base, nlg_data):
     mt = tmp_path / "mt.json"
-    pairs = [{"src": f"a man {w}", "tgt": f"ein mann {w}"} for w in ("sleeps", "runs", "reads", "eats", "sits")]
+    pairs = [{"src": f"a man {w}", "tgt": f"ein mann {w}"}
+             for w in ("sleeps", "runs", "reads", "eats", "sits")]
     mt.write_text(json.dumps({"train": pairs[:4], "test": pairs[4:]}), encoding="utf-8")
     first = run(tmp_path / "1", nlg_data, tiny_base, "lora")
     second = run(tmp_path / "2", str(mt), tiny_base, "ptuning", task="mt")
@@ -127,10 +131,10 @@ def test_tasks_of_different_methods_combine_with_outputs_unchanged(tmp_path, tin
     for task, data, single in (("nlg", nlg_data, first.output_dir), ("mt", str(mt), second.output_dir)):
         model = load_checkpoint(single)[0]
         split = "test"
-        recs = load_task_data(TASKS[task], data, tokenizer, [split])[split]
-        alone = generate(model, dataset_prompts(TASKS[task], recs, 0, tokenizer, model.task_id(task)), options,
-                         progress=False)
-        together = generate(combined, dataset_prompts(TASKS[task], recs, 0, tokenizer,
+        recs = TASKS[task].load_data(data, tokenizer, [split])[split]
+        alone = generate(model, TASKS[task].dataset_prompts(recs, 0, tokenizer, model.task_id(task)),
+                         options, progress=False)
+        together = generate(combined, TASKS[task].dataset_prompts(recs, 0, tokenizer,
                                                             combined.task_id(task)), options, progress=False)
         assert alone == together, task
 
@@ -147,8 +151,9 @@ def test_evaluate_names_the_methods_when_a_bottleneck_flag_is_ignored(tmp_path, 
     result = run(tmp_path, nlg_data, tiny_base, "lora")
     capsys.readouterr()
     evaluate.main(["--task", "nlg", "--model_checkpoint", result.output_dir, "--dataset_path", nlg_data,
-                   "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--no_sample", "--max_length", "3",
-                   "--adapter_bottleneck", "10", "--output_dir", str(tmp_path / "results")])
+                   "--dataset_cache", str(tmp_path / "cache"), "--device", "cpu", "--no_sample",
+                   "--max_length", "3", "--adapter_bottleneck", "10",
+                   "--output_dir", str(tmp_path / "results")])
     err = capsys.readouterr().err
     assert "note: --adapter_bottleneck 10 ignored; in the checkpoint, nlg's modules are lora" in err
     assert (tmp_path / "results" / "nlg_output.txt").is_file()

@@ -18,14 +18,15 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import train_vlm
-from models.checkpoint import load_checkpoint
+from engines import multitask, settings
+from engines.sampling import MultiTaskBatchSampler
 from engines.specs import adapter_specs, builtin_spec
-from models.vlm import VersatileLM, backbone_fingerprint
-from engines import multitask
-from utils.data import IGNORE_INDEX, collate, load_task_data, load_tokenizer, training_examples, with_virtual_tokens
-from engines.multitask import MultiTaskBatchSampler
-from utils.tasks import GPT2_VOCAB_SIZE, TASKS, task_token_ids
 from engines.training import backbone_parameter_count
+from models.checkpoint import load_checkpoint
+from models.vlm import VersatileLM, backbone_fingerprint
+from tasks.table import TASKS
+from utils.data import IGNORE_INDEX, collate, load_tokenizer, with_virtual_tokens
+from utils.vocab import GPT2_VOCAB_SIZE
 
 NLG_NAMES = ["The Vaults", "The Eagle", "Alimentum", "Zizzi", "Cotto", "Aromi", "Wildwood", "Strada"]
 MT_PAIRS = [("a dog runs .", "ein hund rennt ."), ("a man sleeps .", "ein mann schläft ."),
@@ -44,7 +45,8 @@ def vlm_nlg(names):
 def vlm_data(tmp_path):
     """{task: path}: nlg 6 train / 2 valid records, mt 4 train / 2 test (mt validates on test)."""
     nlg, mt = tmp_path / "nlg.json", tmp_path / "mt.json"
-    nlg.write_text(json.dumps({"train": vlm_nlg(NLG_NAMES[:6]), "valid": vlm_nlg(NLG_NAMES[6:])}), encoding="utf-8")
+    nlg.write_text(json.dumps({"train": vlm_nlg(NLG_NAMES[:6]), "valid": vlm_nlg(NLG_NAMES[6:])}),
+                   encoding="utf-8")
     pairs = [{"src": s, "tgt": t} for s, t in MT_PAIRS]
     mt.write_text(json.dumps({"train": pairs[:4], "test": pairs[4:]}, ensure_ascii=False), encoding="utf-8")
     return {"mt": str(mt), "nlg": str(nlg)}
@@ -58,7 +60,8 @@ def vlm_argv(tmp_path, data, base, *extra, out="out"):
 
 
 def vlm_run_cli(*args, module=None):
-    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
     command = [sys.executable, *(["-m", module] if module else []), *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
@@ -71,8 +74,8 @@ def vlm_metrics(out):
 def vlm_valid_examples(task_name, path):
     task = TASKS[task_name]
     split = task.splits[1]
-    records = load_task_data(task, path, load_tokenizer(), splits=[split])[split]
-    return training_examples(task, records, task.max_history, max_positions=512)
+    records = task.load_data(path, load_tokenizer(), splits=[split])[split]
+    return task.training_examples(records, task.max_history, max_positions=512)
 
 
 def vlm_exact_nll(model, examples, task_id, task_name=None):
@@ -86,7 +89,8 @@ def vlm_exact_nll(model, examples, task_id, task_name=None):
         for e in examples:
             virtual = torch.tensor([e["virtual_ids"]]) if n_virtual else None
             loss = model(torch.tensor([e["input_ids"]]), token_type_ids=torch.tensor([e["token_type_ids"]]),
-                         task_ids=task_id, labels=torch.tensor([e["labels"]]), virtual_ids=virtual).loss.item()
+                         task_ids=task_id, labels=torch.tensor([e["labels"]]),
+                         virtual_ids=virtual).loss.item()
             n = sum(1 for label in e["labels"][1:] if label != IGNORE_INDEX)
             total, count = total + loss * n, count + n
     return total / count
@@ -98,7 +102,8 @@ def vlm_check_per_task_validation(records, model, data, task_ids):
         assert set(r["val"]) == {"mt", "nlg"}
         for m in r["val"].values():
             assert m["ppl"] == pytest.approx(math.exp(m["nll"]), rel=1e-12)
-        assert r["val_nll_mean"] == pytest.approx((r["val"]["mt"]["nll"] + r["val"]["nlg"]["nll"]) / 2, rel=1e-12)
+        assert r["val_nll_mean"] == pytest.approx((r["val"]["mt"]["nll"] + r["val"]["nlg"]["nll"]) / 2,
+                                                  rel=1e-12)
     for name in ("mt", "nlg"):
         nll = vlm_exact_nll(model, vlm_valid_examples(name, data[name]), task_ids[name], name)
         assert records[-1]["val"][name]["nll"] == pytest.approx(nll, rel=1e-5), name
@@ -203,12 +208,13 @@ def test_ranks_take_disjoint_equal_shares(mix):
 # --- 2. adapter mode: one CLI run on two tasks ---------------------------------------------------
 def test_cli_trains_both_tasks_adapters_on_a_frozen_backbone(tmp_path, tiny_base, vlm_data):
     out = tmp_path / "out"
-    result = vlm_run_cli("train_vlm.py", *vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "2", "--lr", "1e-2",
-                                                   "--train_batch_size", "4"))
+    result = vlm_run_cli("train_vlm.py", *vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "2",
+                                                   "--lr", "1e-2", "--train_batch_size", "4"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 
-    base = VersatileLM.from_pretrained(tiny_base, adapter_specs({"mt": 300, "nlg": 10}))  # the task table's bottlenecks
+    # the task table's bottlenecks
+    base = VersatileLM.from_pretrained(tiny_base, adapter_specs({"mt": 300, "nlg": 10}))
     expected = base.count_trainable("adapter", ["mt", "nlg"])
     assert expected == base.count_trainable("adapter", "mt") + base.count_trainable("adapter", "nlg")
     assert vlm_trainable_line(result.stdout).startswith(f"trainable parameters: {expected:,} (") and \
@@ -231,10 +237,11 @@ def test_cli_trains_both_tasks_adapters_on_a_frozen_backbone(tmp_path, tiny_base
     assert config["base_fingerprint"] == backbone_fingerprint(base.gpt2)
     wte, base_wte = model.gpt2.get_input_embeddings().weight, base.gpt2.get_input_embeddings().weight
     for name in ("mt", "nlg"):
-        rows = task_token_ids(TASKS[name])
+        rows = TASKS[name].token_ids()
         for row in rows[:4]:  # bos, eos and the two segment tokens every example uses
             assert not torch.equal(wte[row], base_wte[row]), (name, row)
-        for trained, initial in zip(model.tasks[name].methods["adapter"], base.tasks[name].methods["adapter"]):
+        for trained, initial in zip(model.tasks[name].methods["adapter"],
+                                    base.tasks[name].methods["adapter"]):
             assert not torch.equal(trained.project_up.weight, initial.project_up.weight), name
             assert torch.any(trained.project_up.bias != 0) and not torch.all(trained.ln.weight == 1), name
     vlm_check_per_task_validation(records, model, vlm_data, {t: TASKS[t].task_id for t in ("mt", "nlg")})
@@ -258,7 +265,7 @@ def test_single_task_batches_leave_the_backbone_and_other_rows_bit_identical(tmp
     wte, base_wte = trained["gpt2.transformer.wte.weight"], initial["gpt2.transformer.wte.weight"]
     assert torch.equal(wte[:GPT2_VOCAB_SIZE + 1], base_wte[:GPT2_VOCAB_SIZE + 1])  # GPT-2's rows and <pad>
     for name, task in TASKS.items():
-        rows = task_token_ids(task)
+        rows = task.token_ids()
         assert torch.equal(wte[rows], base_wte[rows]) == (name not in ("mt", "nlg")), name
     assert result.metrics[-1]["epoch"] == 1 and set(result.metrics[-1]["val"]) == {"mt", "nlg"}
 
@@ -271,8 +278,8 @@ def test_tasks_of_different_methods_train_in_shared_batches(tmp_path, tiny_base,
     """mt with LoRA and nlg with a 3-token soft prompt + LN-tuning in mixed batches: each task's
     tensors all move, nothing else does, and the validation NLL of each task (its virtual tokens
     in front for nlg) equals its exact one-example-at-a-time NLL."""
-    argv = vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "2", "--lr", "1e-2", "--train_batch_size", "4",
-                    *MIXED_METHODS)
+    argv = vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "2", "--lr", "1e-2",
+                    "--train_batch_size", "4", *MIXED_METHODS)
     args = train_vlm.parse_args(argv)
     result = multitask.run_multitask(args)
     assert args.methods == {"mt": {"lora": {"r": 2, "alpha": 32.0, "dropout": 0.1, "targets": ["q", "v"]}},
@@ -290,22 +297,24 @@ def test_tasks_of_different_methods_train_in_shared_batches(tmp_path, tiny_base,
     wte, base_wte = trained["gpt2.transformer.wte.weight"], initial["gpt2.transformer.wte.weight"]
     assert torch.equal(wte[:GPT2_VOCAB_SIZE + 1], base_wte[:GPT2_VOCAB_SIZE + 1])
     for name, task in TASKS.items():
-        rows = task_token_ids(task)
+        rows = task.token_ids()
         assert torch.equal(wte[rows], base_wte[rows]) == (name not in ("mt", "nlg")), name
 
     out = tmp_path / "out"
     model, _, config = load_checkpoint(str(out))
     assert {t: e["methods"] for t, e in config["tasks"].items()} == args.methods
     assert config["base_fingerprint"] == backbone_fingerprint(base.gpt2)
-    vlm_check_per_task_validation(result.metrics, model, vlm_data, {t: TASKS[t].task_id for t in ("mt", "nlg")})
-    assert "_VLM_multitask_mixed_" in multitask.default_output_dir(args, "adapter")
+    vlm_check_per_task_validation(result.metrics, model, vlm_data,
+                                  {t: TASKS[t].task_id for t in ("mt", "nlg")})
+    assert "_VLM_multitask_mixed_" in settings.default_output_dir(args, "adapter")
 
 
 # Every registered method in one run: ten composed for mt, p-tuning + UniPELT for nlg; LoRA's
 # dropout on. The adapter keeps the task table's bottleneck: train_vlm.py has no --adapter_bottleneck.
 EVERY_METHOD = dict(zip(("mt", "nlg"), EVERY_METHOD_SPECS))
 EVERY_METHOD_FLAGS = ["--method", *(f"{task}={spec}" for task, spec in EVERY_METHOD.items()),
-                      *option_flags({name: options for name, options in TINY_METHOD_OPTIONS.items() if name != "adapter"})]
+                      *option_flags({name: options for name, options in TINY_METHOD_OPTIONS.items()
+                                     if name != "adapter"})]
 
 
 def vlm_popen(argv, log):
@@ -319,18 +328,21 @@ def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny
     names = [f"Place{i}" for i in range(40)]
     nlg.write_text(json.dumps({"train": vlm_nlg(names[:36]), "valid": vlm_nlg(names[36:])}), encoding="utf-8")
     pairs = [{"src": f"{s} {i}", "tgt": f"{t} {i}"} for i in range(6) for s, t in MT_PAIRS]
-    mt.write_text(json.dumps({"train": pairs[:32], "test": pairs[32:36]}, ensure_ascii=False), encoding="utf-8")
+    mt.write_text(json.dumps({"train": pairs[:32], "test": pairs[32:36]}, ensure_ascii=False),
+                  encoding="utf-8")
     data = {"mt": str(mt), "nlg": str(nlg)}
 
     def argv(out):
-        return vlm_argv(tmp_path, data, tiny_base, "--n_epochs", "3", "--lr", "1e-2", *EVERY_METHOD_FLAGS, out=out)
+        return vlm_argv(tmp_path, data, tiny_base, "--n_epochs", "3", "--lr", "1e-2", *EVERY_METHOD_FLAGS,
+                        out=out)
     reference = vlm_popen(argv("full"), tmp_path / "full.log")
     victim = vlm_popen(argv("killed"), tmp_path / "killed.log")
     killed = tmp_path / "killed"
     try:
         deadline = time.time() + 120
         while not (killed / "checkpoint_epoch1").is_dir():
-            assert victim.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-2000:]
+            assert victim.poll() is None and time.time() < deadline, \
+                (tmp_path / "killed.log").read_text()[-2000:]
             time.sleep(0.02)
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(30) == -signal.SIGKILL
@@ -367,12 +379,14 @@ def test_no_adapter_fine_tunes_gpt2_and_saves_a_full_checkpoint(tmp_path, tiny_b
     result = multitask.run_multitask(args)
     assert result.mode == "full" and args.lr == 1e-3 and len(result.model.tasks) == 0
     total = sum(p.numel() for p in result.model.parameters())
-    assert vlm_trainable_line(capsys.readouterr().out).startswith(f"trainable parameters: {total:,} (100.1% of the ")
+    assert vlm_trainable_line(capsys.readouterr().out).startswith(
+        f"trainable parameters: {total:,} (100.1% of the ")
 
     loaded, _, config = load_checkpoint(result.output_dir)
     assert config["mode"] == "full" and len(loaded.tasks) == 0
     # trained on mt and nlg, with no modules of their own: both decode as plain GPT-2 rows (id -1)
-    assert {t: (e["task_id"], e["methods"]) for t, e in config["tasks"].items()} == {"mt": (-1, {}), "nlg": (-1, {})}
+    assert {t: (e["task_id"], e["methods"]) for t, e in config["tasks"].items()} == {"mt": (-1, {}),
+                                                                                     "nlg": (-1, {})}
     base = VersatileLM.from_pretrained(tiny_base)
     moved = [name for name, tensor in base.gpt2.state_dict().items()
              if not torch.equal(loaded.gpt2.state_dict()[name], tensor)]
@@ -396,7 +410,8 @@ def test_no_adapter_fine_tunes_gpt2_and_saves_a_full_checkpoint(tmp_path, tiny_b
     (["--dataset_paths", "mt="], "--dataset_paths mt=: expected TASK=PATH"),
     (["--dataset_paths", "poetry=x.json"], "unknown task 'poetry'"),
     (["--dataset_paths", "qa=x.json"], "qa is not in --tasks"),
-    (["--tasks", "nlg", "--dataset_paths", "nlg=/no/nlg.json"], "--dataset_paths nlg=/no/nlg.json: dataset file not found"),
+    (["--tasks", "nlg", "--dataset_paths", "nlg=/no/nlg.json"],
+     "--dataset_paths nlg=/no/nlg.json: dataset file not found"),
     (["--temperature", "0"], "--temperature"),
     (["--temperature", "-2"], "--temperature"),
     (["--temperature", "nan"], "--temperature"),
@@ -408,9 +423,12 @@ def test_no_adapter_fine_tunes_gpt2_and_saves_a_full_checkpoint(tmp_path, tiny_b
     (["--method", "qa=lora"], "--method qa=lora: qa is not in --tasks (mt nlg)"),
     (["--method", "mt=lora", "mt=ln"], "--method mt=ln: mt is given twice"),
     (["--method", "nlg=lora+lora"], "--method nlg=lora+lora: a method is named twice"),
-    (["--method", "nlg=poetry"], "--method nlg=poetry: unknown method 'poetry' (choose from adapter, houlsby"),
-    (["--method", "lora", "--prefix_length", "3"], "--prefix_length is an option of prefix, which no task's --method uses"),
-    (["--no_adapter", "--method", "lora"], "--no_adapter fine-tunes all of GPT-2 with no per-task modules; drop --method lora"),
+    (["--method", "nlg=poetry"],
+     "--method nlg=poetry: unknown method 'poetry' (choose from adapter, houlsby"),
+    (["--method", "lora", "--prefix_length", "3"],
+     "--prefix_length is an option of prefix, which no task's --method uses"),
+    (["--no_adapter", "--method", "lora"],
+     "--no_adapter fine-tunes all of GPT-2 with no per-task modules; drop --method lora"),
     (["--method", "mt=lora", "--lora_r", "0"], "--method mt=lora: r must be at least 1, got 0"),
     (["--resume"], "--resume: no complete checkpoint_epoch<N>/ checkpoint"),
 ])
@@ -440,15 +458,18 @@ def test_defaults_are_the_authors_train_vlm_values():
             args.n_epochs) == (1, 1, 16, 3)
     assert args.tasks == list(TASKS) and args.temperature == 1.0 and args.mix_tasks and not args.no_adapter
     # The authors' data paths are the defaults; here they are absent, which is the first error.
-    with pytest.raises(multitask.VLMError, match=r"--dataset_paths dialogue=data/persona/data.json: dataset file"):
-        multitask.prepare_multitask_args(args)
+    with pytest.raises(settings.VLMError,
+                       match=r"--dataset_paths dialogue=data/persona/data.json: dataset file"):
+        settings.prepare_multitask_args(args)
     assert args.lr == 5e-4 and args.dataset_paths == {t: TASKS[t].default_dataset for t in TASKS}
-    full = train_vlm.parse_args(["--no_adapter", "--tasks", "nlg", "mt", "--model_checkpoint", "/m/gpt2-medium/"])
-    with pytest.raises(multitask.VLMError):
-        multitask.prepare_multitask_args(full)
+    full = train_vlm.parse_args(["--no_adapter", "--tasks", "nlg", "mt",
+                                 "--model_checkpoint", "/m/gpt2-medium/"])
+    with pytest.raises(settings.VLMError):
+        settings.prepare_multitask_args(full)
     assert full.lr == 6.25e-5 and full.tasks == ["mt", "nlg"]  # table order
-    path = multitask.default_output_dir(full, "full", now=datetime(2020, 4, 8, 13, 5, 9))
-    assert path == os.path.join("runs", "Apr08_13-05-09_VLM_multitask_full_gpt2-medium_mt-nlg_T1_lr6.25e-05_ep3")
+    path = settings.default_output_dir(full, "full", now=datetime(2020, 4, 8, 13, 5, 9))
+    assert path == os.path.join("runs",
+                                "Apr08_13-05-09_VLM_multitask_full_gpt2-medium_mt-nlg_T1_lr6.25e-05_ep3")
 
 
 # --- distributed: torchrun with two CPU processes ------------------------------------------------
@@ -456,7 +477,8 @@ def test_defaults_are_the_authors_train_vlm_values():
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_base, vlm_data, methods):
     out = tmp_path / "out"
     result = vlm_run_cli("--standalone", "--nproc_per_node", "2", "train_vlm.py",
-                         *vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "1", "--lr", "1e-2", *methods),
+                         *vlm_argv(tmp_path, vlm_data, tiny_base, "--n_epochs", "1", "--lr", "1e-2",
+                                   *methods),
                          module="torch.distributed.run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trainable parameters:") == 1  # rank 0 only

@@ -9,7 +9,8 @@ class VLMError(Exception):
 
 
 def exit_on_user_error(main):
-    """Decorate a script's main(): a VLMError becomes `error: <message>` on stderr and exit code 2, no traceback."""
+    """Decorate a script's main(): a VLMError becomes `error: <message>` on stderr and exit code 2, no
+    traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -27,3 +28,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise VLMError(message)
+
+
+def json_kind(value):
+    """What a JSON value is, for errors about the file's structure."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "true/false"
+    return "null" if value is None else "a number"

@@ -98,7 +98,8 @@ def moses_bleu(hypotheses, references, lowercase=False):
     if hyp_length < ref_length:
         brevity_penalty = math.exp(1 - ref_length / hyp_length)
     # same operation order as the perl script, so the float is bit-identical
-    log_sum = math.log(precisions[0]) + math.log(precisions[1]) + math.log(precisions[2]) + math.log(precisions[3])
+    log_sum = (math.log(precisions[0]) + math.log(precisions[1]) + math.log(precisions[2])
+               + math.log(precisions[3]))
     bleu = brevity_penalty * math.exp(log_sum / 4)
     return 100 * bleu
 
@@ -140,7 +141,8 @@ def rouge_scores(hypotheses, references):
     Tokens are `text.split(" ")`, exactly as the authors' tf_seq2seq copy does (so "" is one empty token).
     """
     _check_same_length(hypotheses, references)
-    pairs = [(hypothesis.split(" "), reference.split(" ")) for hypothesis, reference in zip(hypotheses, references)]
+    pairs = [(hypothesis.split(" "), reference.split(" "))
+             for hypothesis, reference in zip(hypotheses, references)]
     scores = {
         "rouge1": _mean([_rouge_n_f(h, r, 1) for h, r in pairs]),
         "rouge2": _mean([_rouge_n_f(h, r, 2) for h, r in pairs]),
@@ -304,7 +306,8 @@ def _merged_max_counts(token_lists, n):
 
 
 def _clipped_hits(hyp_tokens, merged, n):
-    return {ngram: min(count, merged[ngram]) for ngram, count in _ngram_counts(hyp_tokens, n).items() if merged[ngram]}
+    return {ngram: min(count, merged[ngram]) for ngram, count in _ngram_counts(hyp_tokens, n).items()
+            if merged[ngram]}
 
 
 def _e2e_bleu(hyp_token_lists, ref_token_lists, max_n=4):
@@ -315,7 +318,8 @@ def _e2e_bleu(hyp_token_lists, ref_token_lists, max_n=4):
     for hyp, refs in zip(hyp_token_lists, ref_token_lists):
         for n in range(1, max_n + 1):
             hits[n - 1] += sum(_clipped_hits(hyp, _merged_max_counts(refs, n), n).values())
-            # pymteval adds len-n+1 even when negative; mteval counts real n-grams; they agree for len >= max_n
+            # pymteval adds len-n+1 even when negative; mteval counts real n-grams; they agree for
+            # len >= max_n
             cand_lengths[n - 1] += max(len(hyp) - n + 1, 0)
         ref_length += len(min(refs, key=lambda ref: (abs(len(ref) - len(hyp)), len(ref))))
     brevity_penalty = 1.0
@@ -372,10 +376,12 @@ _TREEBANK = TreebankWordTokenizer()
 _PTB_REWRITES = [
     (re.compile(r"£"), " # "),  # PTB3 escaping maps the pound sign to "#" and splits it off the number
     (re.compile(r"([€¥])"), r" \1 "),  # other currency signs are split off too
-    (re.compile(r"(?<=[^\s.])(\.+)(?=\s|$)"), r" \1"),  # Treebank splits a period only at the end of its input
+    (re.compile(r"(?<=[^\s.])(\.+)(?=\s|$)"), r" \1"),  # Treebank splits a period only at the end of
+                                                        # its input
     (re.compile(r"(?<=\w)-(?=\s|$)"), " -"),  # a trailing hyphen ("Cambridge- a") is its own token
     (re.compile(r"(^|\s)'(?=\w)"), r"\1' "),  # an opening single quote is split off
-    (re.compile(r"(^|\s)([.\-]+)(?=[a-z])"), r"\1\2 "),  # so are leading periods/hyphens (".price", "-friendly")
+    (re.compile(r"(^|\s)([.\-]+)(?=[a-z])"), r"\1\2 "),  # so are leading periods/hyphens
+                                                         # (".price", "-friendly")
 ]
 
 
@@ -465,7 +471,8 @@ _STEMMER = PorterStemmer()
 
 
 def _match_positions(hyp_words, ref_words):
-    """Greedy one-to-one matching, right to left as nltk does; returns ([(hyp_i, ref_j)], unmatched hyp, ref)."""
+    """Greedy one-to-one matching, right to left as nltk does; returns ([(hyp_i, ref_j)], unmatched
+    hyp, ref)."""
     ref_positions = {}
     for j, (_, word) in enumerate(ref_words):
         ref_positions.setdefault(word, []).append(j)
@@ -517,7 +524,8 @@ def _meteor_approx(hyp_token_lists, ref_token_lists):
 def e2e_scores(hypotheses, references):
     """E2E challenge metrics; `references[i]` lists every reference of the i-th MR.
 
-    Returns BLEU (fraction, e.g. 0.6619), NIST, METEOR (0..1), ROUGE_L (0..1), CIDEr, as measure_scores.py does.
+    Returns BLEU (fraction, e.g. 0.6619), NIST, METEOR (0..1), ROUGE_L (0..1), CIDEr, as measure_scores.py
+    does.
     Faithful: BLEU and NIST (pymteval, case-insensitive mteval-v13a tokens), ROUGE-L (beta 1.2, max P and R
     over references) and CIDEr-D (n=4, sigma=6, idf from the reference corpus, clipping, x10).
     APPROXIMATE: the Stanford PTBTokenizer (Java) used before ROUGE-L/CIDEr/METEOR is emulated with nltk's
@@ -551,7 +559,7 @@ def perplexity(mean_nll):
 
 # ---------------------------------------------------------------- user tasks (task files)
 #
-# Scores for the tasks of a task file (utils/task_file.py): `accuracy` (label_accuracy),
+# Scores for the tasks of a task file (tasks/task_file.py): `accuracy` (label_accuracy),
 # `intent_slot` (intent_slot_scores), `exact_match`, `token_f1`; all fractions (0..1), and 0.0
 # for empty lists.
 
@@ -564,7 +572,8 @@ def normalize_label(text):
 def apply_label_map(texts, label_map=None):
     """Each text normalized (normalize_label) and, when the label map holds it, replaced by its
     canonical label (variants are looked up normalized, so the map's keys ignore case too)."""
-    mapping = {normalize_label(variant): normalize_label(label) for variant, label in (label_map or {}).items()}
+    mapping = {normalize_label(variant): normalize_label(label)
+               for variant, label in (label_map or {}).items()}
     return [mapping.get(normalize_label(text), normalize_label(text)) for text in texts]
 
 
@@ -628,7 +637,8 @@ def intent_slot_scores(predictions, references):
     for index, (prediction, reference) in enumerate(zip(predictions, references)):
         gold = parse_intent_slots(reference)
         if gold is None:
-            raise VLMError(f"reference {index}: cannot parse {reference[:80]!r} as 'Intent: X\\nSlots: a(b), ...'")
+            raise VLMError(f"reference {index}: cannot parse {reference[:80]!r} as "
+                           "'Intent: X\\nSlots: a(b), ...'")
         predicted = parse_intent_slots(prediction) or (None, [])
         intents_right += predicted[0] == gold[0]
         predicted_pairs += len(predicted[1])

@@ -1,7 +1,7 @@
 """The vocabulary contract: GPT-2's 50,257 tokens, then 30 added special tokens at fixed ids.
 
 The added tokens come in the authors' order (`<pad>`=50257, then each built-in task's own tokens),
-so every checkpoint of every task gives each token the same id. The task table (utils/tasks.py)
+so every checkpoint of every task gives each token the same id. The task table (tasks/table.py)
 says what the tasks do with them; the model only needs these ids, so models/ reads this module
 and never the task table."""
 

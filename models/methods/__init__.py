@@ -42,11 +42,23 @@ def key_prefix(task, method_name):
 
 
 def _register_all():
-    from models.methods import (adapter, adapterbias, compacter, houlsby, krona, ln, lora, parallel,  # noqa: F401
-                                prefix, prompt, ptuning, unipelt)
+    from models.methods import (  # noqa: F401
+        adapter,
+        adapterbias,
+        compacter,
+        houlsby,
+        krona,
+        ln,
+        lora,
+        parallel,
+        prefix,
+        prompt,
+        ptuning,
+        unipelt,
+    )
     # the registry's order is the table order (--help, tables, run.sh --stages methods)
-    for module in (adapter, houlsby, parallel, lora, prefix, prompt, ptuning, ln, adapterbias, compacter, krona,
-                   unipelt):
+    for module in (adapter, houlsby, parallel, lora, prefix, prompt, ptuning, ln, adapterbias, compacter,
+                   krona, unipelt):
         for value in vars(module).values():
             if isinstance(value, type) and issubclass(value, Method) and value is not Method and value.name \
                     and value.__module__ == module.__name__:

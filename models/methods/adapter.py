@@ -27,7 +27,8 @@ class AdapterMethod(Method):
 
     @classmethod
     def check(cls, options, where):
-        cls.require(options["bottleneck"] >= 1, where, f"bottleneck must be at least 1, got {options['bottleneck']}")
+        cls.require(options["bottleneck"] >= 1, where,
+                    f"bottleneck must be at least 1, got {options['bottleneck']}")
 
     @classmethod
     def parameter_count(cls, shape, options):

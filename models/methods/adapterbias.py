@@ -29,8 +29,8 @@ class AdapterBiasMethod(Method):
     reference = "Fu et al. 2022"
     points = frozenset({"linear"})  # per instance: {"linear"} (score_input inner) or {"mlp_output"}
     defaults = {"score_input": "inner", "share_alpha": False}
-    help = {"score_input": "what L_alpha reads: inner (the MLP's hidden activation, the authors' code) or output "
-                           "(the MLP's output)",
+    help = {"score_input": "what L_alpha reads: inner (the MLP's hidden activation, the authors' code) "
+                           "or output (the MLP's output)",
             "share_alpha": "one L_alpha shared by all layers"}
 
     def __init__(self, shape, options=None, backbone=None):

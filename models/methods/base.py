@@ -7,10 +7,13 @@ attachment points, each a method a subclass overrides, with tensor shapes (n: th
 
     virtual_tokens()              -> (n_virtual, d)   embeddings of the task's virtual tokens
     prefix_kv()                   -> [(key, value)]    per layer, (heads, P, head_dim): prepended in attention
-    prefix_gate(layer, x)         -> (n, T) in (0, 1)  per query position, scales the prefix's scores and values
+    prefix_gate(layer, x)         -> (n, T) in (0, 1)  per query position, scales the prefix's scores
+                                                       and values
     layer_norm(layer, name, x)    -> (n, T, d)         replaces LayerNorm `name` (ln_1, ln_2; ln_f: layer -1)
-    linear(layer, name, x, out)   -> out'              after a projection: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
-    attn_output(layer, x, out)    -> out'              the attention sub-layer's output, before its residual add
+    linear(layer, name, x, out)   -> out'              after a projection: c_attn, attn.c_proj, mlp.c_fc,
+                                                       mlp.c_proj
+    attn_output(layer, x, out)    -> out'              the attention sub-layer's output, before its
+                                                       residual add
     mlp_output(layer, x, out)     -> out'              the MLP's output, before its residual add
     block_output(layer, h)        -> h'                a transformer block's output
 
@@ -28,7 +31,8 @@ from torch import nn
 
 from utils.errors import VLMError
 
-POINTS = ("virtual", "prefix", "prefix_gate", "layer_norm", "linear", "attn_output", "mlp_output", "block_output")
+POINTS = ("virtual", "prefix", "prefix_gate", "layer_norm", "linear", "attn_output", "mlp_output",
+          "block_output")
 LINEAR_NAMES = ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -54,7 +58,8 @@ class BackboneShape:
     def linear_shape(self, name):
         """(in, out) features of a projection (GPT-2's Conv1D layout: weight is (in, out))."""
         d, inner = self.d_model, self.d_inner
-        return {"c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, inner), "mlp.c_proj": (inner, d)}[name]
+        return {"c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, inner),
+                "mlp.c_proj": (inner, d)}[name]
 
 
 class Method(nn.Module):
@@ -80,7 +85,8 @@ class Method(nn.Module):
         where = where or f"--method {cls.name}"
         unknown = sorted(set(options) - set(cls.defaults))
         if unknown:
-            raise VLMError(f"{where}: unknown option {unknown[0]!r} (options: {', '.join(cls.defaults) or 'none'})")
+            raise VLMError(f"{where}: unknown option {unknown[0]!r} "
+                           f"(options: {', '.join(cls.defaults) or 'none'})")
         resolved = dict(cls.defaults)
         resolved.update({k: v for k, v in options.items() if v is not None})
         for key, value in resolved.items():
@@ -122,6 +128,23 @@ class Method(nn.Module):
     def exported(self):
         """The module as a checkpoint stores it (default: as trained)."""
         return self
+
+    # --- what the method adds to a task's rows (asked by code outside models/) -----------------
+    @classmethod
+    def adds_virtual_tokens(cls):
+        """Whether the method puts virtual tokens in front of a row's input (prompt tuning, p-tuning):
+        a task file's virtual-token markers are filled by such a method."""
+        return "virtual" in cls.points
+
+    @classmethod
+    def adds_prefix(cls):
+        """Whether the method prepends keys and values in attention (prefix tuning, UniPELT)."""
+        return "prefix" in cls.points
+
+    @classmethod
+    def virtual_token_count(cls, options):
+        """Virtual tokens this method adds to every row with these options (its `length`)."""
+        return options.get("length", 0) if cls.adds_virtual_tokens() else 0
 
     # --- attachment points (override those in `points`) --------------------------------------
     def linear_targets(self):

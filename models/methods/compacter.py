@@ -101,12 +101,13 @@ class CompacterMethod(Method):
         cls.require(options["bottleneck"] >= 0, where,
                     f"bottleneck must be at least 1 (or 0: d / {REDUCTION}), got {options['bottleneck']}")
         cls.require(options["phm_dim"] >= 1, where, f"phm_dim must be at least 1, got {options['phm_dim']}")
-        cls.require(options["phm_rank"] >= 1, where, f"phm_rank must be at least 1, got {options['phm_rank']}")
+        cls.require(options["phm_rank"] >= 1, where,
+                    f"phm_rank must be at least 1, got {options['phm_rank']}")
 
     @classmethod
     def parameter_count(cls, shape, options):
-        n, d, b, r, bias = (options["phm_dim"], shape.d_model, bottleneck_size(shape, options), options["phm_rank"],
-                            options["phm_bias"])
+        n, d, b, r, bias = (options["phm_dim"], shape.d_model, bottleneck_size(shape, options),
+                            options["phm_rank"], options["phm_bias"])
         adapter = PHMLinear.count(d, b, r, bias) + PHMLinear.count(b, d, r, bias)
         return n ** 3 + shape.n_layer * 2 * adapter
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from models.methods.base import Method
 
-ACTIVATIONS = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}  # gelu: the exact (erf) one, as transformers' "gelu"
+ACTIVATIONS = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}  # gelu: the exact (erf) one,
+                                                                 # as transformers' "gelu"
 REDUCTION = 16
 
 
@@ -55,7 +56,8 @@ class HoulsbyMethod(Method):
     reference = "Houlsby et al. 2019"
     points = frozenset({"attn_output", "mlp_output"})
     defaults = {"bottleneck": 0}
-    help = {"bottleneck": f"bottleneck size b (0: d / {REDUCTION}, AdapterHub's reduction factor {REDUCTION})"}
+    help = {"bottleneck": f"bottleneck size b (0: d / {REDUCTION}, AdapterHub's reduction factor "
+                          f"{REDUCTION})"}
 
     def __init__(self, shape, options=None, backbone=None):
         super().__init__(shape, options, backbone)

@@ -74,9 +74,11 @@ class KronAMethod(Method):
         for target in self.options["targets"]:
             in_features, out_features = target_shape(shape, target)
             if out_features % a1:
-                raise VLMError(f"{where}: a1={a1} must divide the output width {out_features} of target {target}")
+                raise VLMError(f"{where}: a1={a1} must divide the output width {out_features} of target "
+                               f"{target}")
             if in_features % a2:
-                raise VLMError(f"{where}: a2={a2} must divide the input width {in_features} of target {target}")
+                raise VLMError(f"{where}: a2={a2} must divide the input width {in_features} of target "
+                               f"{target}")
         self.pairs = nn.ModuleDict()
         for layer in range(shape.n_layer):
             for target in self.options["targets"]:
@@ -85,12 +87,16 @@ class KronAMethod(Method):
 
     @classmethod
     def check(cls, options, where):
-        cls.require(options["a1"] >= 0, where, f"a1 must be at least 1 (or 0: automatic), got {options['a1']}")
-        cls.require(options["a2"] >= 0, where, f"a2 must be at least 1 (or 0: automatic), got {options['a2']}")
-        cls.require(0 <= options["dropout"] < 1, where, f"dropout must be in [0, 1), got {options['dropout']}")
+        cls.require(options["a1"] >= 0, where,
+                    f"a1 must be at least 1 (or 0: automatic), got {options['a1']}")
+        cls.require(options["a2"] >= 0, where,
+                    f"a2 must be at least 1 (or 0: automatic), got {options['a2']}")
+        cls.require(0 <= options["dropout"] < 1, where,
+                    f"dropout must be in [0, 1), got {options['dropout']}")
         cls.require(options["targets"], where, "targets: name at least one projection")
         for target in options["targets"]:
-            cls.require(target in TARGETS, where, f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+            cls.require(target in TARGETS, where,
+                        f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
         cls.require(len(set(options["targets"])) == len(options["targets"]), where, "a target is named twice")
 
     @classmethod
@@ -103,7 +109,8 @@ class KronAMethod(Method):
         return shape.n_layer * total
 
     def linear_targets(self):
-        return {(layer, TARGETS[t][0]) for layer in range(self.shape.n_layer) for t in self.options["targets"]}
+        return {(layer, TARGETS[t][0]) for layer in range(self.shape.n_layer)
+                for t in self.options["targets"]}
 
     def linear(self, layer, name, x, out):  # x: (n, T, in), out: (n, T, out)
         d = self.shape.d_model

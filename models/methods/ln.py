@@ -29,7 +29,8 @@ class LNTuningMethod(Method):
         for layer, name in self.norm_names():
             norm = nn.LayerNorm(shape.d_model, eps=shape.eps)
             if backbone is not None:
-                source = backbone.transformer.ln_f if layer == -1 else getattr(backbone.transformer.h[layer], name)
+                source = (backbone.transformer.ln_f if layer == -1
+                          else getattr(backbone.transformer.h[layer], name))
                 with torch.no_grad():
                     norm.weight.copy_(source.weight.detach())
                     norm.bias.copy_(source.bias.detach())

@@ -63,10 +63,12 @@ class LoRAMethod(Method):
     @classmethod
     def check(cls, options, where):
         cls.require(options["r"] >= 1, where, f"r must be at least 1, got {options['r']}")
-        cls.require(0 <= options["dropout"] < 1, where, f"dropout must be in [0, 1), got {options['dropout']}")
+        cls.require(0 <= options["dropout"] < 1, where,
+                    f"dropout must be in [0, 1), got {options['dropout']}")
         cls.require(options["targets"], where, "targets: name at least one projection")
         for target in options["targets"]:
-            cls.require(target in TARGETS, where, f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+            cls.require(target in TARGETS, where,
+                        f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
         cls.require(len(set(options["targets"])) == len(options["targets"]), where, "a target is named twice")
 
     @classmethod
@@ -79,7 +81,8 @@ class LoRAMethod(Method):
         return shape.n_layer * total
 
     def linear_targets(self):
-        return {(layer, TARGETS[t][0]) for layer in range(self.shape.n_layer) for t in self.options["targets"]}
+        return {(layer, TARGETS[t][0]) for layer in range(self.shape.n_layer)
+                for t in self.options["targets"]}
 
     def slices(self, layer, name, width):
         """[(pair, lo, hi)] of this layer's updates to projection `name` (output columns lo:hi)."""
@@ -111,7 +114,8 @@ class LoRAMethod(Method):
         methods = [method for method, _ in entries]
         slots = routing.row_slots([rows for _, rows in entries])                                # (batch,)
         scale = routing.memo(("lora_scale", x.dtype) + tuple(map(id, methods)), lambda: torch.tensor(
-            [0.0] + [m.scale for m in methods], dtype=x.dtype, device=x.device)[slots][:, None, None])  # (batch, 1, 1)
+            [0.0] + [m.scale for m in methods], dtype=x.dtype,
+            device=x.device)[slots][:, None, None])  # (batch, 1, 1)
         for method, rows in entries:  # each task's own dropout on its own rows (identity in eval)
             if method.drop.training and method.drop.p > 0:
                 x = x.index_copy(0, rows, method.drop(x.index_select(0, rows)))
@@ -125,11 +129,12 @@ class LoRAMethod(Method):
             rank = max(pair.A.shape[0] for pair in pairs.values())  # ranks zero-padded to the largest
             zero_a, zero_b = x.new_zeros(rank, x.shape[-1]), x.new_zeros(hi - lo, rank)
             a = torch.stack([_pad_rank(pairs[i].A, rank, 0) if i in pairs else zero_a
-                             for i in range(len(methods) + 1)])                                      # (k+1, r, in)
+                             for i in range(len(methods) + 1)])                        # (k+1, r, in)
             b = torch.stack([_pad_rank(pairs[i].B, rank, 1) if i in pairs else zero_b
-                             for i in range(len(methods) + 1)])                                      # (k+1, out, r)
-            h = torch.bmm(x, a.to(x.dtype).index_select(0, slots).transpose(1, 2))                 # (batch, T, r)
-            delta = torch.bmm(h, b.to(x.dtype).index_select(0, slots).transpose(1, 2)) * scale     # (batch, T, hi-lo)
+                             for i in range(len(methods) + 1)])                        # (k+1, out, r)
+            h = torch.bmm(x, a.to(x.dtype).index_select(0, slots).transpose(1, 2))     # (batch, T, r)
+            delta = (torch.bmm(h, b.to(x.dtype).index_select(0, slots).transpose(1, 2))
+                     * scale)                                                          # (batch, T, hi-lo)
             pieces += [out[..., done:lo], out[..., lo:hi] + delta]
             done = hi
         pieces.append(out[..., done:])

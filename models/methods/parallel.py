@@ -25,7 +25,8 @@ class ParallelAdapterMethod(Method):
     reference = "He et al. 2022"
     points = frozenset({"mlp_output"})
     defaults = {"bottleneck": 0, "scale": 4.0}
-    help = {"bottleneck": f"bottleneck size b (0: d / {REDUCTION}, AdapterHub's reduction factor {REDUCTION})",
+    help = {"bottleneck": f"bottleneck size b (0: d / {REDUCTION}, AdapterHub's reduction factor "
+                          f"{REDUCTION})",
             "scale": "s, the adapter output's scale"}
 
     def __init__(self, shape, options=None, backbone=None):

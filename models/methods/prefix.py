@@ -40,7 +40,8 @@ class PrefixMethod(Method):
 
     @classmethod
     def parameter_count(cls, shape, options):
-        P, d, h, width = options["length"], shape.d_model, options["hidden"], 2 * shape.n_layer * shape.d_model
+        P, d, h, width = (options["length"], shape.d_model, options["hidden"],
+                          2 * shape.n_layer * shape.d_model)
         if options["reparameterize"]:
             return P * d + (d * h + h) + (h * width + width)
         return P * width

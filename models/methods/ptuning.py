@@ -23,10 +23,11 @@ class PromptEncoder(nn.Module):
         if kind == "lstm":
             self.lstm_head = nn.LSTM(input_size=d, hidden_size=hidden, num_layers=layers, bidirectional=True,
                                      batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
+                                          nn.Linear(2 * hidden, d))
         else:
-            self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                          nn.Linear(hidden, d))
+            self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                          nn.ReLU(), nn.Linear(hidden, d))
 
     def forward(self):
         inputs = self.embedding.weight[None]                    # (1, n, d)
@@ -49,16 +50,18 @@ class PTuningMethod(Method):
         super().__init__(shape, options, backbone)
         o = self.options
         if o["reparameterize"]:
-            self.encoder = PromptEncoder(o["length"], shape.d_model, o["hidden"] or shape.d_model, o["encoder"],
-                                         o["encoder_layers"])
+            self.encoder = PromptEncoder(o["length"], shape.d_model, o["hidden"] or shape.d_model,
+                                         o["encoder"], o["encoder_layers"])
         else:
             self.table = nn.Parameter(torch.zeros(o["length"], shape.d_model))
 
     @classmethod
     def check(cls, options, where):
         cls.require(options["length"] >= 1, where, f"length must be at least 1, got {options['length']}")
-        cls.require(options["encoder"] in ("lstm", "mlp"), where, f"encoder must be lstm or mlp, got {options['encoder']!r}")
-        cls.require(options["hidden"] >= 0, where, f"hidden must be 0 (the model width) or more, got {options['hidden']}")
+        cls.require(options["encoder"] in ("lstm", "mlp"), where,
+                    f"encoder must be lstm or mlp, got {options['encoder']!r}")
+        cls.require(options["hidden"] >= 0, where,
+                    f"hidden must be 0 (the model width) or more, got {options['hidden']}")
         cls.require(options["encoder_layers"] >= 1, where, "encoder_layers must be at least 1")
 
     @classmethod

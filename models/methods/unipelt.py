@@ -1,10 +1,13 @@
 """`unipelt`: LoRA, prefix tuning and a bottleneck adapter, each behind a learned gate (Mao et al.
 2022, "UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning").
 
-    LoRA (q, v):  out_t <- out_t + G_L,t B A x_t           G_L,t = sigmoid(W_L x_t + b_L), x: the projection's input
-    prefix:       prefix scores and values scaled by G_P,t  G_P,t = sigmoid(W_P x_t + b_P), x: the attention's input
+    LoRA (q, v):  out_t <- out_t + G_L,t B A x_t           G_L,t = sigmoid(W_L x_t + b_L),
+                                                            x: the projection's input
+    prefix:       prefix scores and values scaled by G_P,t  G_P,t = sigmoid(W_P x_t + b_P),
+                                                            x: the attention's input
     adapter:      out_t <- out_t + G_A,t (W_up ReLU(W_down out_t + b_down) + b_up)
-                                                            G_A,t = sigmoid(W_A out_t + b_A), out: the MLP's output
+                                                            G_A,t = sigmoid(W_A out_t + b_A),
+                                                            out: the MLP's output
 
 Every gate is one number per TOKEN t, from that token's input to the submodule. The authors'
 code and AdapterHub (both for BERT) average the sigmoid over the sequence, one gate per row;
@@ -121,7 +124,8 @@ class UniPELTMethod(Method):
 
     # --- LoRA ----------------------------------------------------------------------------------
     def linear_targets(self):
-        return {(layer, TARGETS[t][0]) for layer in range(self.shape.n_layer) for t in self.options["lora_targets"]}
+        return {(layer, TARGETS[t][0]) for layer in range(self.shape.n_layer)
+                for t in self.options["lora_targets"]}
 
     def linear(self, layer, name, x, out):  # x: (n, T, in), out: (n, T, out)
         d = self.shape.d_model

@@ -30,11 +30,10 @@ from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model  # noqa
 from transformers import GPT2LMHeadModel  # noqa: E402
 
 from models.checkpoint import load_checkpoint  # noqa: E402
+from tasks.task_file import load_task_file  # noqa: E402
+from tasks.template import build_template_example, without_virtual_positions  # noqa: E402
 from utils.data import collate, load_tokenizer  # noqa: E402
 from utils.io import write_text  # noqa: E402
-from utils.task_file import load_task_file  # noqa: E402
-from utils.tasks import banned_token_ids  # noqa: E402
-from utils.templates import build_template_example, without_virtual_positions  # noqa: E402
 
 BACKBONE = os.path.join(ROOT, "data", "gpt2-stand-in")
 DATA = os.path.join(ROOT, "data", "samples", "sentiment")
@@ -67,14 +66,15 @@ def ours(path):
     model, _, _ = load_checkpoint(path)
     task_id = model.task_id("sentiment")
     virtual = task_id >= 0 and model.tasks["sentiment"].num_virtual_tokens > 0
-    banned = list(banned_token_ids(TASK))
+    banned = list(TASK.banned_ids())
 
     @torch.no_grad()
     def logprobs(examples):
         batch = collate(examples, task_id)
         extra = {"virtual_ids": batch["virtual_ids"]} if "virtual_ids" in batch else {}
         logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                       task_ids=batch["task_ids"] if task_id >= 0 else None, use_cache=False, **extra).logits.float()
+                       task_ids=batch["task_ids"] if task_id >= 0 else None, use_cache=False,
+                       **extra).logits.float()
         logits[..., banned] = -float("inf")
         return logits.log_softmax(-1)
     return logprobs, virtual
@@ -106,7 +106,8 @@ def peft_run(kind, lr, seed=42, epochs=10, batch_size=8):
     @torch.no_grad()
     def logprobs(examples):
         ids, _, mask = padded(examples)
-        return model(input_ids=ids, attention_mask=mask).logits[:, 10:].float().log_softmax(-1)  # past the prompt
+        # past the prompt
+        return model(input_ids=ids, attention_mask=mask).logits[:, 10:].float().log_softmax(-1)
     return logprobs, False
 
 
@@ -141,15 +142,19 @@ def main():
     rows.append(("PEFT: p-tuning, lr 1e-2", peft_run("ptuning", 1e-2)))
     rows.append(("PEFT: prompt tuning, lr 0.3", peft_run("prompt", 0.3)))
     lines = ["# Why p-tuning scores 0 on the stand-in", "",
-             "Command: `python results/mini/prompt_study/diagnosis.py` (its docstring says what each row is). "
+             "Command: `python results/mini/prompt_study/diagnosis.py` "
+             "(its docstring says what each row is). "
              "Sentiment valid split, 56 records; no decoding but the greedy first token.", "",
-             "| run | label-token NLL | <\\|endoftext\\|> NLL | gold label likeliest of three | greedy first tokens |",
+             "| run | label-token NLL | <\\|endoftext\\|> NLL | gold label likeliest of three "
+             "| greedy first tokens |",
              "|---|---:|---:|---:|---|"]
     for name, (logprobs, virtual) in rows:
         s = score(logprobs, virtual)
-        lines.append(f"| {name} | {s['label_nll']:.2f} | {s['eos_nll']:.2f} | {s['ranked']:.3f} | {s['first']} |")
+        lines.append(f"| {name} | {s['label_nll']:.2f} | {s['eos_nll']:.2f} | {s['ranked']:.3f} | "
+                     f"{s['first']} |")
         print(lines[-1], flush=True)
-    write_text(os.path.join(os.path.dirname(os.path.abspath(__file__)), "diagnosis.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(os.path.dirname(os.path.abspath(__file__)), "diagnosis.md"),
+               "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""Conversational question answering (qa, CoQA): a story and the questions so far in, the answer out.
+
+Record: {"id", "document": [story], "utterances": [{"history", "candidates", "turn_id"}]}: the
+dialogue layout with the story, cut to `max_source_tokens`, where the persona goes. Outputs are
+written as CoQA's official scorer reads them (`<task>_predictions.json`: id, turn_id, answer) and
+scored with its exact match and F1.
+"""
+from dataclasses import dataclass
+
+from tasks.dialogue import DialogueTask
+from utils.errors import VLMError
+from utils.io import write_json
+
+
+@dataclass(frozen=True)
+class QATask(DialogueTask):
+    record_keys = ("document", "utterances")
+    context_key = "document"
+    empty_context_allowed = False
+
+    def persona_of(self, record, persona):
+        return [record["document"][0][:self.max_source_tokens]]
+
+    def prompt_meta(self, context, record, utterance, tokenizer):
+        return {"id": record["id"], "turn_id": utterance.get("turn_id")}
+
+    def references(self, prompts):
+        return [{"id": p.meta["id"], "turn_id": p.meta["turn_id"], "answer": p.meta["reference"]}
+                for p in prompts]
+
+    def text_input(self, text, where):
+        raise VLMError(f"{where}: qa needs a JSON object with 'document' and 'history'")
+
+    def input_context(self, item, encode, get, max_history, where):
+        """{"document": str, "history": [...]}."""
+        history = [encode(t) for t in get("history", list)][-(2 * max_history + 1):]
+        return [encode(get("document", str))[:self.max_source_tokens]], history
+
+    def write_outputs(self, prompts, outputs, output_dir):
+        predictions = [{"id": p.meta["id"], "turn_id": p.meta["turn_id"], "answer": out}
+                       for p, out in zip(prompts, outputs)]
+        # the authors' name for it
+        write_json(self.output_path(output_dir, "output.txt"), predictions, indent=None)
+        # for the official CoQA scorer
+        write_json(self.output_path(output_dir, "predictions.json"), predictions)
