@@ -37,7 +37,9 @@ def decoding_arguments(parser):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling softmax temperature")
     parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (<=0: off)")
-    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus filtering (<=0.0: off)")
+    parser.add_argument("--top_p", type=float, default=0.9,
+                        help="nucleus filtering: sample from the most likely tokens whose probabilities "
+                             "add up to top_p, in (0, 1] (1: off)")
     parser.add_argument("--batch_size", type=int, default=32, help="prompts decoded together")
     parser.add_argument("--output_dir", type=str, default=None, help="where outputs and metrics go")
     parser.add_argument("--raw_text", action="store_true",
@@ -86,6 +88,8 @@ def check_decoding_arguments(args):
         raise VLMError("--min_length must be between 0 and --max_length")
     if not args.no_sample and args.temperature <= 0:
         raise VLMError("--temperature must be positive")
+    if not (0 < args.top_p <= 1):  # also NaN
+        raise VLMError(f"--top_p must be in (0, 1] (1 keeps every token), got {args.top_p}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise VLMError(f"--device {args.device}: CUDA is not available on this machine")
     random.seed(args.seed)

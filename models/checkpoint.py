@@ -19,7 +19,14 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from models.methods import BackboneShape, key_prefix, method_class
-from models.vlm import TaskSpec, VersatileLM, add_special_token_rows, backbone_fingerprint, load_backbone
+from models.vlm import (
+    TaskSpec,
+    VersatileLM,
+    add_special_token_rows,
+    backbone_fingerprint,
+    check_finite,
+    load_backbone,
+)
 from utils.data import load_tokenizer, read_json_file
 from utils.errors import VLMError
 from utils.io import atomic_path, write_json
@@ -177,9 +184,11 @@ def load_tensors(path):
     if not os.path.isfile(path):
         raise VLMError(f"{path}: checkpoint weights not found")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise VLMError(f"{path}: corrupted or truncated safetensors file ({error})") from None
+    check_finite(tensors, path)
+    return tensors
 
 
 _load_tensors = load_tensors  # the name other modules imported before

@@ -57,8 +57,22 @@ def load_backbone(name_or_path, random_init=False, dtype=None):
     except (OSError, ValueError) as error:
         raise VLMError(f"--model_checkpoint {name_or_path}: "
                        f"cannot load a GPT-2 model ({_first_line(error)})") from None
+    if not random_init:
+        weights = os.path.join(name_or_path, "model.safetensors")
+        where = weights if os.path.isfile(weights) else f"--model_checkpoint {name_or_path}"
+        check_finite(gpt2.state_dict(), where)
     add_special_token_rows(gpt2)
     return gpt2
+
+
+def check_finite(tensors, where):
+    """One VLMError naming the first floating-point tensor that holds NaN or Inf: weights so damaged
+    would otherwise surface as a traceback deep in decoding (torch.multinomial) or as NaN scores."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise VLMError(f"{where}: tensor {name!r} holds {bad:,} NaN or infinite value"
+                           f"{'' if bad == 1 else 's'}; the weights are damaged")
 
 
 def from_pretrained(cls, name_or_path, **kwargs):

@@ -135,6 +135,10 @@ def test_own_input_from_the_command_line_and_stdin(tmp_path, checkpoint):
     (["--task", "mt", "--model_checkpoint", "/nonexistent/ckpt"], "--model_checkpoint /nonexistent/ckpt"),
     (["--task", "mt", "--max_length", "0", "--model_checkpoint", "x"], "--max_length must be at least 1"),
     (["--task", "nlg", "--input", "name The Vaults"], "--input: cannot read a meaning representation"),
+    (["--task", "nlg", "--top_p", "0", "--input", "x"],
+     "--top_p must be in (0, 1] (1 keeps every token), got 0.0"),
+    (["--task", "nlg", "--top_p", "1.5", "--input", "x"], "--top_p must be in (0, 1]"),
+    (["--task", "nlg", "--top_p", "nan", "--input", "x"], "--top_p must be in (0, 1]"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, message, checkpoint):
     if "--model_checkpoint" not in flags:
@@ -145,3 +149,44 @@ def test_bad_flags_give_one_line_and_exit_2(flags, message, checkpoint):
     assert message in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         line for line in result.stderr.splitlines() if line.strip()][-1:]
+
+
+def test_weights_holding_nan_or_inf_give_one_error_line_in_every_script_that_loads_them(
+        checkpoint, tiny_base, tmp_path):
+    """Before: evaluate.py sampled from NaN logits and ended in a torch.multinomial traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from models.checkpoint import ADAPTER_WEIGHTS
+    adapter = tmp_path / "nan_adapter"
+    shutil.copytree(checkpoint("nlg"), adapter)
+    tensors = load_file(str(adapter / ADAPTER_WEIGHTS))
+    name = sorted(k for k in tensors if not k.startswith("task_embeddings."))[0]  # an adapter matrix
+    tensors[name].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), 1.0])
+    save_file(tensors, str(adapter / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    plain = tmp_path / "nan_gpt2"
+    shutil.copytree(tiny_base, plain)
+    weights = load_file(str(plain / "model.safetensors"))
+    weights["transformer.h.0.attn.c_attn.weight"][0, 0] = float("-inf")
+    save_file(weights, str(plain / "model.safetensors"), metadata={"format": "pt"})
+
+    adapter_error = f"error: {adapter / ADAPTER_WEIGHTS}: tensor {name!r} holds 2 NaN or infinite values; " \
+                    "the weights are damaged"
+    plain_error = (f"error: {plain / 'model.safetensors'}: tensor 'transformer.h.0.attn.c_attn.weight' "
+                   "holds 1 NaN or infinite value; the weights are damaged")
+    runs = [
+        (run_script("evaluate.py", "--task", "nlg", "--model_checkpoint", str(adapter), "--input", "name[A]",
+                    "--device", "cpu"), adapter_error),
+        (run_script("evaluate.py", "--task", "nlg", "--model_checkpoint", str(plain), "--input", "name[A]",
+                    "--device", "cpu"), plain_error),
+        (run_script("combine_all.py", str(adapter), "--output_dir", str(tmp_path / "vlm")), adapter_error),
+        (run_script("sentence_distiller.py", "--task", "nlg", "--model_checkpoint", str(adapter),
+                    "--device", "cpu", "--dataset_path", "data/samples/nlg.json", "--output",
+                    str(tmp_path / "d.json")),
+         adapter_error),
+    ]
+    for result, error in runs:
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [error]
