@@ -21,6 +21,11 @@ from utils.vocab import special_token_id
 DISTILLED_CANDIDATES = "distillated_candidates"
 
 
+def history_window(turns, max_history):
+    """The turns a model sees: the last max_history exchanges and the newest turn (the authors' cut)."""
+    return turns[-(2 * max_history + 1):]
+
+
 @dataclass(frozen=True)
 class DialogueTask(BuiltinTask):
     record_keys = ("personality", "utterances")
@@ -59,7 +64,7 @@ class DialogueTask(BuiltinTask):
         for record in records:
             persona = list(record.get("personality", []))
             for utterance in record["utterances"]:
-                history = utterance["history"][-(2 * max_history + 1):]
+                history = history_window(utterance["history"], max_history)
                 context = (self.persona_of(record, persona), history)
                 yield context, utterance[target_key or "candidates"][-1], record, utterance
                 if rotate_persona and persona:
@@ -88,7 +93,7 @@ class DialogueTask(BuiltinTask):
 
     def input_context(self, item, encode, get, max_history, where):
         """{"personality": [...], "history": [...]} (or one user turn as text)."""
-        history = [encode(t) for t in get("history", list)][-(2 * max_history + 1):]
+        history = history_window([encode(t) for t in get("history", list)], max_history)
         persona = [encode(p) for p in get("personality", list)] if "personality" in item else []
         return persona, history
 

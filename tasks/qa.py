@@ -7,7 +7,7 @@ scored with its exact match and F1.
 """
 from dataclasses import dataclass
 
-from tasks.dialogue import DialogueTask
+from tasks.dialogue import DialogueTask, history_window
 from utils.errors import VLMError
 from utils.io import write_json
 
@@ -33,7 +33,7 @@ class QATask(DialogueTask):
 
     def input_context(self, item, encode, get, max_history, where):
         """{"document": str, "history": [...]}."""
-        history = [encode(t) for t in get("history", list)][-(2 * max_history + 1):]
+        history = history_window([encode(t) for t in get("history", list)], max_history)
         return [encode(get("document", str))[:self.max_source_tokens]], history
 
     def write_outputs(self, prompts, outputs, output_dir):
