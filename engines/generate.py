@@ -76,12 +76,20 @@ class _Chooser:
             logits = logits.masked_fill(self.ban_mask[rows], -float("inf"))
         if step < self.options.min_length and self.stop_mask is not None:
             logits = logits.masked_fill(self.stop_mask[rows], -float("inf"))
-        if self.options.no_sample:
-            return logits.argmax(dim=-1)
-        logits = filter_logits(logits / self.options.temperature, self.options.top_k, self.options.top_p)
-        probs = F.softmax(logits, dim=-1)
-        return torch.cat([torch.multinomial(probs[i], 1, generator=self.generators[row])
-                          for i, row in enumerate(rows.tolist())])
+        generators = None if self.generators is None else [self.generators[row] for row in rows.tolist()]
+        return pick_tokens(logits, self.options, generators)
+
+
+def pick_tokens(logits, options, generators):
+    """The next token of each row of masked float logits (n, vocab): the argmax, or a sample after
+    temperature, top-k and nucleus filtering, each row from its own generator. The server
+    (engines/serve_engine.py) picks with this too, so its rows equal evaluate.py's."""
+    if options.no_sample:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / options.temperature, options.top_k, options.top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=generator)
+                      for i, generator in enumerate(generators)])
 
 
 def virtual_token_count(model, task_id):
@@ -90,13 +98,14 @@ def virtual_token_count(model, task_id):
     return tasks[task_id].num_virtual_tokens if task_id in tasks else 0
 
 
-def with_virtual_positions(model, prompts):
+def with_virtual_positions(model, prompts, counts=None):
     """Prompts of prompt / p-tuning tasks with their virtual-token positions in front (once: a
     prompt that has virtual_ids already is kept as it is). A user task's prompt has them where its
-    template says; they are taken out when the task has no virtual tokens in this model."""
+    template says; they are taken out when the task has no virtual tokens in this model.
+    counts: {task id: virtual tokens}, to read them from a snapshot instead of the model."""
     out = []
     for p in prompts:
-        n = virtual_token_count(model, p.task_id)
+        n = virtual_token_count(model, p.task_id) if counts is None else counts.get(p.task_id, 0)
         if p.virtual_ids is not None:
             if not n and any(v >= 0 for v in p.virtual_ids):
                 kept = without_virtual_positions({"input_ids": p.input_ids,
@@ -112,21 +121,11 @@ def with_virtual_positions(model, prompts):
     return out
 
 
-def _virtual_kwargs(virtual):
-    """virtual_ids only where some row has virtual tokens (plain models take no such argument)."""
-    return {} if virtual is None else {"virtual_ids": virtual}
-
-
-@torch.inference_mode()
-def generate_batch(model, prompts, options, on_step=None):
-    """Decode a batch of prompts together; returns one list of generated ids per prompt.
-
-    on_step(step, rows): called after each step's tokens are chosen (step 0 follows the pass over
-    the prompts; `rows` were in that pass); bench/run.py times the decoding phase with it."""
-    device = model.device
-    prompts = with_virtual_positions(model, prompts)
+def padded_inputs(prompts, device):
+    """The prompt pass's inputs, left-padded so every prompt ends at the same column and new
+    tokens line up: input_ids, token_type_ids, attention_mask, position_ids (batch, width) and
+    virtual_ids (or None where no row has virtual tokens)."""
     batch, width = len(prompts), max(len(p.input_ids) for p in prompts)
-    # Left padding: every prompt ends at the same column, so new tokens line up.
     input_ids = torch.full((batch, width), PAD_ID, dtype=torch.long)
     token_types = torch.full((batch, width), PAD_ID, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
@@ -142,6 +141,24 @@ def generate_batch(model, prompts, options, on_step=None):
     virtual = virtual.to(device) if virtual is not None else None
     input_ids, token_types, attention = input_ids.to(device), token_types.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)                         # (batch, width)
+    return input_ids, token_types, attention, virtual, positions
+
+
+def _virtual_kwargs(virtual):
+    """virtual_ids only where some row has virtual tokens (plain models take no such argument)."""
+    return {} if virtual is None else {"virtual_ids": virtual}
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts, options, on_step=None):
+    """Decode a batch of prompts together; returns one list of generated ids per prompt.
+
+    on_step(step, rows): called after each step's tokens are chosen (step 0 follows the pass over
+    the prompts; `rows` were in that pass); bench/run.py times the decoding phase with it."""
+    device = model.device
+    prompts = with_virtual_positions(model, prompts)
+    batch = len(prompts)
+    input_ids, token_types, attention, virtual, positions = padded_inputs(prompts, device)
     task_ids = torch.tensor([p.task_id for p in prompts], device=device)
     reply_types = torch.tensor([p.reply_type for p in prompts], device=device)
     chooser = _Chooser(prompts, options, device, model.config.vocab_size)

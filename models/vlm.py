@@ -206,18 +206,26 @@ class VersatileLM(nn.Module):
     # --- the task registry -------------------------------------------------------------------
     def add_task(self, spec):
         """Add a task's (freshly initialized) modules; returns its TaskModule."""
-        if spec.name in self.tasks:
-            raise VLMError(f"task {spec.name} is already in the model")
-        if spec.task_id in self.tasks_by_id() or spec.task_id < 0:
-            raise VLMError(f"task {spec.name}: id {spec.task_id} is negative or taken")
-        taken = {i for t in self.tasks.values() for i in t.token_ids}
-        if taken & set(spec.token_ids) or not set(spec.token_ids) <= set(SPECIAL_IDS):
-            raise VLMError(f"task {spec.name}: token rows {list(spec.token_ids)} overlap another task's "
-                           f"or are not among the added special tokens")
+        return self.attach_task(self.build_task(spec))
+
+    def build_task(self, spec):
+        """A task's freshly initialized TaskModule for this backbone, not yet in the model (a server
+        fills it from a checkpoint while the model keeps decoding, then attaches it)."""
         methods = {name: method_class(name)(self.shape, options, self.gpt2)
                    for name, options in spec.methods.items()}
-        module = TaskModule(spec, methods).to(device=self.gpt2.device, dtype=self.gpt2.dtype)
-        self.tasks[spec.name] = module
+        return TaskModule(spec, methods).to(device=self.gpt2.device, dtype=self.gpt2.dtype)
+
+    def attach_task(self, module):
+        """Put a built TaskModule in the model (its name, id and rows must be free); returns it."""
+        if module.name in self.tasks:
+            raise VLMError(f"task {module.name} is already in the model")
+        if module.task_id in self.tasks_by_id() or module.task_id < 0:
+            raise VLMError(f"task {module.name}: id {module.task_id} is negative or taken")
+        taken = {i for t in self.tasks.values() for i in t.token_ids}
+        if taken & set(module.token_ids) or not set(module.token_ids) <= set(SPECIAL_IDS):
+            raise VLMError(f"task {module.name}: token rows {list(module.token_ids)} overlap another task's "
+                           f"or are not among the added special tokens")
+        self.tasks[module.name] = module
         self._refresh_hooks()
         return module
 

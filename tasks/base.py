@@ -105,6 +105,7 @@ class TaskKind:
     task_id: int
     metrics: tuple = ()
     method_from_task_file = False  # a user task trains its task file's method on the frozen backbone
+    kind = ""                      # what /v1/models calls it: seq2seq, nlg, dialogue, qa, template, text
 
     # --- data ------------------------------------------------------------------------------------
     def check_dataset_path(self, path, shown=None):
@@ -131,6 +132,12 @@ class TaskKind:
 
     def output_text(self, tokenizer, ids, cleanup=True):
         raise NotImplementedError
+
+    def chat_input(self, turns, where):
+        """The input object of a conversation, [(role, text)] in order (serve.py's chat route):
+        tasks whose input is a conversation say how it maps to their fields."""
+        raise VLMError(f"{where}: task {self.name} does not take a conversation; "
+                       "send its input to /v1/completions")
 
     def shot_ids(self, dataset_path, tokenizer, shots, seed):
         if shots:

@@ -21,6 +21,14 @@ from utils.vocab import special_token_id
 DISTILLED_CANDIDATES = "distillated_candidates"
 
 
+def conversation_history(turns, where):
+    """The user and assistant turns of a conversation, which must end with a user turn."""
+    history = [(role, text) for role, text in turns if role in ("user", "assistant")]
+    if not history or history[-1][0] != "user":
+        raise VLMError(f"{where}: the conversation must end with a user message")
+    return [text for _, text in history]
+
+
 def history_window(turns, max_history):
     """The turns a model sees: the last max_history exchanges and the newest turn (the authors' cut)."""
     return turns[-(2 * max_history + 1):]
@@ -28,6 +36,7 @@ def history_window(turns, max_history):
 
 @dataclass(frozen=True)
 class DialogueTask(BuiltinTask):
+    kind = "dialogue"
     record_keys = ("personality", "utterances")
     context_key = "personality"           # the record's list of context sentences
     empty_context_allowed = True
@@ -90,6 +99,11 @@ class DialogueTask(BuiltinTask):
 
     def text_input(self, text, where):
         return {"history": [text]}
+
+    def chat_input(self, turns, where):
+        """System messages are persona lines; user and assistant turns the history, ending with the user's."""
+        return {"personality": [text for role, text in turns if role == "system"],
+                "history": conversation_history(turns, where)}
 
     def input_context(self, item, encode, get, max_history, where):
         """{"personality": [...], "history": [...]} (or one user turn as text)."""

@@ -25,6 +25,7 @@ def mr_key(slots):
 
 @dataclass(frozen=True)
 class NLGTask(SourceTargetTask):
+    kind = "nlg"
     def check_fields(self, record, fail):
         if not isinstance(record["src"], dict) or not record["src"]:
             fail("'src' must be a non-empty object of slot: value")

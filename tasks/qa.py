@@ -7,13 +7,14 @@ scored with its exact match and F1.
 """
 from dataclasses import dataclass
 
-from tasks.dialogue import DialogueTask, history_window
+from tasks.dialogue import DialogueTask, conversation_history, history_window
 from utils.errors import VLMError
 from utils.io import write_json
 
 
 @dataclass(frozen=True)
 class QATask(DialogueTask):
+    kind = "qa"
     record_keys = ("document", "utterances")
     context_key = "document"
     empty_context_allowed = False
@@ -30,6 +31,13 @@ class QATask(DialogueTask):
 
     def text_input(self, text, where):
         raise VLMError(f"{where}: qa needs a JSON object with 'document' and 'history'")
+
+    def chat_input(self, turns, where):
+        """The system messages are the document (the story); user and assistant turns the history."""
+        document = "\n".join(text for role, text in turns if role == "system")
+        if not document:
+            raise VLMError(f"{where}: qa needs the document (the story) as a system message")
+        return {"document": document, "history": conversation_history(turns, where)}
 
     def input_context(self, item, encode, get, max_history, where):
         """{"document": str, "history": [...]}."""

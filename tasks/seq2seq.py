@@ -52,6 +52,7 @@ class SourceTargetTask(BuiltinTask):
 
 @dataclass(frozen=True)
 class Seq2SeqTask(SourceTargetTask):
+    kind = "seq2seq"
     def check_fields(self, record, fail):
         check_str(record["src"], "src", fail)
         check_str(record["tgt"], "tgt", fail)

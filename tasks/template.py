@@ -327,6 +327,7 @@ class TemplateTask(TaskKind):
     """One user task of a task file, checked. `parts` is the parsed template: ("text", str),
     ("field", name) and ("virtual", split index) items in template order. Hashable: the two
     dicts take part in == but not in the hash."""
+    kind = "template"
     name: str
     prompt_template: str
     total_virtual_tokens: int
@@ -450,6 +451,17 @@ class TemplateTask(TaskKind):
                 raise VLMError(f"{where}: task {self.name}: field {name!r} must be a string")
         return self.prompt(template_item(self, dict(record, taskname=self.name), where, tokenizer,
                                          require_answer=False), task_id)
+
+    def chat_input(self, turns, where):
+        """A task of one input field takes the last user message as that field."""
+        inputs = [f for f in self.fields if f != self.answer_field]
+        users = [text for role, text in turns if role == "user"]
+        if len(inputs) != 1:
+            raise VLMError(f"{where}: task {self.name} has the fields {', '.join(inputs)}: "
+                           "send a JSON object of them to /v1/completions")
+        if not users:
+            raise VLMError(f"{where}: the conversation has no user message")
+        return {inputs[0]: users[-1]}
 
     def output_text(self, tokenizer, ids, cleanup=True):
         """The answer: cut at the task's stop rule; never cleaned."""
