@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -112,30 +113,41 @@ def plain_inputs():
 
 # --- a server and its load ---------------------------------------------------------------------------
 class Server:
-    def __init__(self, checkpoint, *flags):
-        env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false")
+    """serve.py as a process on 127.0.0.1 and a free port (--port 0): its URL from the ready line.
+    env: extra variables; log: a file for its stderr."""
+
+    def __init__(self, checkpoint, *flags, env=None, log=None, ready_timeout=300):
+        env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", **(env or {}))
+        command = [
+            sys.executable,
+            os.path.join(REPO, "serve.py"),
+            "--model_checkpoint",
+            checkpoint,
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            *flags,
+        ]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(REPO, "serve.py"),
-                "--model_checkpoint",
-                checkpoint,
-                "--port",
-                "0",
-                "--device",
-                "cpu",
-                *flags,
-            ],
+            command,
             stdout=subprocess.PIPE,
+            stderr=open(log, "w") if log else None,
             text=True,
             env=env,
+            cwd=REPO,
         )
-        line = self.proc.stdout.readline()
-        if "serving" not in line:
-            raise SystemExit(f"error: serve.py did not start: {line}")
-        self.url = line.split(" at ")[1].split()[0].rstrip(":").removesuffix("/v1")
+        line = []  # read in a thread: a server that never gets ready must not hang the caller
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=ready_timeout)
+        if not line or "serving" not in line[0]:
+            self.proc.kill()
+            raise RuntimeError(f"serve.py did not start: {line}")
+        self.url = line[0].split(" at ")[1].split()[0].rstrip(":").removesuffix("/v1")
 
     def close(self):
+        """SIGTERM: the server drains and exits."""
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=120)
 
@@ -246,7 +258,8 @@ def peer_throughput(base, prompts, max_tokens):
 def step_breakdown(checkpoint, batches, prompt_tokens=27, new_tokens=40, repeats=3):
     """Our decoding step at batch B with a cache of prompt + new tokens, against the step's matrix
     products (every layer's four projections and the output layer) timed alone on the same shapes."""
-    from engines.serve_engine import Sampling, Sequence, ServingEngine
+    from engines.generate import DecodingOptions
+    from engines.serve_engine import Sequence, ServingEngine
     from engines.serve_tasks import build_prompt, initial_tasks
     from models.checkpoint import load_checkpoint
 
@@ -264,7 +277,7 @@ def step_breakdown(checkpoint, batches, prompt_tokens=27, new_tokens=40, repeats
                 build_prompt(
                     base, "x" * 2 + " the" * (prompt_tokens - 1), tokenizer, c.n_positions, "prompt"
                 ),
-                Sampling(max_tokens=new_tokens + repeats + 2, no_sample=True, min_length=10**6),
+                DecodingOptions(max_length=new_tokens + repeats + 2, no_sample=True, min_length=10**6),
             )
             for _ in range(batch)
         ]

@@ -24,7 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from engines.serve_engine import Sampling, Sequence, ServingError
+from engines.generate import DecodingOptions
+from engines.serve_engine import Sequence, ServingError
 from engines.serve_tasks import attach_loaded, build_prompt, check_under_root, load_tasks_from_checkpoint
 from utils.errors import VLMError
 
@@ -101,7 +102,7 @@ def _number(body, key, default, check, requirement):
 
 
 def parse_sampling(body, n_positions, token_key="max_tokens"):
-    """Sampling from OpenAI's fields; omitted ones take evaluate.py's defaults (150 tokens,
+    """DecodingOptions from OpenAI's fields; omitted ones take evaluate.py's defaults (150 tokens,
     temperature 0.7, top_p 0.9, top_k 0, min 1 token), an omitted seed a random one."""
     for key, allowed in UNSUPPORTED.items():
         if body.get(key) not in allowed and not (key == "logit_bias" and body.get(key) == {}):
@@ -119,8 +120,8 @@ def parse_sampling(body, n_positions, token_key="max_tokens"):
         seed = random.randrange(1 << 62)
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < (1 << 62):
         raise _bad("seed", f"must be an integer between 0 and 2**62, got {json.dumps(seed)[:40]}")
-    return Sampling(
-        max_tokens=max_tokens,
+    return DecodingOptions(
+        max_length=max_tokens,
         no_sample=temperature == 0,
         temperature=temperature or 1.0,
         top_k=top_k,
@@ -280,7 +281,7 @@ def create_app(engine, metrics, settings):
 
     async def run_request(request, body, items, chat):
         task = served(body)
-        sampling = parse_sampling(body, engine.n_positions, "max_completion_tokens" if chat else "max_tokens")
+        options = parse_sampling(body, engine.n_positions, "max_completion_tokens" if chat else "max_tokens")
         stop, (stream, include_usage) = parse_stop(body), parse_stream(body)
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
@@ -299,7 +300,7 @@ def create_app(engine, metrics, settings):
                 Sequence(
                     task,
                     prompt,
-                    sampling,
+                    options,
                     index=index,
                     stop=stop,
                     stream=stream,
@@ -379,7 +380,7 @@ def create_app(engine, metrics, settings):
             body = await read_body(request)
             return await run_request(request, body, completion_items(body.get("prompt")), chat=False)
         except ServingError as error:
-            metrics.request(body_model(locals()), error.status)
+            metrics.request(body_model(body), error.status)
             return from_error(error)
 
     @app.post("/v1/chat/completions")
@@ -395,7 +396,7 @@ def create_app(engine, metrics, settings):
                 raise ServingError(400, str(error), param="messages") from None
             return await run_request(request, body, [(item, "messages")], chat=True)
         except ServingError as error:
-            metrics.request(body_model(locals()), error.status)
+            metrics.request(body_model(body), error.status)
             return from_error(error)
 
     # --- admin ------------------------------------------------------------------------------------
@@ -517,8 +518,8 @@ def describe(served, replaced):
     }
 
 
-def body_model(scope):
-    body = scope.get("body")
+def body_model(body):
+    """The task a request body names, for the metrics' label ("" when it names none)."""
     model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) else ""
 

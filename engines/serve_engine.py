@@ -24,12 +24,11 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engines.generate import DecodingOptions, padded_inputs, pick_tokens
+from engines.generate import padded_inputs, pick_tokens
 from engines.serve_tasks import build_prompt
 from models.routing import PrefixCache
 
@@ -37,32 +36,9 @@ logger = logging.getLogger(__name__)
 STREAM_HOLDBACK = 16  # characters a stream holds back: the text clean-up may still change them
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """One request's decoding settings, as evaluate.py's flags (--max_length is max_tokens)."""
-
-    max_tokens: int = 150
-    no_sample: bool = False
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 0.9
-    min_length: int = 1
-    seed: int = 42
-
-    def options(self):
-        return DecodingOptions(
-            max_length=self.max_tokens,
-            min_length=self.min_length,
-            no_sample=self.no_sample,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-        )
-
-    def group(self):
-        """Rows picking with the same settings pick together."""
-        return (self.no_sample, self.temperature, self.top_k, self.top_p)
+def sampling_group(options):
+    """Rows whose DecodingOptions pick alike pick together."""
+    return (options.no_sample, options.temperature, options.top_k, options.top_p)
 
 
 class ServingError(Exception):
@@ -74,7 +50,8 @@ class ServingError(Exception):
 
 
 class Sequence:
-    """One prompt being served: its task, prompt, settings and what it has generated so far.
+    """One prompt being served: its task, prompt, DecodingOptions (evaluate.py's flags; max_length
+    is the request's max_tokens) and what it has generated so far.
 
     on_event(seq, kind) is called from the loop's thread: kind "token" (seq.delta holds new text
     when seq.stream) or "done" (seq.text and seq.finish_reason, or seq.error)."""
@@ -83,7 +60,7 @@ class Sequence:
         self,
         served,
         prompt,
-        sampling,
+        options,
         index=0,
         stop=(),
         stream=False,
@@ -92,7 +69,7 @@ class Sequence:
         where="prompt",
         deadline=None,
     ):
-        self.served, self.prompt, self.sampling = served, prompt, sampling
+        self.served, self.prompt, self.options = served, prompt, options
         self.index, self.stop, self.stream, self.on_event = index, tuple(stop), stream, on_event
         self.item, self.where, self.deadline = item, where, deadline
         self.ids, self.text, self.emitted, self.delta = [], "", "", ""
@@ -451,7 +428,7 @@ class ServingEngine:
 
     def _limit(self, seq):
         """evaluate.py's reply_room: max_tokens, the task's own cap, and the model's positions."""
-        limit = seq.sampling.max_tokens
+        limit = seq.options.max_length
         if seq.prompt.max_length is not None:
             limit = min(limit, seq.prompt.max_length)
         return min(limit, self.n_positions - len(seq.prompt.input_ids))
@@ -472,9 +449,9 @@ class ServingEngine:
         input_ids, token_types, attention, virtual, positions = padded_inputs(prompts, self.device)
         task_ids = torch.tensor([p.task_id for p in prompts], device=self.device)
         for seq in seqs:
-            if not seq.sampling.no_sample:
+            if not seq.options.no_sample:
                 # evaluate.py seeds prompt i of its input with seed + i
-                seq.generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed + seq.index)
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.options.seed + seq.index)
         out = model(
             input_ids,
             token_type_ids=token_types,
@@ -542,19 +519,19 @@ class ServingEngine:
         logits = logits.float()
         broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
         logits = logits.masked_fill(batch.ban, -float("inf"))
-        early = torch.tensor([len(s.ids) < s.sampling.min_length for s in batch.seqs], device=self.device)
+        early = torch.tensor([len(s.ids) < s.options.min_length for s in batch.seqs], device=self.device)
         if bool(early.any()):
             logits = logits.masked_fill(batch.stop & early[:, None], -float("inf"))
         groups = collections.defaultdict(list)
         for row, seq in enumerate(batch.seqs):
             if not broken[row]:
-                groups[seq.sampling.group()].append(row)
+                groups[sampling_group(seq.options)].append(row)
         tokens = [-1] * len(batch)
         for rows in groups.values():
             seqs = [batch.seqs[r] for r in rows]
             index = torch.tensor(rows, device=self.device)
             generators = [s.generator for s in seqs]
-            picked = pick_tokens(logits.index_select(0, index), seqs[0].sampling.options(), generators)
+            picked = pick_tokens(logits.index_select(0, index), seqs[0].options, generators)
             for row, token in zip(rows, picked.tolist()):
                 tokens[row] = token
         return tokens

@@ -15,8 +15,9 @@ import uvicorn
 from engines.serve_api import Settings, create_app
 from engines.serve_engine import ServingEngine
 from engines.serve_metrics import ServerMetrics
-from engines.serve_tasks import initial_tasks, model_fingerprint
+from engines.serve_tasks import initial_tasks
 from models.checkpoint import load_checkpoint
+from models.vlm import backbone_fingerprint
 from utils.errors import VLMError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def build_engine(args):
         admin_root=args.admin_root,
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
-        fingerprint=model_fingerprint(model) if args.admin_token else "",
+        fingerprint=backbone_fingerprint(model.gpt2) if args.admin_token else "",
     )
     return engine, metrics, settings
 

@@ -7,18 +7,18 @@ every change, and request handlers read whichever is current, never the model it
 """
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from engines.cli import checkpoint_config, known_user_tasks
+from engines.cli import known_user_tasks
 from engines.generate import with_virtual_positions
-from models.checkpoint import CONFIG_NAME, task_specs
+from models.checkpoint import CONFIG_NAME, load_method_tensors, task_specs
 from models.combine import load_task_checkpoint
-from models.methods import key_prefix
-from models.vlm import TaskSpec, backbone_fingerprint
+from models.vlm import TaskSpec
 from tasks.plain import PlainTextTask
 from tasks.table import get_task
+from tasks.task_file import recorded_user_tasks
 from utils.errors import VLMError
 
 
@@ -59,9 +59,7 @@ def backbone_name(model_checkpoint, config):
 
 def initial_tasks(model, config, args):
     """{name: ServedTask} of a loaded checkpoint: every task it holds, plus the backbone alone."""
-    user_tasks = known_user_tasks(args, config) if config and config.get("mode") != "plain" else {}
-    if args.task_file and not user_tasks:
-        user_tasks = known_user_tasks(args, None)
+    user_tasks = known_user_tasks(args, config)
     served = {}
     for name in (config or {}).get("tasks", {}):
         served[name] = served_task(model, get_task(name, user_tasks))
@@ -116,29 +114,18 @@ def load_tasks_from_checkpoint(model, fingerprint, path):
             f"(fingerprint {checkpoint.fingerprint[:12]}, served {fingerprint[:12]})"
         )
     where = os.path.join(path, CONFIG_NAME)
-    user_tasks = known_user_tasks(_NoFlags(path), checkpoint_config(path))
+    user_tasks = recorded_user_tasks(checkpoint.config, where)
     loaded = []
     for spec in task_specs(checkpoint.config, where):
         task = get_task(spec.name, user_tasks)
         tensors = checkpoint.task_tensors(spec.name)
         module = model.build_task(TaskSpec(spec.name, 0, spec.token_ids, spec.methods))
         with torch.no_grad():
-            for method_name, method in module.methods.items():
-                prefix = key_prefix(spec.name, method_name)
-                method.load_state_dict(
-                    {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-                )
+            load_method_tensors(module, tensors)
         module.eval()
         rows = tensors.get(f"task_embeddings.{spec.name}")
         loaded.append(LoadedTask(task, module, rows))
     return loaded
-
-
-class _NoFlags:
-    """known_user_tasks' view of a checkpoint folder without a --task_file."""
-
-    def __init__(self, path):
-        self.model_checkpoint, self.task_file = path, None
 
 
 def attach_loaded(model, loaded, version):
@@ -151,11 +138,4 @@ def attach_loaded(model, loaded, version):
         wte = model.gpt2.get_input_embeddings().weight
         with torch.no_grad():
             wte[list(module.token_ids)] = loaded.rows.to(wte)
-    task = loaded.task
-    if getattr(task, "task_id", None) is not None and task.task_id != module.task_id:
-        task = replace(task, task_id=module.task_id)
-    return served_task(model, task, version)
-
-
-def model_fingerprint(model):
-    return backbone_fingerprint(model.gpt2)
+    return served_task(model, loaded.task, version)

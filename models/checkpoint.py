@@ -275,7 +275,12 @@ def load_task_tensors(model, tensors, where, rows=True):
             key = f"task_embeddings.{task.name}"
             if key in expected:
                 wte[list(task.token_ids)] = tensors[key].to(wte)
-            for method_name, method in task.methods.items():
-                prefix = key_prefix(task.name, method_name)
-                method.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                        if k.startswith(prefix)})
+            load_method_tensors(task, tensors)
+
+
+def load_method_tensors(task, tensors):
+    """Copy a TaskModule's method tensors (`methods.<task>.<method>.*`, the adapter's `adapters.<task>.*`)
+    from a checkpoint's tensors, whose shapes have been checked."""
+    for method_name, method in task.methods.items():
+        prefix = key_prefix(task.name, method_name)
+        method.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -8,10 +8,10 @@ It has no datasets: it is a kind for decoding only.
 from dataclasses import dataclass
 
 from tasks.base import Prompt, TaskKind
+from tasks.template import NO_SEGMENT
+from utils.data import check_unicode
 from utils.errors import VLMError
 from utils.vocab import EOS_ID
-
-NO_SEGMENT = -1
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,8 @@ class PlainTextTask(TaskKind):
     def input_prompt(self, item, tokenizer, max_history, task_id, where):
         if not isinstance(item, str):
             raise VLMError(f"{where}: the backbone {self.name} takes plain text")
-        try:
-            ids = tokenizer(item, add_special_tokens=False)["input_ids"]
-        except (UnicodeEncodeError, TypeError):
-            raise VLMError(f"{where}: {item[:40]!r} is not valid Unicode text") from None
+        check_unicode(item, where)
+        ids = tokenizer(item, add_special_tokens=False)["input_ids"]
         if not ids:
             raise VLMError(f"{where}: the prompt is empty")
         return Prompt(

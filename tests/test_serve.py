@@ -24,8 +24,9 @@ import torch
 from conftest import REPO, tiny_method_options
 
 import evaluate
+from bench import serve as bench_serve
 from engines.generate import DecodingOptions, generate
-from engines.serve_engine import Sampling, Sequence, ServingEngine
+from engines.serve_engine import Sequence, ServingEngine
 from engines.serve_tasks import build_prompt, initial_tasks
 from engines.specs import builtin_spec, task_spec
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -125,38 +126,14 @@ def setup(tmp_path_factory, tiny_base):
 
 
 # --- a server process --------------------------------------------------------------------------------
-class Server:
-    def __init__(self, checkpoint, *flags, log=None):
-        env = dict(os.environ, PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(REPO, "serve.py"),
-                "--model_checkpoint",
-                checkpoint,
-                "--port",
-                "0",
-                "--device",
-                "cpu",
-                *flags,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=open(log or os.devnull, "w"),
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        line = self._ready_line()
-        self.url = line.split(" at ")[1].split()[0].rstrip(":").removesuffix("/v1")
-        assert self.url.startswith("http://127.0.0.1:")
+class Server(bench_serve.Server):
+    """serve.py as bench/serve.py starts it (one thread, stderr to `log`), with the tests' calls."""
 
-    def _ready_line(self):
-        result = []
-        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=120)
-        assert result and "serving" in result[0], f"serve.py did not start: {result}"
-        return result[0]
+    def __init__(self, checkpoint, *flags, log=None):
+        super().__init__(
+            checkpoint, *flags, env={"OMP_NUM_THREADS": "1"}, log=str(log or os.devnull), ready_timeout=120
+        )
+        assert self.url.startswith("http://127.0.0.1:")
 
     def client(self):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
@@ -296,9 +273,9 @@ def test_every_method_shares_the_loop_with_single_row_tokens(tiny_base, tmp_path
     try:
         for round_ in range(2):
             for task, item in inputs.items():
-                sampling = Sampling(max_tokens=8, no_sample=round_ == 0, seed=5)
+                options = DecodingOptions(max_length=8, no_sample=round_ == 0, seed=5)
                 seq = Sequence(
-                    tasks[task], build_prompt(tasks[task], item, tokenizer, 512, "prompt"), sampling
+                    tasks[task], build_prompt(tasks[task], item, tokenizer, 512, "prompt"), options
                 )
                 engine.submit([seq])
                 seqs.append(seq)
@@ -311,10 +288,10 @@ def test_every_method_shares_the_loop_with_single_row_tokens(tiny_base, tmp_path
         alone = generate(
             model,
             [prompt],
-            DecodingOptions(max_length=8, no_sample=seq.sampling.no_sample, seed=5),
+            DecodingOptions(max_length=8, no_sample=seq.options.no_sample, seed=5),
             progress=False,
         )[0]
-        assert seq.error is None and seq.ids == alone, (seq.task_name, seq.sampling.no_sample)
+        assert seq.error is None and seq.ids == alone, (seq.task_name, seq.options.no_sample)
 
 
 def test_streaming_equals_the_whole_answer(server):
