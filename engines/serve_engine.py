@@ -15,8 +15,9 @@ depend on who shares its batch or when it joined (tests/test_serve.py checks thi
 evaluate.py under concurrent mixed traffic).
 
 The running batch keeps one key/value cache: prefix-tuning columns first (left-padded to the
-widest prefix), then every row's tokens, right-aligned. Joining rows are padded in; leaving rows
-are cut out, with the leading columns no row needs any more.
+widest prefix), then every row's tokens, right-aligned, in GrowingLayers that keep room ahead so a
+step writes in place. Joining rows are padded in; leaving rows are cut out, with the leading
+columns no row needs any more.
 """
 
 import collections
@@ -27,6 +28,7 @@ from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from engines.generate import padded_inputs, pick_tokens
 from engines.serve_tasks import build_prompt
@@ -112,49 +114,85 @@ class Batch:
         return len(self.seqs)
 
 
-def _as_prefix_cache(cache, rows, config):
-    """A prompt pass's cache as a PrefixCache (width 0 where no row has a prefix)."""
+class GrowingLayer(DynamicLayer):
+    """A cache layer with room for more columns: a decoding step writes its key and value in place.
+    (DynamicLayer concatenates, copying the whole cache every step: a third of a GPT-2 small step
+    at batch 128 on CPU.) Padding columns hold zeros, which the attention mask leaves out."""
+
+    ROOM = 64  # columns allocated ahead; a full buffer is reallocated with this much more
+
+    def __init__(self, rows, heads, width, head_dim, like):
+        super().__init__()
+        self.buffers = [like.new_zeros(rows, heads, width + self.ROOM, head_dim) for _ in range(2)]
+        self.length = width
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self):
+        self.keys, self.values = (b[:, :, : self.length] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.length + n > self.buffers[0].shape[2]:
+            grown = [b.new_zeros(*b.shape[:2], self.length + n + self.ROOM, b.shape[3]) for b in self.buffers]
+            for new, old in zip(grown, self.buffers):
+                new[:, :, : self.length] = old[:, :, : self.length]
+            self.buffers = grown
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length : self.length + n] = states
+        self.length += n
+        self._expose()
+        return self.keys, self.values
+
+
+def running_cache(prefix_mask, prefix_lengths, layers):
+    """The running batch's PrefixCache over GrowingLayers."""
+    cache = PrefixCache(prefix_mask, prefix_lengths)
+    cache.layers = layers
+    return cache
+
+
+def _as_prefix_cache(cache, rows):
+    """A prompt pass's cache as the running batch's (a PrefixCache, of width 0 where no row has a
+    prefix, over GrowingLayers)."""
+    keys = cache.layers[0].keys
     if isinstance(cache, PrefixCache):
-        return cache
-    device = cache.layers[0].keys.device
-    out = PrefixCache(
-        torch.zeros(rows, 0, dtype=torch.long, device=device),
-        torch.zeros(rows, dtype=torch.long, device=device),
-        config=config,
-    )
-    for layer, part in enumerate(cache.layers):
-        out.update(part.keys, part.values, layer)
-    return out
+        mask, lengths = cache.prefix_mask, cache.prefix_lengths
+    else:
+        mask = torch.zeros(rows, 0, dtype=torch.long, device=keys.device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=keys.device)
+    layers = []
+    for part in cache.layers:
+        layer = GrowingLayer(rows, keys.shape[1], keys.shape[2], keys.shape[3], keys)
+        layer.keys.copy_(part.keys)
+        layer.values.copy_(part.values)
+        layers.append(layer)
+    return running_cache(mask, lengths, layers)
 
 
-def _pad_columns(tensor, prefix_from, prefix_to, real_from, real_to):
-    """tensor (rows, heads, P + W, d) with its prefix part left-padded to prefix_to columns and its
-    token part left-padded to real_to columns."""
-    prefix, real = tensor[:, :, :prefix_from], tensor[:, :, prefix_from:]
-    return torch.cat(
-        [F.pad(prefix, (0, 0, prefix_to - prefix_from, 0)), F.pad(real, (0, 0, real_to - real_from, 0))],
-        dim=2,
-    )
-
-
-def merge_batches(a, b, config):
+def merge_batches(a, b):
     """One Batch of a's rows then b's, columns padded to the wider of each part."""
     if a is None:
         return b
     pa, pb = a.cache.prefix_width, b.cache.prefix_width
     wa, wb = a.attention.shape[1], b.attention.shape[1]
     P, W = max(pa, pb), max(wa, wb)
-    cache = PrefixCache(
+    na = len(a)
+    layers = []
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        layer = GrowingLayer(na + len(b), la.keys.shape[1], P + W, la.keys.shape[3], la.keys)
+        for merged, ta, tb in ((layer.keys, la.keys, lb.keys), (layer.values, la.values, lb.values)):
+            # each part right-aligned: prefix columns end at P, token columns at P + W
+            merged[:na, :, P - pa : P] = ta[:, :, :pa]
+            merged[:na, :, P + W - wa :] = ta[:, :, pa:]
+            merged[na:, :, P - pb : P] = tb[:, :, :pb]
+            merged[na:, :, P + W - wb :] = tb[:, :, pb:]
+        layers.append(layer)
+    cache = running_cache(
         torch.cat([F.pad(a.cache.prefix_mask, (P - pa, 0)), F.pad(b.cache.prefix_mask, (P - pb, 0))]),
         torch.cat([a.cache.prefix_lengths, b.cache.prefix_lengths]),
-        config=config,
+        layers,
     )
-    for layer, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
-        cache.update(
-            torch.cat([_pad_columns(la.keys, pa, P, wa, W), _pad_columns(lb.keys, pb, P, wb, W)]),
-            torch.cat([_pad_columns(la.values, pa, P, wa, W), _pad_columns(lb.values, pb, P, wb, W)]),
-            layer,
-        )
     return Batch(
         a.seqs + b.seqs,
         cache,
@@ -166,7 +204,7 @@ def merge_batches(a, b, config):
     )
 
 
-def select_rows(batch, keep, config):
+def select_rows(batch, keep):
     """The Batch of rows `keep` (indices), without the leading columns none of them uses."""
     device = batch.attention.device
     index = torch.tensor(keep, device=device)
@@ -181,15 +219,15 @@ def select_rows(batch, keep, config):
             torch.arange(P + real_dead, P + attention.shape[1], device=device),
         ]
     )
-    cache = PrefixCache(
-        prefix_mask[:, prefix_dead:], batch.cache.prefix_lengths.index_select(0, index), config=config
+    layers = []
+    for part in batch.cache.layers:
+        layer = GrowingLayer(len(keep), part.keys.shape[1], len(columns), part.keys.shape[3], part.keys)
+        layer.keys.copy_(part.keys.index_select(0, index).index_select(2, columns))
+        layer.values.copy_(part.values.index_select(0, index).index_select(2, columns))
+        layers.append(layer)
+    cache = running_cache(
+        prefix_mask[:, prefix_dead:], batch.cache.prefix_lengths.index_select(0, index), layers
     )
-    for layer, part in enumerate(batch.cache.layers):
-        cache.update(
-            part.keys.index_select(0, index).index_select(2, columns),
-            part.values.index_select(0, index).index_select(2, columns),
-            layer,
-        )
     return Batch(
         [batch.seqs[i] for i in keep],
         cache,
@@ -237,6 +275,7 @@ class ServingEngine:
         self.vocab = model.config.vocab_size
         self.device = model.device
         self._masks = {}
+        self.mask_start = self.vocab  # the lowest token id any stop or ban mask holds
 
     # --- the API's side -----------------------------------------------------------------------
     def start(self):
@@ -439,6 +478,7 @@ class ServingEngine:
             mask = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
             if ids:
                 mask[list(ids)] = True
+                self.mask_start = min(self.mask_start, min(ids))
             self._masks[key] = mask
         return self._masks[key]
 
@@ -467,7 +507,7 @@ class ServingEngine:
         stop = torch.stack([self._mask(p.stop_ids) for p in prompts])
         part = Batch(
             list(seqs),
-            _as_prefix_cache(out.cache, len(seqs), model.config),
+            _as_prefix_cache(out.cache, len(seqs)),
             attention,
             positions[:, -1],
             torch.zeros(len(seqs), dtype=torch.long, device=self.device),
@@ -480,8 +520,8 @@ class ServingEngine:
             return
         part.next_ids = torch.tensor(tokens, device=self.device)
         if len(keep) < len(seqs):
-            part = select_rows(part, keep, model.config)
-        self.batch = merge_batches(self.batch, part, model.config)
+            part = select_rows(part, keep)
+        self.batch = merge_batches(self.batch, part)
 
     def _step(self):
         """One decoding step of every running row."""
@@ -511,17 +551,24 @@ class ServingEngine:
         if not keep:
             self.batch = None
         elif len(keep) < len(self.batch):
-            self.batch = select_rows(self.batch, keep, self.model.config)
+            self.batch = select_rows(self.batch, keep)
 
     def _choose(self, logits, batch):
         """The next token of every row (evaluate.py's _Chooser, row by row settings); a row whose
-        logits are not finite (a damaged task module) gets -1 and ends with an error."""
+        logits are not finite (a damaged task module) gets -1 and ends with an error.
+
+        The 50k-way work is kept to what it must be: one pass finds broken rows (NaN or inf
+        anywhere makes a row's sum so), the masks act only on the columns from the lowest masked
+        id (the added tokens and <|endoftext|>), and rows picking alike pick in one call."""
         logits = logits.float()
-        broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
-        logits = logits.masked_fill(batch.ban, -float("inf"))
-        early = torch.tensor([len(s.ids) < s.options.min_length for s in batch.seqs], device=self.device)
-        if bool(early.any()):
-            logits = logits.masked_fill(batch.stop & early[:, None], -float("inf"))
+        broken = (~torch.isfinite(logits.sum(dim=-1))).tolist()
+        start = self.mask_start
+        tail = logits[:, start:]  # a view: the masks write into logits
+        tail.masked_fill_(batch.ban[:, start:], -float("inf"))
+        early = [len(s.ids) < s.options.min_length for s in batch.seqs]
+        if any(early):
+            rows = torch.tensor(early, device=self.device)[:, None]
+            tail.masked_fill_(batch.stop[:, start:] & rows, -float("inf"))
         groups = collections.defaultdict(list)
         for row, seq in enumerate(batch.seqs):
             if not broken[row]:
@@ -529,9 +576,12 @@ class ServingEngine:
         tokens = [-1] * len(batch)
         for rows in groups.values():
             seqs = [batch.seqs[r] for r in rows]
-            index = torch.tensor(rows, device=self.device)
-            generators = [s.generator for s in seqs]
-            picked = pick_tokens(logits.index_select(0, index), seqs[0].options, generators)
+            own = (
+                logits
+                if len(rows) == len(batch)
+                else logits.index_select(0, torch.tensor(rows, device=self.device))
+            )
+            picked = pick_tokens(own, seqs[0].options, [s.generator for s in seqs])
             for row, token in zip(rows, picked.tolist()):
                 tokens[row] = token
         return tokens

@@ -294,6 +294,46 @@ def test_every_method_shares_the_loop_with_single_row_tokens(tiny_base, tmp_path
         assert seq.error is None and seq.ids == alone, (seq.task_name, seq.options.no_sample)
 
 
+def test_long_replies_outgrow_the_cache_room_with_single_row_tokens(setup):
+    """Replies of 150 tokens outgrow GrowingLayer's room (reallocated twice) while rows join and
+    leave: each row's tokens still those of decoding it alone."""
+    model, tokenizer, config = load_checkpoint(setup["vlm"])
+    tasks = initial_tasks(
+        model, config, type("A", (), {"model_checkpoint": setup["vlm"], "task_file": None})()
+    )
+    engine = ServingEngine(model, tokenizer, tasks, max_batch_size=3)
+    jobs = [
+        ("nlg", INPUTS["nlg"][0], 150),
+        ("mt", INPUTS["mt"][1], 20),
+        ("dialogue", INPUTS["dialogue"][0], 150),
+        ("mt", INPUTS["mt"][0], 90),
+        ("nlg", INPUTS["nlg"][1], 140),
+    ]
+    seqs = []
+    engine.start()
+    try:
+        for task, item, length in jobs:
+            options = DecodingOptions(max_length=length, min_length=length, no_sample=True)
+            seq = Sequence(
+                tasks[task],
+                build_prompt(
+                    tasks[task], as_prompt(item) if task != "dialogue" else item, tokenizer, 512, "prompt"
+                ),
+                options,
+            )
+            engine.submit([seq])
+            seqs.append(seq)
+            time.sleep(0.05)
+        assert wait_until(lambda: all(s.finished for s in seqs), 120)
+    finally:
+        engine.stop()
+    for seq, (_, _, length) in zip(seqs, jobs):
+        alone = generate(
+            model, [dataclasses.replace(seq.prompt, meta={"index": 0})], seq.options, progress=False
+        )[0]
+        assert seq.error is None and len(seq.ids) == length and seq.ids == alone, seq.task_name
+
+
 def test_streaming_equals_the_whole_answer(server):
     client = server.client()
     for task, item in [
