@@ -115,34 +115,63 @@ class Batch:
 
 
 class GrowingLayer(DynamicLayer):
-    """A cache layer with room for more columns: a decoding step writes its key and value in place.
-    (DynamicLayer concatenates, copying the whole cache every step: a third of a GPT-2 small step
-    at batch 128 on CPU.) Padding columns hold zeros, which the attention mask leaves out."""
+    """A cache layer with room for more columns and rows: a decoding step writes its key and value
+    in place, rows that leave are replaced by the last rows, and joining rows are written into the
+    room. (DynamicLayer concatenates, copying the whole cache every step: a third of a GPT-2 small
+    step at batch 128 on CPU; rebuilding it on every join and leave cost as much again.) Padding
+    columns hold zeros, which the attention mask leaves out."""
 
     ROOM = 64  # columns allocated ahead; a full buffer is reallocated with this much more
 
-    def __init__(self, rows, heads, width, head_dim, like):
+    def __init__(self, rows, heads, width, head_dim, like, row_capacity=0):
         super().__init__()
-        self.buffers = [like.new_zeros(rows, heads, width + self.ROOM, head_dim) for _ in range(2)]
-        self.length = width
+        shape = (max(rows, row_capacity), heads, width + self.ROOM, head_dim)
+        self.buffers = [like.new_zeros(shape) for _ in range(2)]
+        self.rows, self.length = rows, width
         self.is_initialized = True
         self._expose()
 
     def _expose(self):
-        self.keys, self.values = (b[:, :, : self.length] for b in self.buffers)
+        self.keys, self.values = (b[: self.rows, :, : self.length] for b in self.buffers)
 
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
         if self.length + n > self.buffers[0].shape[2]:
-            grown = [b.new_zeros(*b.shape[:2], self.length + n + self.ROOM, b.shape[3]) for b in self.buffers]
+            grown = [
+                b.new_zeros(b.shape[0], b.shape[1], self.length + n + self.ROOM, b.shape[3])
+                for b in self.buffers
+            ]
             for new, old in zip(grown, self.buffers):
-                new[:, :, : self.length] = old[:, :, : self.length]
+                new[: self.rows, :, : self.length] = old[: self.rows, :, : self.length]
             self.buffers = grown
         for buffer, states in zip(self.buffers, (key_states, value_states)):
-            buffer[:, :, self.length : self.length + n] = states
+            buffer[: self.rows, :, self.length : self.length + n] = states
         self.length += n
         self._expose()
         return self.keys, self.values
+
+    def fits(self, rows):
+        return self.rows + rows <= self.buffers[0].shape[0]
+
+    def keep_first(self, rows, holes, movers):
+        """Keep `rows` rows: rows `movers` (beyond them) are copied into rows `holes` (among them)."""
+        for buffer in self.buffers:
+            if len(holes):
+                buffer.index_copy_(0, holes, buffer.index_select(0, movers))
+        self.rows = rows
+        self._expose()
+
+    def append(self, keys, values, prefix_width, part_prefix_width):
+        """Write a part's rows after these: its prefix columns right-aligned at prefix_width, its
+        token columns at this layer's length (the part is no wider in either)."""
+        n, part_tokens = keys.shape[0], keys.shape[2] - part_prefix_width
+        for buffer, part in zip(self.buffers, (keys, values)):
+            rows = buffer[self.rows : self.rows + n]
+            rows[:, :, : self.length] = 0  # a departed row's columns may still be there
+            rows[:, :, prefix_width - part_prefix_width : prefix_width] = part[:, :, :part_prefix_width]
+            rows[:, :, self.length - part_tokens : self.length] = part[:, :, part_prefix_width:]
+        self.rows += n
+        self._expose()
 
 
 def running_cache(prefix_mask, prefix_lengths, layers):
@@ -170,24 +199,50 @@ def _as_prefix_cache(cache, rows):
     return running_cache(mask, lengths, layers)
 
 
-def merge_batches(a, b):
-    """One Batch of a's rows then b's, columns padded to the wider of each part."""
+def _row_state(batch, order):
+    """The per-row tensors of a batch in a new row order (a list of row indices)."""
+    index = torch.tensor(order, device=batch.attention.device)
+    return [
+        t.index_select(0, index)
+        for t in (
+            batch.attention,
+            batch.positions,
+            batch.next_ids,
+            batch.ban,
+            batch.stop,
+            batch.cache.prefix_mask,
+            batch.cache.prefix_lengths,
+        )
+    ]
+
+
+def merge_batches(a, b, row_capacity=0):
+    """One Batch of a's rows then b's, columns padded to the wider of each part. When b is no
+    wider than a and a's buffers have room, b's rows are written into them; otherwise the cache
+    is rebuilt (with room for row_capacity rows)."""
     if a is None:
         return b
     pa, pb = a.cache.prefix_width, b.cache.prefix_width
     wa, wb = a.attention.shape[1], b.attention.shape[1]
     P, W = max(pa, pb), max(wa, wb)
     na = len(a)
-    layers = []
-    for la, lb in zip(a.cache.layers, b.cache.layers):
-        layer = GrowingLayer(na + len(b), la.keys.shape[1], P + W, la.keys.shape[3], la.keys)
-        for merged, ta, tb in ((layer.keys, la.keys, lb.keys), (layer.values, la.values, lb.values)):
-            # each part right-aligned: prefix columns end at P, token columns at P + W
-            merged[:na, :, P - pa : P] = ta[:, :, :pa]
-            merged[:na, :, P + W - wa :] = ta[:, :, pa:]
-            merged[na:, :, P - pb : P] = tb[:, :, :pb]
-            merged[na:, :, P + W - wb :] = tb[:, :, pb:]
-        layers.append(layer)
+    if P == pa and W == wa and a.cache.layers[0].fits(len(b)):
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            la.append(lb.keys, lb.values, pa, pb)
+        layers = a.cache.layers
+    else:
+        layers = []
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            layer = GrowingLayer(
+                na + len(b), la.keys.shape[1], P + W, la.keys.shape[3], la.keys, row_capacity
+            )
+            for merged, ta, tb in ((layer.keys, la.keys, lb.keys), (layer.values, la.values, lb.values)):
+                # each part right-aligned: prefix columns end at P, token columns at P + W
+                merged[:na, :, P - pa : P] = ta[:, :, :pa]
+                merged[:na, :, P + W - wa :] = ta[:, :, pa:]
+                merged[na:, :, P - pb : P] = tb[:, :, :pb]
+                merged[na:, :, P + W - wb :] = tb[:, :, pb:]
+            layers.append(layer)
     cache = running_cache(
         torch.cat([F.pad(a.cache.prefix_mask, (P - pa, 0)), F.pad(b.cache.prefix_mask, (P - pb, 0))]),
         torch.cat([a.cache.prefix_lengths, b.cache.prefix_lengths]),
@@ -204,14 +259,40 @@ def merge_batches(a, b):
     )
 
 
-def select_rows(batch, keep):
-    """The Batch of rows `keep` (indices), without the leading columns none of them uses."""
+def _dead_columns(mask):
+    """Leading columns of a (rows, columns) mask that no row uses."""
+    return int((mask.sum(0) == 0).long().cumprod(0).sum()) if mask.shape[1] else 0
+
+
+def keep_rows(batch, keep, row_capacity=0):
+    """The Batch of rows `keep` (ascending indices). The last kept rows move into the places of
+    those that left (a copy of the moved rows only); once a quarter of the columns (at least 16)
+    are used by no row, the cache is rebuilt without them (select_rows)."""
+    n = len(keep)
+    kept = set(keep)
+    holes = [i for i in range(n) if i not in kept]
+    movers = [i for i in keep if i >= n]
+    order = list(range(n))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    attention, positions, next_ids, ban, stop, prefix_mask, prefix_lengths = _row_state(batch, order)
+    dead = _dead_columns(attention)
+    if dead >= 16 and 4 * dead >= attention.shape[1]:
+        return select_rows(batch, keep, row_capacity)
+    device = attention.device
+    for layer in batch.cache.layers:
+        layer.keep_first(n, torch.tensor(holes, device=device), torch.tensor(movers, device=device))
+    cache = running_cache(prefix_mask, prefix_lengths, batch.cache.layers)
+    return Batch([batch.seqs[i] for i in order], cache, attention, positions, next_ids, ban, stop)
+
+
+def select_rows(batch, keep, row_capacity=0):
+    """The Batch of rows `keep` (indices, in that order) in a rebuilt cache, without the leading
+    columns none of them uses."""
     device = batch.attention.device
     index = torch.tensor(keep, device=device)
-    attention = batch.attention.index_select(0, index)
-    prefix_mask = batch.cache.prefix_mask.index_select(0, index)
-    real_dead = int((attention.sum(0) == 0).long().cumprod(0).sum())
-    prefix_dead = int((prefix_mask.sum(0) == 0).long().cumprod(0).sum()) if prefix_mask.shape[1] else 0
+    attention, positions, next_ids, ban, stop, prefix_mask, prefix_lengths = _row_state(batch, keep)
+    real_dead, prefix_dead = _dead_columns(attention), _dead_columns(prefix_mask)
     P = batch.cache.prefix_width
     columns = torch.cat(
         [
@@ -221,21 +302,15 @@ def select_rows(batch, keep):
     )
     layers = []
     for part in batch.cache.layers:
-        layer = GrowingLayer(len(keep), part.keys.shape[1], len(columns), part.keys.shape[3], part.keys)
+        layer = GrowingLayer(
+            len(keep), part.keys.shape[1], len(columns), part.keys.shape[3], part.keys, row_capacity
+        )
         layer.keys.copy_(part.keys.index_select(0, index).index_select(2, columns))
         layer.values.copy_(part.values.index_select(0, index).index_select(2, columns))
         layers.append(layer)
-    cache = running_cache(
-        prefix_mask[:, prefix_dead:], batch.cache.prefix_lengths.index_select(0, index), layers
-    )
+    cache = running_cache(prefix_mask[:, prefix_dead:], prefix_lengths, layers)
     return Batch(
-        [batch.seqs[i] for i in keep],
-        cache,
-        attention[:, real_dead:],
-        batch.positions.index_select(0, index),
-        batch.next_ids.index_select(0, index),
-        batch.ban.index_select(0, index),
-        batch.stop.index_select(0, index),
+        [batch.seqs[i] for i in keep], cache, attention[:, real_dead:], positions, next_ids, ban, stop
     )
 
 
@@ -521,7 +596,7 @@ class ServingEngine:
         part.next_ids = torch.tensor(tokens, device=self.device)
         if len(keep) < len(seqs):
             part = select_rows(part, keep)
-        self.batch = merge_batches(self.batch, part)
+        self.batch = merge_batches(self.batch, part, self.max_batch_size)
 
     def _step(self):
         """One decoding step of every running row."""
@@ -551,7 +626,7 @@ class ServingEngine:
         if not keep:
             self.batch = None
         elif len(keep) < len(self.batch):
-            self.batch = select_rows(self.batch, keep)
+            self.batch = keep_rows(self.batch, keep, self.max_batch_size)
 
     def _choose(self, logits, batch):
         """The next token of every row (evaluate.py's _Chooser, row by row settings); a row whose
