@@ -46,6 +46,10 @@ def build_parser():
     model = parser.add_argument_group("model (random init from a config unless --model_checkpoint)")
     model.add_argument("--model_checkpoint", default=None,
                        help="GPT-2 folder or hub name to continue pretraining")
+    model.add_argument("--init", choices=("random", "induction"), default="random",
+                       help="a fresh model's weights: GPT-2's random init, or that plus an induction "
+                            "circuit set by hand in layers 0-1 (models/induction_init.py), which a small "
+                            "model on a CPU budget does not find by itself; pretraining trains it")
     model.add_argument("--n_layer", type=int, default=4)
     model.add_argument("--n_embd", type=int, default=128)
     model.add_argument("--n_head", type=int, default=4)

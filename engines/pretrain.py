@@ -50,9 +50,10 @@ RESUME_SETTINGS = ("train_files", "valid_files", "model_checkpoint", "n_layer", 
                    "n_positions", "block_size", "batch_size", "gradient_accumulation_steps", "max_steps",
                    "warmup_steps", "lr", "min_lr", "schedule", "weight_decay", "beta1", "beta2", "max_norm",
                    "dropout", "seed", "eval_interval", "valid_tokens", "shuffle_blocks", "dtype",
-                   "blank_line_documents", "copy_fraction", "copy_random_share")
+                   "blank_line_documents", "copy_fraction", "copy_random_share", "init")
 # Settings added after runs were already checkpointed: a run saved without one had its default.
-LATER_SETTINGS = {"blank_line_documents": [], "copy_fraction": 0.0, "copy_random_share": 0.5}
+LATER_SETTINGS = {"blank_line_documents": [], "copy_fraction": 0.0, "copy_random_share": 0.5,
+                  "init": "random"}
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -89,6 +90,9 @@ def check_args(args):
         raise VLMError("--valid_files: name at least one held-out text file")
     for path in args.valid_files:
         check_text_file(path, "--valid_files")
+    if args.model_checkpoint is not None and args.init != "random":
+        raise VLMError(f"--init {args.init} builds a fresh model; --model_checkpoint continues one: "
+                       "give one of them")
     if args.model_checkpoint is None:
         for name in ("n_layer", "n_embd", "n_head", "n_positions"):
             if getattr(args, name) < 1:
@@ -117,7 +121,14 @@ def load_tokenizer():
 
 def build_model(args):
     """A GPT-2 LM from a config (random, seeded) or from a GPT-2 folder / hub name."""
-    if args.model_checkpoint is None:
+    if args.model_checkpoint is None and args.init == "induction":
+        from models.induction_init import induction_gpt2
+        try:
+            model = induction_gpt2(args.n_layer, args.n_embd, args.n_head, args.n_positions,
+                                   GPT2_VOCAB_SIZE, seed=args.seed)
+        except ValueError as error:
+            raise VLMError(f"--init induction: {error}") from None
+    elif args.model_checkpoint is None:
         torch.manual_seed(args.seed)
         config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
                             n_positions=args.n_positions, vocab_size=GPT2_VOCAB_SIZE)

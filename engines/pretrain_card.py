@@ -77,7 +77,9 @@ def model_card(model, args, metrics_log):
              f"| parameters | {n_params:,} ({embedding:,} of them token and position embeddings; "
              f"output layer tied) |",
              f"| weights | {args.save_dtype} safetensors |",
+             f"| initial weights | {_init(args)} |",
              f"| training text | {', '.join(f'`{s}`' for s in args.train_files)} |",
+             f"| synthetic text | {_synthetic(args)} |",
              f"| block size, batch | {args.block_size} tokens, "
              f"{args.batch_size} x {args.gradient_accumulation_steps} accumulation x processes |",
              f"| optimizer | AdamW lr {args.lr:g} ({args.schedule} to {args.min_lr:g} "
@@ -100,6 +102,25 @@ def model_card(model, args, metrics_log):
               f"plotted in `{CURVE_PNG}`.", ""]
     lines += curve_table(metrics_log)
     return "\n".join(lines)
+
+
+def _init(args):
+    if args.model_checkpoint:
+        return f"continued from `{args.model_checkpoint}`"
+    if getattr(args, "init", "random") == "induction":
+        return ("GPT-2's random init plus an induction circuit set by hand in layers 0-1 "
+                "(`models/induction_init.py`: a previous-token head, then heads that copy the token after an "
+                "earlier occurrence of the current one); every weight trained from there")
+    return "GPT-2's random init"
+
+
+def _synthetic(args):
+    if not getattr(args, "copy_fraction", 0):
+        return "none"
+    random_share = args.copy_random_share
+    return (f"{args.copy_fraction:.0%} of training blocks are repeated spans (span, gap of 0..span natural "
+            f"tokens, the same span again; spans of 8-64 tokens, {random_share:.0%} of them random token ids "
+            f"and {1 - random_share:.0%} natural text), the rest plain text")
 
 
 def curve_table(metrics_log, rows=12):

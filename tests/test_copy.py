@@ -76,6 +76,21 @@ def test_a_random_gpt2_cannot_copy_and_the_model_mode_is_kept():
     assert result["repeat"] > 5.0
 
 
+def test_the_hand_set_induction_circuit_copies_at_init_and_a_random_init_of_its_shape_does_not():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from models.induction_init import induction_gpt2
+    shape = dict(n_layer=2, n_embd=96, n_head=3, n_positions=128)
+    wired = induction_gpt2(**shape, n_freq=8)
+    plain = GPT2LMHeadModel(GPT2Config(**shape))
+    wired_losses, plain_losses = copy_losses(wired), copy_losses(plain)
+    assert plain_losses["repeat"] > 10.0                          # ln(50,257) = 10.8: no copying
+    assert wired_losses["first"] > 10.0                           # random ids: unpredictable the first time
+    assert wired_losses["repeat"] < 1.0                           # measured 0.54
+    # only layers 0 and 1 are set: the other weights are GPT-2's init, so the circuit is the difference
+    assert wired.config.n_layer == 2 and wired.transformer.wte.weight is wired.lm_head.weight
+
+
 def test_the_command_prints_one_json_line_and_refuses_bad_flags(tiny_base):
     folder = tiny_base
     run = subprocess.run([sys.executable, "-m", "models.copy_test", "--model_checkpoint", str(folder),

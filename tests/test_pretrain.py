@@ -274,6 +274,11 @@ def test_a_damaged_xz_file_is_one_error_line(tmp_path):
     (["--n_embd", "31"], "error: --n_embd 31 must be a multiple of --n_head 2"),
     (["--lr", "nan"], "error: --lr must be a positive number, got nan"),
     (["--resume"], "error: --resume: no complete checkpoint/ in --output_dir {out}"),
+    (["--init", "induction", "--model_checkpoint", "gpt2"],
+     "error: --init induction builds a fresh model; --model_checkpoint continues one: give one of them"),
+    (["--init", "induction", "--n_layer", "1"],
+     "error: --init induction: an induction init needs 2+ layers, 2+ heads and n_embd >= 2 * n_freq + "
+     "2 * head_dim (got 1 layers, 2 heads, n_embd 32)"),
 ])
 def test_bad_flags_are_one_error_line(tmp_path, extra, message):
     out = tmp_path / "out"
