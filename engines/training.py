@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ignite.distributed as idist
 import torch
@@ -160,6 +160,9 @@ class TrainResult:
     output_dir: str
     metrics: list           # the records of metrics.jsonl (rank 0; empty on other ranks)
     mode: str
+    # The loss of every iteration this process ran, in order: its batch's mean token loss (before
+    # the division by the accumulation steps); a resumed run's start where it went on.
+    step_losses: list = field(default_factory=list)
 
 
 def run_training(args):
@@ -266,6 +269,8 @@ def train_run(args, device, fp16, settings, build_plan):
     scheduler = attach_lr_schedule(trainer, optimizer, args.lr, args.n_epochs * len(train_loader))
     running_loss = RunningAverage(output_transform=lambda loss: loss)
     running_loss.attach(trainer, "loss")
+    step_losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: step_losses.append(e.state.output))
     # The batch order of an epoch depends only on (seed, epoch): a resumed epoch replays it exactly.
     sampler = train_loader.batch_sampler
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
@@ -346,4 +351,4 @@ def train_run(args, device, fp16, settings, build_plan):
     if main_process:
         save(output_dir)
         print(f"model saved to {output_dir}")
-    return TrainResult(model, plan.tokenizer, output_dir, metrics_log.records, plan.mode)
+    return TrainResult(model, plan.tokenizer, output_dir, metrics_log.records, plan.mode, step_losses)
