@@ -7,7 +7,8 @@ authors' hyper-parameters, metrics) comes from the task table (tasks/table.py) o
 
     data       check_dataset_path, load_data (checked, tokenized records), training_examples
     decoding   dataset_prompts (with references), input_prompt (an --input payload), output_text
-    outputs    write_outputs (the files the official scorers read), references, score
+    outputs    write_outputs (the files the official scorers read), references, score; and for
+               score.py read_outputs, read_references (those files back), score_references
     distilling distilled_path, check_distilled, distillation_job
     model      vocab_token_ids (the task's own embedding rows), checkpoint_meta
 
@@ -26,7 +27,9 @@ from utils.data import (
     CACHE_VERSION,
     check_unicode,
     read_json_file,
+    read_text,
     split_records,
+    text_lines,
     tokenize_structure,
     tokenizer_fingerprint,
 )
@@ -153,13 +156,26 @@ class TaskKind:
         """Per prompt, the reference in the form this task's metrics read."""
         return [p.meta["reference"] for p in prompts]
 
+    def read_outputs(self, path):
+        """A system's outputs from a file as write_outputs writes them (score.py): one a line."""
+        return text_lines(read_text(path, "hypotheses"))
+
+    def read_references(self, path):
+        """References, in the form `references` gives them, from a file as write_outputs writes
+        them (`<task>_ref.txt`, score.py): one a line."""
+        return text_lines(read_text(path, "references"))
+
     def metric_options(self):
         return {}
 
     def score(self, outputs, prompts):
         """{metric: value} of every scored metric the task names (teacher-forced ones aside)."""
+        return self.score_references(outputs, self.references(prompts))
+
+    def score_references(self, outputs, references):
+        """score() of outputs and their references in the form `references` gives them: the one
+        path from the metric registry to every figure evaluate.py and score.py report."""
         result = {}
-        references = self.references(prompts)
         for name in self.metrics:
             metric = METRICS[name]
             if metric.score is not None:

@@ -56,7 +56,8 @@ METRICS = {m.name: m for m in (
     Metric("f1", "text", lambda out, refs, **_: {"f1": metrics.unigram_f1(out, refs)},
            "ParlAI unigram F1"),
     Metric("e2e", "texts", lambda out, refs, **_: metrics.e2e_scores(out, refs),
-           "the E2E challenge's BLEU, NIST, METEOR, ROUGE_L and CIDEr over multi-reference MRs"),
+           "the official E2E scorer's BLEU, NIST, METEOR (METEOR 1.5 in Java; without Java an "
+           "approximation, METEOR*), ROUGE_L and CIDEr over multi-reference MRs"),
     Metric("coqa", "coqa", _coqa, "CoQA's official exact match and F1"),
     Metric("ppl", "none", None, "teacher-forced perplexity of the gold replies"),
 )}

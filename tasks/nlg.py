@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from tasks.base import decode_text
 from tasks.seq2seq import SourceTargetTask, check_str, labelled
+from utils.data import read_text
 from utils.errors import VLMError
 from utils.io import write_lines
 from utils.vocab import special_token_id
@@ -87,6 +88,33 @@ class NLGTask(SourceTargetTask):
             if slot not in self.slot_tokens or not isinstance(value, str):
                 raise VLMError(f"{where}: bad NLG slot {slot!r}")
         return [(slot, encode(value)) for slot, value in slots]
+
+    def read_outputs(self, path):
+        """One output a line, stripped, as the E2E scorer reads them (it splits lines as
+        str.splitlines does)."""
+        return [line.strip() for line in read_text(path, "hypotheses").splitlines()]
+
+    def read_references(self, path):
+        """The E2E scorer's multi-reference file, as it reads one: the references of an MR one a
+        line (stripped), a blank line between MRs; a file without blank lines holds one reference
+        per MR. Blank lines at the end are ignored; two in a row elsewhere are an error (the scorer
+        would score an MR without references)."""
+        blocks, current, blank = [], [], None
+        for number, line in enumerate(read_text(path, "references").splitlines(), 1):
+            line = line.strip()
+            if line and blank:
+                raise VLMError(f"{path}, line {blank}: an empty reference block (blank lines "
+                               "separate the reference blocks of two MRs, one blank line each)")
+            if line:
+                current.append(line)
+            elif current:
+                blocks.append(current)
+                current = []
+            else:
+                blank = number
+        if current:
+            blocks.append(current)
+        return [[ref] for ref in blocks[0]] if len(blocks) == 1 else blocks
 
     def write_outputs(self, prompts, outputs, output_dir):
         """`<task>_output.txt`, the official E2E scorer's multi-reference `<task>_ref.txt` (one

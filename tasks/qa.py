@@ -8,6 +8,7 @@ scored with its exact match and F1.
 from dataclasses import dataclass
 
 from tasks.dialogue import DialogueTask, conversation_history, history_window
+from utils.data import read_jsonl
 from utils.errors import VLMError
 from utils.io import write_json
 
@@ -28,6 +29,18 @@ class QATask(DialogueTask):
     def references(self, prompts):
         return [{"id": p.meta["id"], "turn_id": p.meta["turn_id"], "answer": p.meta["reference"]}
                 for p in prompts]
+
+    def read_references(self, path):
+        """JSON lines, one gold answer a line: {"id": story id, "turn_id": turn, "answer": text}
+        (CoQA's scorer groups the turns of a story by id)."""
+        references = []
+        for number, record in read_jsonl(path):
+            missing = [key for key in ("id", "turn_id", "answer") if key not in record]
+            if missing or not isinstance(record["answer"], str):
+                raise VLMError(f"{path}, line {number}: expected {{\"id\", \"turn_id\", \"answer\": "
+                               f"a string}}" + (f"; {missing[0]!r} is missing" if missing else ""))
+            references.append({key: record[key] for key in ("id", "turn_id", "answer")})
+        return references
 
     def text_input(self, text, where):
         raise VLMError(f"{where}: qa needs a JSON object with 'document' and 'history'")

@@ -10,12 +10,13 @@ token_type_id is NO_SEGMENT, and a training example ends with GPT-2's <|endoftex
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 
 from tasks.base import DISTILLED_KEY, DistillationJob, Hyper, Prompt, TaskKind
 from tasks.table import TASKS
-from utils.data import IGNORE_INDEX, PAD_ID, check_unicode
+from utils.data import IGNORE_INDEX, PAD_ID, read_jsonl, read_text, text_lines
 from utils.errors import VLMError, json_kind
 from utils.io import atomic_folder, write_lines
 
@@ -162,42 +163,6 @@ def build_template_example(task, record, tokenizer, with_answer=True):
         labels[0] = IGNORE_INDEX  # nothing predicts the first position
     return {"input_ids": input_ids, "token_type_ids": [NO_SEGMENT] * len(input_ids), "labels": labels,
             "virtual_ids": virtual_ids}
-
-
-# --- JSON-lines data ---------------------------------------------------------------------------
-def read_jsonl(path):
-    """[(line number, object)] of a JSON-lines file: one JSON object a line, blank lines skipped.
-    Errors name the file and line: not UTF-8, invalid JSON, not an object, lone surrogates."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise VLMError(f"{path}: file not found") from None
-    except OSError as error:
-        raise VLMError(f"{path}: cannot read ({error.strerror})") from None
-    records = []
-    # Lines end at b"\n" only: JSON strings may hold U+2028 and other characters str.splitlines() splits on.
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        where = f"{path}, line {number}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise VLMError(f"{where}: not UTF-8 text (byte {error.start} of the line)") from None
-        if number == 1:
-            text = text.lstrip("\ufeff")
-        if not text.strip():
-            continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise VLMError(f"{where}: invalid JSON at column {error.colno}: {error.msg}") from None
-        except RecursionError:
-            raise VLMError(f"{where}: JSON nested too deeply") from None
-        if not isinstance(value, dict):
-            raise VLMError(f"{where}: expected a JSON object, got {json_kind(value)}")
-        check_unicode(value, where)
-        records.append((number, value))
-    return records
 
 
 def template_records(task, path_or_items, source=None, require_answer=True):
@@ -478,6 +443,13 @@ class TemplateTask(TaskKind):
         return few_shot_text(self, [item["record"] for item in chosen], tokenizer)
 
     # --- outputs ----------------------------------------------------------------------------------
+    def read_outputs(self, path):
+        """One answer a line, escaped as write_outputs escapes them (one_line)."""
+        return [from_one_line(line) for line in text_lines(read_text(path, "hypotheses"))]
+
+    def read_references(self, path):
+        return [from_one_line(line) for line in text_lines(read_text(path, "references"))]
+
     def write_outputs(self, prompts, outputs, output_dir):
         """`<task>_output.txt` and `<task>_ref.txt` (one answer a line, newlines escaped as \\n) and
         `<task>_predictions.jsonl` (record, prediction, reference)."""
@@ -542,3 +514,11 @@ class TemplateTask(TaskKind):
 def one_line(text):
     """An answer on one line of `<task>_output.txt`: newlines (and backslashes) escaped as in JSON."""
     return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+_ESCAPE = re.compile(r"\\([\\n])")
+
+
+def from_one_line(line):
+    """one_line's inverse: \\n is a newline, \\\\ a backslash; any other backslash stays."""
+    return _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else "\\", line)

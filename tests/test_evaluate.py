@@ -11,7 +11,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.vlm import VersatileLM
 from tasks.base import decode_text
 from tasks.table import TASKS
-from utils import metrics
+from utils import e2e_java, metrics
 
 NLG = {"train": [{"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "The Vaults is a pub."}],
        "test": [{"src": {"name": "The Vaults", "eatType": "pub"}, "tgt": "The Vaults is a pub."},
@@ -72,8 +72,10 @@ def test_nlg_groups_references_by_mr_and_matches_in_process_decoding(tmp_path, c
     assert (out / "nlg_mr.txt").read_text(encoding="utf-8").splitlines() == [
         "name[The Vaults], eatType[pub]", "name[Alimentum], area[city centre], customer rating[low]"]
     written = json.loads((out / "nlg_metrics.json").read_text())
-    assert set(written) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
-    assert "BLEU=" in result.stdout
+    # METEOR 1.5 where Java runs (this machine and CI have it), else the approximation METEOR*
+    meteor = "METEOR" if e2e_java.available() else "METEOR*"
+    assert set(written) == {"task", "examples", "BLEU", "NIST", meteor, "ROUGE_L", "CIDEr"}
+    assert "BLEU=" in result.stdout and f"  {meteor}=" in result.stdout
     # The same outputs as decoding in-process, one prompt at a time.
     model, _, _ = load_checkpoint(ckpt)
     records = TASKS["nlg"].load_data(dataset, tokenizer, ["test"])["test"]
@@ -82,8 +84,9 @@ def test_nlg_groups_references_by_mr_and_matches_in_process_decoding(tmp_path, c
                 generate(model, prompts, DecodingOptions(max_length=12, no_sample=True), batch_size=1,
                          progress=False)]
     assert outputs == expected
-    assert written["BLEU"] == pytest.approx(
-        metrics.e2e_scores(outputs, [p.meta["references"] for p in prompts])["BLEU"])
+    # evaluate.py's figures are e2e_scores', the official E2E scorer's (tests/test_score.py)
+    scores = metrics.e2e_scores(outputs, [p.meta["references"] for p in prompts])
+    assert {name: written[name] for name in scores} == pytest.approx(scores, rel=1e-12)
 
 
 def test_mt_writes_outputs_references_and_scores_them(tmp_path, checkpoint):

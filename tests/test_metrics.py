@@ -148,22 +148,25 @@ def test_e2e_group_references_keeps_first_seen_order():
         e2e_group_references(["A"], [])
 
 
+# java=False: these check the Python side (and the approximate METEOR*) without starting Java;
+# tests/test_score.py checks the official figures, Java included.
 def test_e2e_identical_outputs_with_disjoint_vocabularies():
-    scores = e2e_scores(["a b c d", "e f g h"], [["a b c d"], ["e f g h"]])
+    scores = e2e_scores(["a b c d", "e f g h"], [["a b c d"], ["e f g h"]], java=False)
     assert scores["BLEU"] == pytest.approx(1.0)
     assert scores["ROUGE_L"] == pytest.approx(1.0)
     # CIDEr-D: every n-gram has df 1 of 2 documents, so idf = log 2 > 0 and each n (1..4) has cosine 1
     # with no length penalty: 10 * mean(1, 1, 1, 1) = 10
     assert scores["CIDEr"] == pytest.approx(10.0)
     # METEOR: 4 exact matches in one chunk: frag = 1/4, penalty 0.5 * (1/4)^3 = 1/128, Fmean = 1
-    assert scores["METEOR"] == pytest.approx(127 / 128)
+    assert scores["METEOR*"] == pytest.approx(127 / 128)
+    assert "METEOR" not in scores
 
 
 def test_cider_without_four_grams_and_with_shared_ngrams():
     # three-word sentences have no 4-gram: that n contributes 0, so 10 * (1 + 1 + 1 + 0) / 4 = 7.5
-    assert e2e_scores(["a b c", "e f g"], [["a b c"], ["e f g"]])["CIDEr"] == pytest.approx(7.5)
+    assert e2e_scores(["a b c", "e f g"], [["a b c"], ["e f g"]], java=False)["CIDEr"] == pytest.approx(7.5)
     # n-grams found in every document get idf log(2) - log(2) = 0, so CIDEr is 0 even for exact copies
-    assert e2e_scores(["a b c d", "a b c d"], [["a b c d"], ["a b c d"]])["CIDEr"] == 0.0
+    assert e2e_scores(["a b c d", "a b c d"], [["a b c d"], ["a b c d"]], java=False)["CIDEr"] == 0.0
 
 
 def test_e2e_nist_hand_computed():
@@ -171,32 +174,65 @@ def test_e2e_nist_hand_computed():
     # info(a) = log2(3/2), info(b) = log2(3/1), info(a b) = log2(count(a)/count(a b)) = log2(2) = 1
     # hypothesis "a b" hits a, b and (a b): N = (log2 1.5 + log2 3) / 2 + 1 / 1
     # length ratio 2/3 gives the NIST penalty exactly 0.5 (that is how its beta is defined)
-    nist = e2e_scores(["a b"], [["a a b"]])["NIST"]
+    nist = e2e_scores(["a b"], [["a a b"]], java=False)["NIST"]
     assert nist == pytest.approx(0.5 * (math.log2(4.5) / 2 + 1))
 
 
 def test_e2e_bleu_is_case_insensitive_and_mteval_tokenized():
     # mteval splits off "," and "." and the E2E scorer lowercases, so these are identical
-    assert e2e_scores(["The pub, cheap."], [["the pub , cheap ."]])["BLEU"] == pytest.approx(1.0)
+    assert e2e_scores(["The pub, cheap."], [["the pub , cheap ."]], java=False)["BLEU"] == pytest.approx(1.0)
     assert metrics._mteval_tokens('It costs 3.5, OK. "Fine"') == ["it", "costs", "3.5", ",", "ok", ".", '"',
                                                                   "fine", '"']
+
+
+def test_mteval_lowercases_ascii_only_and_reads_empty_text_as_no_tokens():
+    # mteval-v13a's tr/[A-Z]/[a-z]/ leaves other letters alone, so "CAFÉ" never matches "café"
+    assert metrics._mteval_tokens("CAFÉ Über") == ["cafÉ", "Über"]
+    assert metrics._mteval_tokens(" \t ") == []
+
+
+def test_mteval_closest_reference_length():
+    assert metrics._closest_length([6, 4], 5) == 4  # a tie goes to the shorter
+    assert metrics._closest_length([5, 0, 3], 1) == 3  # empty references are skipped
+    assert metrics._closest_length([9, 2], 7) == 9
+
+
+def test_e2e_bleu_smooths_missing_matches_as_mteval():
+    # 1-grams 2/4, 2-grams 1/3, no 3-gram (k=1: 1/(2*2)) nor 4-gram (k=2: 1/(4*1)) match
+    bleu = e2e_scores(["a b c d"], [["a b x y"]], java=False)["BLEU"]
+    assert bleu == pytest.approx((0.5 * (1 / 3) * (1 / 4) * (1 / 4)) ** 0.25)
+    # a 2-word output has no 3- or 4-grams: mteval leaves those n out, so an exact copy scores 1
+    assert e2e_scores(["a b"], [["a b"]], java=False)["BLEU"] == 1.0
+
+
+def test_e2e_nist_length_penalty_uses_the_mean_reference_count():
+    # references "a b" | "a b", "c d e f g h": 10 words; info(a) = info(b) = log2(10/2), info(a b) = 0.
+    # Both outputs "a b" hit a, b, (a b): N = (4 log2 5) / 4 unigrams + 0 = log2 5.
+    # mteval's mean reference length is 10 words / (3 references / 2 MRs) = 20/3: ratio 4 / (20/3) = 0.6
+    # (pymteval averages per MR, 2 + 8/2 = 6 words: ratio 2/3 and a penalty of exactly 0.5)
+    nist = e2e_scores(["a b", "a b"], [["a b"], ["a b", "c d e f g h"]], java=False)["NIST"]
+    beta = math.log(2) / math.log(1.5) ** 2
+    assert nist == pytest.approx(math.log2(5) * math.exp(-beta * math.log(0.6) ** 2))
 
 
 def test_coco_rouge_l_takes_max_precision_and_recall_separately():
     # hyp "a b c": vs "a b" LCS 2 (P 2/3, R 1); vs "b c d e" LCS 2 (P 2/3, R 1/2)
     # max P = 2/3, max R = 1: F = (1 + 1.44) * (2/3) * 1 / (1 + 1.44 * 2/3) = 4.88 / 5.88
-    assert e2e_scores(["a b c"], [["a b", "b c d e"]])["ROUGE_L"] == pytest.approx(4.88 / 5.88)
+    assert e2e_scores(["a b c"], [["a b", "b c d e"]], java=False)["ROUGE_L"] == pytest.approx(4.88 / 5.88)
 
 
 def test_coco_tokens_emulate_stanford_ptb():
     # what pycocoevalcap's PTBTokenizer -lowerCase gives, minus its punctuation list
     tokens = metrics._coco_tokens("Cocum's price is £20-25. It's kid-friendly.")
     assert tokens == ["cocum", "'s", "price", "is", "#", "20-25", "it", "'s", "kid-friendly"]
+    # brackets come out as -lrb- etc., which pycocoevalcap keeps (its list has only "-LRB-")
+    assert metrics._coco_tokens("Aromi (coffee shop) [x]") == ["aromi", "-lrb-", "coffee", "shop", "-rrb-",
+                                                                "-lsb-", "x", "-rsb-"]
 
 
 def test_meteor_stem_matching():
     # Porter: cats -> cat, running -> run: 2 matches in 1 chunk, frag 1/2, penalty 0.5/8: 15/16
-    assert e2e_scores(["cats running"], [["cat run"]])["METEOR"] == pytest.approx(15 / 16)
+    assert e2e_scores(["cats running"], [["cat run"]], java=False)["METEOR*"] == pytest.approx(15 / 16)
 
 
 class _NoWordNet:

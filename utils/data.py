@@ -11,7 +11,7 @@ from itertools import chain
 import torch
 from transformers import GPT2TokenizerFast
 
-from utils.errors import VLMError
+from utils.errors import VLMError, json_kind
 from utils.vocab import ALL_SPECIAL_TOKENS, GPT2_VOCAB_SIZE, PAD_ID, PAD_TOKEN, special_token_id
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,66 @@ def read_json_file(path, what="dataset"):
     except RecursionError:
         raise VLMError(f"{path}: JSON nested too deeply") from None
     return value, raw
+
+
+def read_text(path, what="text"):
+    """A UTF-8 text file's contents (a leading byte-order mark dropped); errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise VLMError(f"{path}: {what} file not found") from None
+    except OSError as error:
+        raise VLMError(f"{path}: cannot read {what} file ({error.strerror})") from None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        raise VLMError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def text_lines(text):
+    """The items of a file written one a line (utils.io.write_lines): split at "\n" only, so a
+    "\r" or U+2028 inside an item stays in it; the final newline ends the last item, and a "\r"
+    before a newline (a Windows file) is dropped."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSON-lines file: one JSON object a line, blank lines skipped.
+    Errors name the file and line: not UTF-8, invalid JSON, not an object, lone surrogates."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise VLMError(f"{path}: file not found") from None
+    except OSError as error:
+        raise VLMError(f"{path}: cannot read ({error.strerror})") from None
+    records = []
+    # Lines end at b"\n" only: JSON strings may hold U+2028 and other characters str.splitlines() splits on.
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        where = f"{path}, line {number}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise VLMError(f"{where}: not UTF-8 text (byte {error.start} of the line)") from None
+        if number == 1:
+            text = text.lstrip("\ufeff")
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise VLMError(f"{where}: invalid JSON at column {error.colno}: {error.msg}") from None
+        except RecursionError:
+            raise VLMError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(value, dict):
+            raise VLMError(f"{where}: expected a JSON object, got {json_kind(value)}")
+        check_unicode(value, where)
+        records.append((number, value))
+    return records
 
 
 def check_unicode(obj, path):

@@ -1,4 +1,5 @@
-"""Evaluation metrics, each a pure-Python re-implementation of the scorer the paper's numbers came from.
+"""Evaluation metrics, each a Python re-implementation of the scorer the paper's numbers came from (the
+E2E scorer's Java tools excepted: they run as they are).
 
 Official scorers reproduced here (their quirks are kept on purpose, so numbers stay comparable):
 
@@ -7,10 +8,12 @@ Official scorers reproduced here (their quirks are kept on purpose, so numbers s
 - `rouge_scores`: the authors' copy of tf_seq2seq `seq2seq/metrics/rouge.py` (n-gram SETS, sentence ROUGE-L).
 - `unigram_f1`: ParlAI's unigram F1.
 - `coqa_scores`: the official CoQA `evaluate-v1.0.py`.
-- `e2e_scores`: the official E2E scorer (tuetschek/e2e-metrics `measure_scores.py`):
-  BLEU/NIST as its `pymteval.py`, ROUGE-L and CIDEr as its bundled pycocoevalcap.
-  METEOR and the Stanford PTB tokenization used for METEOR/ROUGE-L/CIDEr are approximations (no Java here).
+- `e2e_scores`: the official E2E scorer (tuetschek/e2e-metrics `measure_scores.py`): BLEU/NIST as
+  its default mteval-v13a-sig.pl, ROUGE-L and CIDEr as its bundled pycocoevalcap, METEOR 1.5 and the
+  Stanford PTB tokenizer run in Java (utils/e2e_java.py). Without Java the tokenizer is emulated and
+  METEOR is an approximation, reported as `METEOR*`.
 """
+import logging
 import math
 import re
 import string
@@ -20,7 +23,10 @@ import sacrebleu
 from nltk.stem.porter import PorterStemmer
 from nltk.tokenize import TreebankWordTokenizer
 
+from utils import e2e_java
 from utils.errors import VLMError
+
+logger = logging.getLogger(__name__)
 
 
 def _check_same_length(first, second, names=("hypotheses", "references")):
@@ -267,11 +273,10 @@ def e2e_group_references(mrs, refs):
     return list(grouped), list(grouped.values())
 
 
-# mteval-v13a "western" tokenization, in the order pymteval applies it
+# mteval-v13a-sig.pl, which measure_scores.py runs for BLEU and NIST by default: its SGML reader makes
+# each whitespace run one space, then its `tokenization` applies these rules in this order
 _MTEVAL_RULES = [
     (re.compile(r"<skipped>"), ""),
-    (re.compile(r"-\n"), ""),
-    (re.compile(r"\n"), " "),
     (re.compile(r"&quot;"), '"'),
     (re.compile(r"&amp;"), "&"),
     (re.compile(r"&lt;"), "<"),
@@ -286,14 +291,14 @@ _MTEVAL_PUNCT_RULES = [
 
 
 def _mteval_tokens(text):
-    """pymteval/mteval-v13a tokens, lowercased (the E2E scorer runs mteval case-insensitively)."""
+    """mteval tokens, lower-cased as it lower-cases without -c: ASCII letters only (tr/[A-Z]/[a-z]/)."""
+    text = re.sub(r"\s+", " ", text)
     for pattern, replacement in _MTEVAL_RULES:
         text = pattern.sub(replacement, text)
-    text = " " + text + " "
+    text = " " + text.translate(_ASCII_UPPER) + " "
     for pattern, replacement in _MTEVAL_PUNCT_RULES:
         text = pattern.sub(replacement, text)
-    text = re.sub(r"\s+", " ", text).strip()
-    return [token.lower() for token in text.split(" ")]
+    return text.split()
 
 
 def _merged_max_counts(token_lists, n):
@@ -310,66 +315,84 @@ def _clipped_hits(hyp_tokens, merged, n):
             if merged[ngram]}
 
 
+def _closest_length(ref_lengths, hyp_length):
+    """mteval's 'closest' reference length: ties go to the shorter; empty references are skipped
+    (after the first)."""
+    closest = ref_lengths[0]
+    for length in ref_lengths[1:]:
+        if length and (abs(hyp_length - length), length) < (abs(hyp_length - closest), closest):
+            closest = length
+    return closest
+
+
 def _e2e_bleu(hyp_token_lists, ref_token_lists, max_n=4):
-    """pymteval BLEU (fraction): closest reference length (ties: shorter), tiny floor on zero counts."""
+    """mteval BLEU (a fraction) over the corpus, with its smoothing: the k-th n without any match
+    counts 1 / 2^k matches; an n without any hypothesis n-gram is left out of the product."""
     hits = [0] * max_n
     cand_lengths = [0] * max_n
     ref_length = 0
     for hyp, refs in zip(hyp_token_lists, ref_token_lists):
         for n in range(1, max_n + 1):
             hits[n - 1] += sum(_clipped_hits(hyp, _merged_max_counts(refs, n), n).values())
-            # pymteval adds len-n+1 even when negative; mteval counts real n-grams; they agree for
-            # len >= max_n
             cand_lengths[n - 1] += max(len(hyp) - n + 1, 0)
-        ref_length += len(min(refs, key=lambda ref: (abs(len(ref) - len(hyp)), len(ref))))
-    brevity_penalty = 1.0
-    if cand_lengths[0] <= ref_length:
-        brevity_penalty = math.exp(1.0 - ref_length / (cand_lengths[0] or 1e-5))
-    log_sum = sum(math.log(max(h, 1e-15) / max(c, 1e-9)) for h, c in zip(hits, cand_lengths))
-    return brevity_penalty * math.exp(log_sum / max_n)
+        ref_length += _closest_length([len(ref) for ref in refs], len(hyp))
+    if not cand_lengths[0]:
+        return 0.0
+    log_sum, smooth = 0.0, 1
+    for hit, count in zip(hits, cand_lengths):
+        if count and not hit:
+            smooth *= 2
+            log_sum += math.log(1 / (smooth * count))
+        elif count:
+            log_sum += math.log(hit / count)
+    return math.exp(log_sum / max_n) * math.exp(min(0.0, 1 - ref_length / cand_lengths[0]))
 
 
 def _e2e_nist(hyp_token_lists, ref_token_lists, max_n=5):
-    """pymteval NIST: information weights from all references of the corpus, NIST length penalty."""
+    """mteval NIST: information weights from every reference of the corpus, and the corpus length
+    penalty against the mean reference length (all reference words / references per segment)."""
     # ref_ngram_counts[k] counts k-grams over every reference; the 0-gram count is the total word count
     ref_ngram_counts = [Counter() for _ in range(max_n + 1)]
     hit_ngrams = [Counter() for _ in range(max_n)]
     cand_lengths = [0] * max_n
-    avg_ref_length = 0.0
+    ref_words = ref_count = 0
     for hyp, refs in zip(hyp_token_lists, ref_token_lists):
         for n in range(1, max_n + 1):
             cand_lengths[n - 1] += max(len(hyp) - n + 1, 0)
             hit_ngrams[n - 1].update(_clipped_hits(hyp, _merged_max_counts(refs, n), n))
             for ref in refs:
                 ref_ngram_counts[n].update(_ngram_counts(ref, n))
-        ref_words = sum(len(ref) for ref in refs)
-        ref_ngram_counts[0][()] += ref_words
-        avg_ref_length += ref_words / len(refs)
+        ref_words += sum(len(ref) for ref in refs)
+        ref_count += sum(1 for ref in refs if ref)
+    if not ref_words:
+        return 0.0  # (mteval divides by zero)
+    ref_ngram_counts[0][()] = ref_words
 
     def info(ngram):
-        return math.log2(ref_ngram_counts[len(ngram) - 1][ngram[:-1]] / ref_ngram_counts[len(ngram)][ngram])
+        """-log2 of the share of the n-gram's first n-1 words that its last word follows."""
+        count, prefix = ref_ngram_counts[len(ngram)][ngram], ref_ngram_counts[len(ngram) - 1][ngram[:-1]]
+        return -math.log(count / prefix) / math.log(2)  # mteval's operations, for the same floats
 
     score = 0.0
     for n in range(max_n):
-        if cand_lengths[n]:
-            score += sum(info(ngram) * hits for ngram, hits in hit_ngrams[n].items()) / cand_lengths[n]
-    return _nist_length_penalty(cand_lengths[0], avg_ref_length) * score
+        score += sum(info(ngram) * hits for ngram, hits in hit_ngrams[n].items()) / max(cand_lengths[n], 1)
+    mean_ref_length = ref_words / (ref_count / len(ref_token_lists))
+    return score * _nist_length_penalty(cand_lengths[0] / mean_ref_length)
 
 
-def _nist_length_penalty(hyp_length, avg_ref_length):
+def _nist_length_penalty(ratio):
     """exp(-beta * log^2(ratio)), beta chosen so that a length ratio of 2/3 gives 0.5 (mteval)."""
-    ratio = hyp_length / avg_ref_length if avg_ref_length else 1.0
     if ratio >= 1:
         return 1.0
     if ratio <= 0:
         return 0.0
-    beta = -math.log(0.5) / math.log(1.5) ** 2
-    return math.exp(-beta * math.log(ratio) ** 2)
+    beta = -math.log(0.5) / math.log(1.5) / math.log(1.5)  # mteval's operations, for the same floats
+    return math.exp(-beta * math.log(ratio) * math.log(ratio))
 
 
-# pycocoevalcap drops these tokens after Stanford PTB tokenization (brackets come out as -LRB- etc.)
-_COCO_PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", "(", ")", "{", "}",
-                     ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+# pycocoevalcap drops these tokens after Stanford PTB tokenization; brackets come out as -lrb- etc.
+# (lower-cased, so its "-LRB-" never matches them) and are kept
+_COCO_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _TREEBANK = TreebankWordTokenizer()
 # Rewrites that make nltk's Treebank tokenizer behave like Stanford's PTBTokenizer on E2E-style text
 # (checked against stanford-corenlp-3.4.1 on the E2E dev references):
@@ -390,17 +413,14 @@ def _coco_tokens(text):
     text = text.lower()
     for pattern, replacement in _PTB_REWRITES:
         text = pattern.sub(replacement, text)
-    return [token for token in _TREEBANK.tokenize(text)
+    return [token.lower() for token in _TREEBANK.tokenize(text, convert_parentheses=True)
             if token not in _COCO_PUNCTUATION and token.strip(".")]  # runs of periods are punctuation too
 
 
 def _coco_rouge_l(hyp_tokens, ref_token_lists, beta=1.2):
     """pycocoevalcap ROUGE-L of one segment: max precision and max recall over references, F with beta 1.2."""
-    # pycocoevalcap re-splits the joined tokens on " ", so an empty caption is one empty token
-    hyp_tokens = hyp_tokens or [""]
     precisions, recalls = [], []
     for ref_tokens in ref_token_lists:
-        ref_tokens = ref_tokens or [""]
         lcs = _lcs_length(ref_tokens, hyp_tokens)
         precisions.append(lcs / len(hyp_tokens))
         recalls.append(lcs / len(ref_tokens))
@@ -521,34 +541,70 @@ def _meteor_approx(hyp_token_lists, ref_token_lists):
                   for hyp, refs in zip(hyp_token_lists, ref_token_lists)])
 
 
-def e2e_scores(hypotheses, references):
-    """E2E challenge metrics; `references[i]` lists every reference of the i-th MR.
+def _official_captions(hypotheses, references):
+    """Captions and METEOR 1.5 from the Java tools (e2e_java), or JavaUnavailable. References are
+    tokenized first, then hypotheses, in two runs, as pycocoevalcap does."""
+    captions = iter(e2e_java.ptb_captions([ref for refs in references for ref in refs]))
+    ref_captions = [[next(captions) for _ in refs] for refs in references]
+    hyp_captions = e2e_java.ptb_captions(hypotheses)
+    return hyp_captions, ref_captions, "METEOR", e2e_java.meteor(hyp_captions, ref_captions)
 
-    Returns BLEU (fraction, e.g. 0.6619), NIST, METEOR (0..1), ROUGE_L (0..1), CIDEr, as measure_scores.py
-    does.
-    Faithful: BLEU and NIST (pymteval, case-insensitive mteval-v13a tokens), ROUGE-L (beta 1.2, max P and R
-    over references) and CIDEr-D (n=4, sigma=6, idf from the reference corpus, clipping, x10).
-    APPROXIMATE: the Stanford PTBTokenizer (Java) used before ROUGE-L/CIDEr/METEOR is emulated with nltk's
-    Treebank tokenizer; METEOR is NOT the official Java METEOR 1.5 (no paraphrases, no WordNet, different
-    parameters and corpus aggregation) but nltk-style exact + Porter-stem matching with alpha=0.9,
-    beta=3, gamma=0.5, best reference per segment, averaged over segments.
+
+def _approximate_captions(hypotheses, references):
+    """The same without Java: emulated PTB tokens and the approximate METEOR, named METEOR*."""
+    hyp_tokens = [_coco_tokens(h) for h in hypotheses]
+    ref_tokens = [[_coco_tokens(r) for r in refs] for refs in references]
+    return ([" ".join(tokens) for tokens in hyp_tokens],
+            [[" ".join(tokens) for tokens in refs] for refs in ref_tokens],
+            "METEOR*", _meteor_approx(hyp_tokens, ref_tokens))
+
+
+def e2e_scores(hypotheses, references, java=True):
+    """E2E challenge metrics as its official scorer computes them; `references[i]` lists every
+    reference of the i-th MR. Returns BLEU (a fraction, e.g. 0.6619), NIST, METEOR (0..1), ROUGE_L
+    (0..1) and CIDEr, as tuetschek/e2e-metrics `measure_scores.py` does:
+
+    - BLEU and NIST as its default mteval-v13a-sig.pl (not its `-p` pymteval, whose NIST length
+      penalty differs when MRs have different numbers of references);
+    - ROUGE-L (beta 1.2, max P and R over references) and CIDEr-D (n=4, sigma=6, idf from the
+      references, clipping, x10) as its pycocoevalcap, on the captions of the Stanford PTB tokenizer;
+    - METEOR: METEOR 1.5 itself.
+
+    The tokenizer and METEOR are Java (utils/e2e_java.py, pycocoevalcap's files). Without `java` on
+    PATH, with java=False, or when a Java run fails, the tokenizer is emulated (nltk's Treebank
+    tokenizer with rewrites) and METEOR is replaced by an approximation reported as `METEOR*`:
+    nltk-style exact + Porter-stem matching (alpha 0.9, beta 3, gamma 0.5; no paraphrases, no WordNet),
+    best reference per segment, averaged over segments. METEOR* is not comparable to METEOR 1.5.
     """
     _check_same_length(hypotheses, references)
     for i, refs in enumerate(references):
         if isinstance(refs, str) or not refs:
             raise VLMError(f"E2E item {i}: references must be a non-empty list of strings")
     if not hypotheses:
-        return {"BLEU": 0.0, "NIST": 0.0, "METEOR": 0.0, "ROUGE_L": 0.0, "CIDEr": 0.0}
+        meteor = "METEOR" if java and e2e_java.available() else "METEOR*"
+        return {"BLEU": 0.0, "NIST": 0.0, meteor: 0.0, "ROUGE_L": 0.0, "CIDEr": 0.0}
     mteval_hyps = [_mteval_tokens(h) for h in hypotheses]
     mteval_refs = [[_mteval_tokens(r) for r in refs] for refs in references]
-    coco_hyps = [_coco_tokens(h) for h in hypotheses]
-    coco_refs = [[_coco_tokens(r) for r in refs] for refs in references]
+    captions = None
+    if java:
+        try:
+            captions = _official_captions(hypotheses, references)
+        except e2e_java.JavaUnavailable as why:
+            if not why.quiet:
+                logger.warning("E2E metrics: the official Java tools could not run (%s); METEOR* is "
+                               "an approximation", why)
+    hyp_captions, ref_captions, meteor, meteor_score = captions or _approximate_captions(hypotheses,
+                                                                                          references)
+    # pycocoevalcap's ROUGE-L splits captions on " " (an empty caption is one empty token), CIDEr on
+    # any whitespace
     return {
         "BLEU": _e2e_bleu(mteval_hyps, mteval_refs),
         "NIST": _e2e_nist(mteval_hyps, mteval_refs),
-        "METEOR": _meteor_approx(coco_hyps, coco_refs),
-        "ROUGE_L": _mean([_coco_rouge_l(h, refs) for h, refs in zip(coco_hyps, coco_refs)]),
-        "CIDEr": _cider_d(coco_hyps, coco_refs),
+        meteor: meteor_score,
+        "ROUGE_L": _mean([_coco_rouge_l(h.split(" "), [r.split(" ") for r in refs])
+                          for h, refs in zip(hyp_captions, ref_captions)]),
+        "CIDEr": _cider_d([h.split() for h in hyp_captions],
+                          [[r.split() for r in refs] for refs in ref_captions]),
     }
 
 
