@@ -260,13 +260,22 @@ def write_report(results_root, runs_root, tasks):
     return rows, written
 
 
-def parse_report_args(argv, description, results_help, runs_help):
-    """(results root, runs root, [tasks]) of a report command line, checked."""
+def report_parser(description, results_help, runs_help):
+    """The command line every report shares: RESULTS_ROOT, --runs, --tasks."""
     parser = ArgumentParser(description=description)
     parser.add_argument("results_root", help=results_help)
     parser.add_argument("--runs", default="runs/repro", help=runs_help)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_report_args(argv, description, results_help, runs_help):
+    """(results root, runs root, [tasks]) of a report command line, checked."""
+    return check_report_args(report_parser(description, results_help, runs_help).parse_args(argv))
+
+
+def check_report_args(args):
+    """(results root, runs root, [tasks]) of report_parser's parsed arguments, checked."""
     tasks = [t for t in args.tasks.split(",") if t]
     for task in tasks:
         if task not in TASKS:
