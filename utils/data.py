@@ -58,14 +58,19 @@ def tokenizer_fingerprint(tokenizer):
 
 
 # --- reading and checking dataset files ------------------------------------------------------
-def read_json_file(path, what="dataset"):
+def read_bytes(path, what=None):
+    """A file's bytes; a missing or unreadable file is one VLMError naming it (and `what` it is)."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except FileNotFoundError:
-        raise VLMError(f"{path}: {what} file not found") from None
+        raise VLMError(f"{path}: {what + ' ' if what else ''}file not found") from None
     except OSError as error:
-        raise VLMError(f"{path}: cannot read {what} file ({error.strerror})") from None
+        raise VLMError(f"{path}: cannot read {what + ' file ' if what else ''}({error.strerror})") from None
+
+
+def read_json_file(path, what="dataset"):
+    raw = read_bytes(path, what)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -82,13 +87,7 @@ def read_json_file(path, what="dataset"):
 
 def read_text(path, what="text"):
     """A UTF-8 text file's contents (a leading byte-order mark dropped); errors name the file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise VLMError(f"{path}: {what} file not found") from None
-    except OSError as error:
-        raise VLMError(f"{path}: cannot read {what} file ({error.strerror})") from None
+    raw = read_bytes(path, what)
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
@@ -108,13 +107,7 @@ def text_lines(text):
 def read_jsonl(path):
     """[(line number, object)] of a JSON-lines file: one JSON object a line, blank lines skipped.
     Errors name the file and line: not UTF-8, invalid JSON, not an object, lone surrogates."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise VLMError(f"{path}: file not found") from None
-    except OSError as error:
-        raise VLMError(f"{path}: cannot read ({error.strerror})") from None
+    raw = read_bytes(path)
     records = []
     # Lines end at b"\n" only: JSON strings may hold U+2028 and other characters str.splitlines() splits on.
     for number, line in enumerate(raw.split(b"\n"), 1):
