@@ -156,34 +156,43 @@ def csv_text(rows):
     return out.getvalue()
 
 
-def plot(rows, tasks, path):
+def plot_methods(rows, tasks, path, metric_of, figure_of, spread):
+    """One column per task: its headline metric (top) and validation perplexity (bottom) against
+    the extra parameters (log x), one mark per method; `figure_of(row, key)` is (value, std), and
+    with `spread` the std is drawn as an error bar."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     tasks = [t for t in tasks if any(r["task"] == t and r["extra_pct"] for r in rows)]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
+    width, height = (5.5, 7.5) if spread else (5, 7)
+    fig, axes = plt.subplots(2, max(len(tasks), 1), figsize=(width * max(len(tasks), 1), height),
+                             squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    markers = "osD^v<>phX*P8"
+    markers = "osD^v<>phX*P8d"
     for column, task in enumerate(tasks):
         task_rows = [r for r in rows if r["task"] == task and r["extra_pct"]]
-        metric = HEADLINE.get(task)
+        metric = metric_of(task, task_rows)
         for row_index, (key, label) in enumerate(((metric, metric), ("val_ppl", "validation perplexity"))):
             ax = axes[row_index][column]
             for r in task_rows:
-                value = r["val_ppl"] if key == "val_ppl" else r["scores"].get(key)
-                if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                value, std = figure_of(r, key) if key is not None else (None, None)
+                if value is None or not math.isfinite(value):
                     continue
-                ax.scatter(r["extra_pct"], value, color=colors[r["method"]],
-                           marker=markers[methods.index(r["method"]) % len(markers)], label=r["method"], s=45)
+                i = methods.index(r["method"])
+                style = dict(color=f"C{i % 10}", label=r["method"])
+                if spread:
+                    ax.errorbar(r["extra_pct"], value, yerr=std or 0.0, fmt=markers[i % len(markers)],
+                                capsize=3, markersize=6, **style)
+                else:
+                    ax.scatter(r["extra_pct"], value, marker=markers[i % len(markers)], s=45, **style)
                 ax.annotate(r["method"], (r["extra_pct"], value), fontsize=7, xytext=(4, 3),
                             textcoords="offset points")
             ax.set_xscale("log")
             if key == "val_ppl":
                 ax.set_yscale("log")
-            ax.set_title(f"{task}: {label}")
+            ax.set_title(f"{task}: {label}" + (" (mean ± std over seeds)" if spread else ""))
             ax.set_xlabel("extra parameters (% of the backbone, log)")
-            ax.set_ylabel(label)
+            ax.set_ylabel(label or "")
             ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
@@ -192,6 +201,12 @@ def plot(rows, tasks, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def plot(rows, tasks, path):
+    def single(row, key):
+        return (row["val_ppl"] if key == "val_ppl" else row["scores"].get(key)), None
+    plot_methods(rows, tasks, path, lambda task, _: HEADLINE.get(task), single, spread=False)
 
 
 def write_methods_report(results_root, runs_root, tasks):
@@ -393,41 +408,7 @@ def compare_csv(rows, tasks):
 
 
 def compare_plot(rows, tasks, path):
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    tasks = [t for t in tasks if any(r["task"] == t and r["extra_pct"] for r in rows)]
-    fig, axes = plt.subplots(2, max(len(tasks), 1), figsize=(5.5 * max(len(tasks), 1), 7.5), squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    markers = "osD^v<>phX*P8d"
-    for column, task in enumerate(tasks):
-        task_rows = [r for r in rows if r["task"] == task and r["extra_pct"]]
-        metric = headline(task, task_rows)
-        for row_index, (key, label) in enumerate(((metric, metric), ("val_ppl", "validation perplexity"))):
-            ax = axes[row_index][column]
-            for r in task_rows:
-                mean, std = figure(r, key) if key is not None else (None, None)
-                if mean is None or not math.isfinite(mean):
-                    continue
-                i = methods.index(r["method"])
-                ax.errorbar(r["extra_pct"], mean, yerr=std or 0.0, fmt=markers[i % len(markers)],
-                            color=f"C{i % 10}", capsize=3, markersize=6, label=r["method"])
-                ax.annotate(r["method"], (r["extra_pct"], mean), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
-            ax.set_xscale("log")
-            if key == "val_ppl":
-                ax.set_yscale("log")
-            ax.set_title(f"{task}: {label} (mean ± std over seeds)")
-            ax.set_xlabel("extra parameters (% of the backbone, log)")
-            ax.set_ylabel(label or "")
-            ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize="small")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    plot_methods(rows, tasks, path, headline, figure, spread=True)
 
 
 def write_compare_report(results_root, runs_root, tasks):
