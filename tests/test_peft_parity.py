@@ -54,6 +54,7 @@ import train
 from engines import training
 from engines.runtime import set_seed
 from engines.settings import prepare_args
+from models.peft_map import fuse_c_attn
 from models.vlm import IGNORE_INDEX, load_backbone
 
 STEPS = 50
@@ -127,12 +128,10 @@ def peft_lora(gpt2, lora, options):
         for layer, block in enumerate(blocks):
             q, v, fc = (lora.pairs[f"{layer}_{t}"] for t in ("q", "v", "mlp_fc"))
             attn = block.attn.c_attn
-            attn.lora_A["default"].weight.copy_(torch.cat([q.A, v.A]))
-            b = torch.zeros(3 * d, 2 * r)
-            b[:d, :r], b[2 * d:, r:] = q.B, v.B
+            a, b = fuse_c_attn([(0, q.A, q.B), (2, v.A, v.B)], d)  # export's mapping (peft_io.py)
+            attn.lora_A["default"].weight.copy_(a)
             attn.lora_B["default"].weight.copy_(b)
-            mask = torch.zeros(3 * d, 2 * r)
-            mask[:d, :r] = mask[2 * d:, r:] = 1
+            mask = fuse_c_attn([(0, q.A, torch.ones_like(q.B)), (2, v.A, torch.ones_like(v.B))], d)[1]
             attn.lora_B["default"].weight.register_hook(lambda grad, mask=mask: grad * mask)
             block.mlp.c_fc.lora_A["default"].weight.copy_(fc.A)
             block.mlp.c_fc.lora_B["default"].weight.copy_(fc.B)
@@ -168,11 +167,10 @@ def lora_pairs(model, lora):
     pairs = []
     for layer, block in enumerate(model.base_model.model.transformer.h):
         q, v, fc = (lora.pairs[f"{layer}_{t}"] for t in ("q", "v", "mlp_fc"))
-        attn, d, r = block.attn.c_attn, q.B.shape[0], q.B.shape[1]
-        b = torch.zeros(3 * d, 2 * r)
-        b[:d, :r], b[2 * d:, r:] = q.B, v.B
+        attn = block.attn.c_attn
+        a, b = fuse_c_attn([(0, q.A, q.B), (2, v.A, v.B)], q.B.shape[0])
         fc_peft = block.mlp.c_fc
-        pairs += [(attn.lora_A["default"].weight, torch.cat([q.A, v.A])), (attn.lora_B["default"].weight, b),
+        pairs += [(attn.lora_A["default"].weight, a), (attn.lora_B["default"].weight, b),
                   (fc_peft.lora_A["default"].weight, fc.A), (fc_peft.lora_B["default"].weight, fc.B)]
     return pairs
 
