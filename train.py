@@ -5,6 +5,7 @@
 
     python train.py --task nlg --adapter_bottleneck 10 --dataset_path data/NLG/data.json
     python train.py --task nlg --method lora --lora_r 8 --lora_targets q,v
+    python train.py --task qa --method poly --poly_inventory runs/POLY_RUN   (routed over its skills)
     torchrun --nproc_per_node 2 train.py --task mt ...       (distributed data parallel)
 
 Flags left out take the task table's values (tasks/table.py: the authors' run.sh). The output
@@ -52,7 +53,9 @@ def build_parser():
                         help="run folder (default: runs/<date>_<model>_<task>_<mode>_lr<lr>_ep<n>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of python and torch")
     from engines.method_flags import add_method_arguments
+    from engines.poly import add_poly_arguments
     add_method_arguments(parser)
+    add_poly_arguments(parser)
     return parser
 
 

@@ -8,6 +8,7 @@ decoded with task id -1 since it has no adapters).
         --n_epochs 3
     python train_vlm.py --tasks mt nlg --dataset_paths mt=data/NMT/data_en_ge.json nlg=data/NLG/data.json
     python train_vlm.py --tasks mt nlg qa --method lora nlg=prefix+ln qa=adapter --lora_r 4
+    python train_vlm.py --tasks mt nlg --method poly --poly_splits 8   (Polytropon / MHR, saved as lora)
     torchrun --nproc_per_node 2 train_vlm.py ...             (distributed data parallel)
 
 Each epoch draws from task t a share proportional to n_t^(1/T) of all training examples
@@ -68,7 +69,9 @@ def build_parser():
                              "runs/<date>_VLM_multitask_<adapter|full>_<model>_T<T>_lr<lr>_ep<n>)")
     parser.add_argument("--seed", type=int, default=42, help="seed of python, torch and the task sampler")
     from engines.method_flags import add_method_arguments
+    from engines.poly import add_poly_arguments
     add_method_arguments(parser, per_task=True)
+    add_poly_arguments(parser)
     return parser
 
 

@@ -4,6 +4,7 @@ the registry, so a new method gets its flags by declaring its defaults. The adap
 is the original `--adapter_bottleneck`, which alone still means `--method adapter`."""
 import argparse
 
+from engines.pruning import add_pruning_arguments
 from models.methods import METHODS, method_class, parse_method_spec
 from tasks.task_file import user_task_methods
 from utils.errors import VLMError
@@ -52,6 +53,7 @@ def add_method_arguments(parser, per_task=False):
             shown = ",".join(default) if isinstance(default, list) else default
             group.add_argument(f"--{option_flag(name, option)}", type=_parse(default), default=None,
                                help=f"{name}: {option} (paper default {shown})")
+    add_pruning_arguments(parser)  # --sparsity, --prune: for every task's methods
     return parser
 
 

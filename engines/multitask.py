@@ -10,6 +10,7 @@ import logging
 
 from engines.loaders import load_all_tasks, make_multitask_loaders, task_examples
 from engines.method_flags import method_tag
+from engines.poly import POLY_SETTINGS, poly_plan, prepare_with_poly
 from engines.runtime import run_distributed
 from engines.settings import MULTITASK_RESUME_SETTINGS, parse_fp16, prepare_multitask_args, user_tasks
 from engines.specs import task_spec
@@ -24,10 +25,10 @@ logger = logging.getLogger(__name__)
 def run_multitask(args):
     """Train on all of args.tasks at once as train_vlm.py's flags say; returns a
     engines.training.TrainResult (the in-memory model, unwrapped; metrics on rank 0 only)."""
-    mode = prepare_multitask_args(args)
+    mode = prepare_with_poly(args, prepare_multitask_args)
     fp16 = parse_fp16(args.fp16)
     return run_distributed(args.device, fp16, lambda device: train_run(
-        args, device, fp16, MULTITASK_RESUME_SETTINGS,
+        args, device, fp16, MULTITASK_RESUME_SETTINGS + POLY_SETTINGS,
         lambda world_size, rank: multitask_plan(args, mode, world_size, rank)))
 
 
@@ -41,6 +42,7 @@ def multitask_plan(args, mode, world_size, rank):
              if mode == "adapter" else [])
     model = VersatileLM.from_pretrained(args.model_checkpoint, specs)
     fingerprint = backbone_fingerprint(model.gpt2) if mode == "adapter" else None
+    cross_task = poly_plan(model, args, fingerprint)  # poly tasks: their modules over a shared inventory
     virtual = {name: model.tasks[name].num_virtual_tokens for name in args.tasks if name in model.tasks}
     examples = task_examples(args, data, model.config.n_positions, users, virtual)
     train_loader, valid_loaders = make_multitask_loaders(examples, args, world_size, rank)
@@ -65,4 +67,5 @@ def multitask_plan(args, mode, world_size, rank):
     return RunPlan(model, tokenizer, mode, list(args.tasks), mode, fingerprint, train_loader, valid_loaders,
                    use_task_ids=mode == "adapter", extra=extra, per_task_metrics=True,
                    find_unused_parameters=mode == "adapter", describe=describe,
-                   task_meta=checkpoint_task_meta([get_task(name, users) for name in args.tasks]))
+                   task_meta=checkpoint_task_meta([get_task(name, users) for name in args.tasks]),
+                   cross_task=cross_task)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from engines.method_flags import method_tag, resolve_methods, resolve_task_methods, resolve_user_task_methods
+from engines.pruning import check_pruning_args
 from engines.run_state import CHECKPOINT_PREFIX, TRAINING_STATE, latest_complete_checkpoint
 from engines.sampling import check_temperature
 from tasks.table import TASKS, get_task, parse_dataset_paths
@@ -21,10 +22,11 @@ FP16_LEVELS = ("O0", "O1", "O2", "O3")  # apex opt levels, accepted as the autho
 RESUME_SETTINGS = ("task", "task_file", "model_checkpoint", "dataset_path", "adapter_bottleneck", "methods",
                    "emb_only", "outputlayer_only", "random_init", "distillation", "max_history",
                    "train_batch_size", "gradient_accumulation_steps", "lr", "max_norm", "n_epochs", "seed",
-                   "fp16")
+                   "fp16", "sparsity", "prune", "snip_batches")
 MULTITASK_RESUME_SETTINGS = ("tasks", "task_file", "model_checkpoint", "dataset_paths", "no_adapter",
                              "methods", "temperature", "mix_tasks", "max_history", "train_batch_size",
-                             "gradient_accumulation_steps", "lr", "max_norm", "n_epochs", "seed", "fp16")
+                             "gradient_accumulation_steps", "lr", "max_norm", "n_epochs", "seed", "fp16",
+                             "sparsity", "prune", "snip_batches")
 # The authors' train_vlm.py command: --train_batch_size=1 --gradient_accumulation_steps=16 --n_epochs 3.
 DEFAULTS = {"train_batch_size": 1, "valid_batch_size": 1, "gradient_accumulation_steps": 16, "n_epochs": 3}
 # Their script defaulted to 6.25e-5 for every run: right for full fine-tuning, while adapters and
@@ -130,6 +132,7 @@ def prepare_args(args):
     """Check and complete parsed arguments in place; returns (task, mode). No file is written."""
     task = get_task(args.task, user_tasks(args))
     mode = training_mode(args, task)
+    check_pruning_args(args, mode)
     fill_task_defaults(args, task, mode)
     check_numbers(args)
     check_run_settings(args, mode, {task: (args.dataset_path, None)})
@@ -228,6 +231,7 @@ def prepare_multitask_args(args):
                        f"train their own method on the frozen backbone")
     args.methods = resolve_task_methods(args, {name: get_task(name, users).bottleneck for name in args.tasks},
                                         users) if mode == "adapter" else {}
+    check_pruning_args(args, mode)
     check_temperature(args.temperature)
     for name, value in DEFAULTS.items():
         if getattr(args, name, None) is None:

@@ -150,9 +150,20 @@ def create_evaluator(model, device, fp16=False, use_task_ids=True):
 
 
 def attach_lr_schedule(trainer, optimizer, lr, total_iterations):
-    """lr from `lr` at the first iteration down to 0 at `total_iterations` (the authors' schedule)."""
+    """lr from `lr` at the first iteration down to 0 at `total_iterations` (the authors' schedule).
+    A parameter group with an `lr_scale` (poly's routers: their own rate) follows it at that scale."""
     if total_iterations <= 0:
         return None
     scheduler = PiecewiseLinear(optimizer, "lr", [(0, lr), (total_iterations, 0.0)])
     trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
+    if any("lr_scale" in group for group in optimizer.param_groups):
+        trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: _scale_lr(optimizer))
     return scheduler
+
+
+def _scale_lr(optimizer):
+    # After the scheduler, which gives every group the common rate; the groups are looked up each
+    # time because loading an optimizer state (--resume) replaces them.
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            group["lr"] *= group["lr_scale"]

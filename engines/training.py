@@ -19,6 +19,8 @@ from ignite.metrics import RunningAverage
 from torch.utils.data import DataLoader
 
 from engines.loaders import add_virtual_positions, load_splits, make_loaders, split_examples
+from engines.poly import POLY_SETTINGS, poly_plan, prepare_with_poly
+from engines.pruning import check_resumed_masks, prune_tasks, sparsity_lines
 from engines.run_state import (
     METRICS_FILE,
     CheckpointKeeper,
@@ -37,6 +39,7 @@ from engines.specs import task_spec
 from engines.steps import NonFiniteLoss, attach_lr_schedule, create_evaluator, create_trainer
 from models.adapters import count_parameters
 from models.checkpoint import load_weights, save_checkpoint
+from models.sparsity import keep_pruned_at_zero
 from models.vlm import VersatileLM, backbone_fingerprint
 from utils.data import load_tokenizer
 from utils.errors import VLMError
@@ -56,8 +59,8 @@ def backbone_parameter_count(model):
     return count_parameters(gpt2.parameters()) - added
 
 
-def trainable_line(model, mode, task_name):
-    trainable = model.count_trainable(mode, task_name)
+def trainable_line(model, mode, task_name, shared=0):
+    trainable = model.count_trainable(mode, task_name) + shared  # shared: a cross-task method's tensors
     backbone = backbone_parameter_count(model)
     share = 100.0 * trainable / backbone
     share_text = f"{share:.1f}" if share >= 0.1 or share == 0 else f"{share:.2g}"
@@ -104,10 +107,11 @@ def attach_tensorboard(output_dir, trainer, evaluator, optimizer):
 
 
 def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, fingerprint, extra, mode,
-                     task_meta=None):
+                     task_meta=None, cross_task=None):
     """save(path, exported=True): writes the checkpoint of `tasks` (exported=False: methods in
     their training form, for epoch checkpoints that --resume continues). `fingerprint` (the frozen
-    backbone's, taken before training; None when the backbone trains) is checked again at every save."""
+    backbone's, taken before training; None when the backbone trains) is checked again at every save.
+    cross_task (RunPlan.cross_task) adds its own files to every folder."""
     def save(path, exported=True):
         # Adapter checkpoints record the backbone's fingerprint taken now, from the trained model,
         # so loading one also proves the frozen backbone did not move; a moved one stops here.
@@ -117,6 +121,8 @@ def checkpoint_saver(model, tokenizer, checkpoint_mode, tasks, base_model, finge
                                f"{fingerprint[:12]} -> {now[:12]}); not writing {path}")
         save_checkpoint(model, tokenizer, path, checkpoint_mode, list(tasks), base_model,
                         base_fingerprint=now, extra=extra, exported=exported, task_meta=task_meta)
+        if cross_task is not None:
+            cross_task.save(path)
     return save
 
 
@@ -170,7 +176,7 @@ def run_training(args):
 
     Launched by torchrun (WORLD_SIZE > 1) it joins the process group (gloo on CPU, nccl on CUDA),
     wraps the model in DistributedDataParallel and only rank 0 writes files or shows progress."""
-    task, mode = prepare_args(args)
+    task, mode = prepare_with_poly(args, prepare_args)
     fp16 = parse_fp16(args.fp16)
     return run_distributed(args.device, fp16, lambda device: _run(args, task, mode, device, fp16))
 
@@ -195,6 +201,8 @@ class RunPlan:
     describe: object = None  # main process, after the trainable line: logs the data and the setting
     task_meta: dict = None   # {task: extra config entries}: a user task's template, so its
                              # checkpoint describes it
+    cross_task: object = None  # a cross-task method's run (engines/poly.py's PolyRun): optimizer_groups(),
+                               # trainable_count(), and save(path) / load(path) of its shared tensors
 
 
 def format_validation(epoch, per_task, mean):
@@ -203,7 +211,7 @@ def format_validation(epoch, per_task, mean):
 
 
 def _run(args, task, mode, device, fp16):
-    return train_run(args, device, fp16, RESUME_SETTINGS,
+    return train_run(args, device, fp16, RESUME_SETTINGS + POLY_SETTINGS,
                      lambda world_size, rank: single_task_plan(args, task, mode, world_size, rank))
 
 
@@ -213,6 +221,7 @@ def single_task_plan(args, task, mode, world_size, rank):
     data = load_splits(args, task, tokenizer)  # bad data files stop here, before the model loads
     model = build_model(args, task, mode)
     fingerprint = backbone_fingerprint(model.gpt2) if mode in ("adapter", "emb_only") else None
+    cross_task = poly_plan(model, args, fingerprint)
     n_virtual = sum(t.num_virtual_tokens for t in model.tasks.values())  # the one task's, or none
     train_examples, valid_examples = split_examples(args, task, data, model.config.n_positions - n_virtual)
     train_examples = add_virtual_positions(train_examples, n_virtual)
@@ -228,7 +237,8 @@ def single_task_plan(args, task, mode, world_size, rank):
     return RunPlan(model, tokenizer, mode, task.name,
                    "adapter" if mode in ("adapter", "emb_only") else "full", fingerprint, train_loader,
                    {task.name: valid_loader}, bool(model.tasks), {"training_args": json_ready(args)},
-                   per_task_metrics=False, describe=describe, task_meta=checkpoint_task_meta([task]))
+                   per_task_metrics=False, describe=describe, task_meta=checkpoint_task_meta([task]),
+                   cross_task=cross_task)
 
 
 def train_run(args, device, fp16, settings, build_plan):
@@ -246,16 +256,31 @@ def train_run(args, device, fp16, settings, build_plan):
         check_resume_settings(resume_state, args, resume_path, settings)
     plan = build_plan(world_size, rank)
     model, train_loader = plan.model, plan.train_loader
+    shared = plan.cross_task
     if resume_path is not None:
         load_weights(model, resume_path)
+        if shared is not None:
+            shared.load(resume_path)
 
     model.to(device)
     parameters = model.mark_trainable(plan.mode, plan.tasks)
+    groups = shared.optimizer_groups(parameters, args.lr) if shared is not None else None
+    parameters = [p for group in groups for p in group["params"]] if groups else parameters
+    sparse = getattr(args, "sparsity", None) is not None
+    if sparse and resume_path is None:  # masks fixed before the first step (SNIP: on training batches)
+        pruning = prune_tasks(model, plan.tasks, args, train_loader, device, plan.use_task_ids)
+    elif sparse:                         # a resumed run keeps its checkpoint's masks
+        check_resumed_masks(model, plan.tasks)
+        pruning = sparsity_lines(model, plan.tasks)
     if main_process:
-        print(trainable_line(model, plan.mode, plan.tasks))
+        print(trainable_line(model, plan.mode, plan.tasks, shared.trainable_count() if shared else 0))
+        for line in pruning if sparse else ():
+            print(line)
         if plan.describe is not None:
             plan.describe(device)
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups or parameters, lr=args.lr, weight_decay=0.0)
+    if sparse:
+        keep_pruned_at_zero(optimizer, model)
     train_model = model
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -295,7 +320,8 @@ def train_run(args, device, fp16, settings, build_plan):
 
     save = checkpoint_saver(model, plan.tokenizer, plan.checkpoint_mode,
                             [plan.tasks] if isinstance(plan.tasks, str) else plan.tasks,
-                            args.model_checkpoint, plan.fingerprint, plan.extra, plan.mode, plan.task_meta)
+                            args.model_checkpoint, plan.fingerprint, plan.extra, plan.mode, plan.task_meta,
+                            shared)
     keeper = CheckpointKeeper(output_dir, save, save_state=lambda path: write_training_state(
         path, trainer, optimizer, scheduler, sampler, args, settings, running_loss._value))
     pbar = None

@@ -8,6 +8,8 @@
   for the others), with the backbone's name and fingerprint; loading rebuilds the full model.
 The config describes every task (id, token rows, methods and their options), so a folder loads
 without knowing what the tasks are; version 1 folders (adapter bottleneck only) still load.
+A pruned tensor (--sparsity, models/sparsity.py) is stored as its kept values and a bit mask, and
+recorded in its task's "sparsity" entry; loading restores the exact dense tensor and its mask.
 Nothing here unpickles: weights are safetensors, settings JSON.
 """
 import os
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from models.methods import BackboneShape, key_prefix, method_class
+from models.sparsity import install_masks, masks_of, pack, task_summary, unpack
 from models.vlm import (
     TaskSpec,
     VersatileLM,
@@ -50,6 +53,9 @@ def task_config(task, exported=True):
     methods = {name: dict((m.exported() if exported else m).options) for name, m in task.methods.items()}
     entry = {"task_id": task.task_id, "token_ids": list(task.token_ids), "methods": methods,
              "bottleneck": methods.get("adapter", {}).get("bottleneck", 0)}  # read by version-1 tools
+    sparsity = task_summary(task)
+    if sparsity is not None:
+        entry["sparsity"] = sparsity
     return entry
 
 
@@ -108,9 +114,14 @@ def task_state_dict(model, tasks, all_special_rows=False, exported=True):
         if task.token_ids:
             tensors[f"task_embeddings.{name}"] = wte[list(task.token_ids)]
         for method_name, method in task.methods.items():
-            method = method.exported() if exported else method
-            for k, v in method.state_dict().items():
-                tensors[key_prefix(name, method_name) + k] = v
+            masks = masks_of(method)  # pruned tensors keep their names in the exported form
+            saved = method.exported() if exported else method
+            for k, v in saved.state_dict().items():
+                key = key_prefix(name, method_name) + k
+                if k in masks:
+                    tensors.update(pack(key, v, masks[k]))
+                else:
+                    tensors[key] = v
     if all_special_rows:
         tensors[ALL_ROWS] = wte[GPT2_VOCAB_SIZE:]
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -181,6 +192,12 @@ def read_config(path):
 
 
 def load_tensors(path):
+    """A safetensors file's tensors, pruned ones restored to their exact dense form."""
+    return load_sparse_tensors(path)[0]
+
+
+def load_sparse_tensors(path):
+    """(dense tensors, {key: pruning mask}) of a safetensors file (models/sparsity.py unpack)."""
     if not os.path.isfile(path):
         raise VLMError(f"{path}: checkpoint weights not found")
     try:
@@ -188,7 +205,7 @@ def load_tensors(path):
     except (SafetensorError, OSError, ValueError) as error:
         raise VLMError(f"{path}: corrupted or truncated safetensors file ({error})") from None
     check_finite(tensors, path)
-    return tensors
+    return unpack(tensors, path)
 
 
 _load_tensors = load_tensors  # the name other modules imported before
@@ -232,14 +249,20 @@ def load_weights(model, path, config=None, weights_name=None, base_name="--model
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         model.gpt2.tie_weights()
         if any(t.methods for t in model.tasks.values()):
-            load_task_tensors(model, load_tensors(os.path.join(path, ADAPTER_WEIGHTS)), path, rows=False)
+            weights = os.path.join(path, ADAPTER_WEIGHTS)
+            tensors, masks = load_sparse_tensors(weights)
+            load_task_tensors(model, tensors, path, rows=False)
+            install_masks(model, masks, weights)
         return
     fingerprint = backbone_fingerprint(model.gpt2)
     if fingerprint != config.get("base_fingerprint"):
         raise VLMError(f"{path}: task modules were trained on another backbone than {base_name} "
                        f"(fingerprint {str(config.get('base_fingerprint'))[:12]}, "
                        f"this one {fingerprint[:12]})")
-    load_task_tensors(model, load_tensors(os.path.join(path, weights_name or ADAPTER_WEIGHTS)), path)
+    weights = os.path.join(path, weights_name or ADAPTER_WEIGHTS)
+    tensors, masks = load_sparse_tensors(weights)
+    load_task_tensors(model, tensors, path)
+    install_masks(model, masks, weights)  # pruned tensors stay pruned (--resume)
 
 
 def check_tensor_shapes(tensors, expected, where, unexpected_why):

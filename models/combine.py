@@ -26,14 +26,15 @@ from models.checkpoint import (
     check_tensor_shapes,
     expected_shapes,
     load_checkpoint,
+    load_sparse_tensors,
     load_task_tensors,
-    load_tensors,
     read_config,
     resolve_base_name,
     save_checkpoint,
     task_specs,
 )
 from models.methods import key_prefix, method_class
+from models.sparsity import install_masks, task_summary
 from models.vlm import TaskSpec, VersatileLM, backbone_fingerprint, load_backbone
 from utils.data import load_tokenizer, read_json_file
 from utils.errors import VLMError
@@ -49,7 +50,7 @@ VLM_FILES = {CONFIG_NAME, ADAPTER_WEIGHTS, MANIFEST_NAME, "tokenizer.json", "tok
              "chat_template.jinja"}
 # What a task entry of a config says about the model; other entries (a user task's "template") are
 # the engines' and travel with the task unchanged.
-TASK_ENTRY_KEYS = ("task_id", "token_ids", "methods", "bottleneck")
+TASK_ENTRY_KEYS = ("task_id", "token_ids", "methods", "bottleneck", "sparsity")
 # Sample inputs of verify(): a few random sequences per task, the same in every run.
 SAMPLE_SEED, SAMPLE_ROWS, SAMPLE_LENGTH = 1234, 3, 16
 
@@ -59,7 +60,8 @@ class TaskCheckpoint:
     """An adapter checkpoint folder as read from disk: its vlm_config.json and its tensors."""
     path: str
     config: dict
-    tensors: dict  # name -> tensor, exactly as stored in adapters.safetensors
+    tensors: dict  # name -> tensor, as stored in adapters.safetensors (pruned ones made dense again)
+    masks: dict = field(default_factory=dict)  # name -> pruning mask of a pruned tensor
 
     @property
     def tasks(self):
@@ -90,6 +92,9 @@ class TaskCheckpoint:
     def task_tensors(self, task):
         return select_task_tensors(self.tensors, self.specs[task])
 
+    def task_masks(self, task):
+        return select_task_tensors(self.masks, self.specs[task])
+
 
 @dataclass
 class Combined:
@@ -99,6 +104,7 @@ class Combined:
     specs: dict                                    # task -> TaskSpec (id, rows, methods), by task id
     tensors: dict                                  # union of the tasks' tensors
     sources: dict                                  # task -> checkpoint folder its tensors come from (verify)
+    masks: dict = field(default_factory=dict)      # pruning masks of the tasks' pruned tensors
     origins: dict = field(default_factory=dict)    # task -> per-task checkpoint it was trained as (manifest)
     tokenizer_path: str = ""
     task_meta: dict = field(default_factory=dict)  # task -> config entries kept as they are
@@ -124,9 +130,9 @@ def load_task_checkpoint(path):
         raise VLMError(f"{path}: a {config['mode']} checkpoint (a whole GPT-2 of its own); only task-module "
                        f"checkpoints (train.py --method ... or --adapter_bottleneck) combine into one model")
     _check_adapter_config(path, config)
-    tensors = load_tensors(os.path.join(path, ADAPTER_WEIGHTS))
+    tensors, masks = load_sparse_tensors(os.path.join(path, ADAPTER_WEIGHTS))
     _check_tensors(path, config, tensors)
-    return TaskCheckpoint(path, config, tensors)
+    return TaskCheckpoint(path, config, tensors, masks)
 
 
 def _check_adapter_config(path, config):
@@ -229,14 +235,15 @@ def combine(checkpoints, base_vlm=None, remove=(), replace=False):
         raise VLMError(f"--remove would leave the VLM {base_vlm.path} without any task")
 
     specs = combined_specs({task: sources[task].specs[task] for task in sources})
-    tensors = {}
+    tensors, masks = {}, {}
     for task in specs:
         tensors.update(sources[task].task_tensors(task))
+        masks.update(sources[task].task_masks(task))
     order = list(specs)
     meta = {t: {k: v for k, v in sources[t].config["tasks"][t].items() if k not in TASK_ENTRY_KEYS}
             for t in order}
     return Combined(base_model=reference.base_model, fingerprint=reference.fingerprint,
-                    specs=specs, tensors=tensors,
+                    specs=specs, tensors=tensors, masks=masks,
                     sources={t: sources[t].path for t in order}, origins={t: origins[t] for t in order},
                     tokenizer_path=reference.path, task_meta={t: m for t, m in meta.items() if m})
 
@@ -268,6 +275,7 @@ def build_model(combined, backbone=None):
                        f"{fingerprint[:12]}, the checkpoints record {combined.fingerprint[:12]})")
     model = VersatileLM(gpt2, list(combined.specs.values()))
     load_task_tensors(model, combined.tensors, "combined checkpoint")
+    install_masks(model, combined.masks, "combined checkpoint")  # pruned tasks stay compact when saved
     return model.eval()
 
 
@@ -399,6 +407,10 @@ def build_manifest(combined, model, folder, base_model, backbone_stats, differen
                       "parameters": total,
                       "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                       "source": combined.origins[task]})
+        sparsity = task_summary(model.tasks[task])
+        if sparsity is not None:  # pruned tensors: stored as their kept values and a bit mask
+            tasks[-1]["bytes"] -= sparsity["dense_bytes"] - sparsity["stored_bytes"]
+            tasks[-1]["sparsity"] = sparsity
     extra = sum(t["parameters"] for t in tasks)
     return {
         "format": MANIFEST_FORMAT, "version": 2,

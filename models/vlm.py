@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from models.memory import set_training_attention, use_lean_gelu
 from models.methods import BackboneShape, method_class
 from models.routing import PrefixCache, Routing, apply_by_rows
+from models.sparsity import copy_masks, pruned_count
 from models.task_rows import TaskRows
 from utils.errors import VLMError
 from utils.hub import require_hub
@@ -551,7 +552,7 @@ class VersatileLM(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def count_trainable(self, mode, task=None):
-        """Parameters that actually change in this mode (masked rows not counted)."""
+        """Parameters that actually change in this mode (masked rows and pruned weights not counted)."""
         if mode == "full":
             return sum(p.numel() for p in self.parameters())
         if mode == "outputlayer_only":
@@ -559,6 +560,7 @@ class VersatileLM(nn.Module):
         tasks = _task_list(task)
         rows = sum(len(self.tasks[t].token_ids) for t in tasks) * self.gpt2.config.n_embd
         modules = (sum(p.numel() for t in tasks for p in self.tasks[t].methods.parameters())
+                   - sum(pruned_count(m) for t in tasks for m in self.tasks[t].methods.values())
                    if mode == "adapter" else 0)
         return modules + rows
 
@@ -568,6 +570,7 @@ class VersatileLM(nn.Module):
             for name, method in list(task.methods.items()):
                 exported = method.exported()
                 if exported is not method:
+                    copy_masks(method, exported)
                     self.replace_method(task.name, name, exported)
 
 

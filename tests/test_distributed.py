@@ -21,13 +21,12 @@ import torch
 from conftest import EVERY_METHOD_SPECS, REPO, method_flags, tiny_method_options
 from ignite.engine import Events
 from ignite.handlers import PiecewiseLinear
-from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import train
 from engines import run_state, training
 from engines.specs import builtin_spec
-from models.checkpoint import ADAPTER_WEIGHTS, task_state_dict
+from models.checkpoint import ADAPTER_WEIGHTS, load_tensors, task_state_dict
 from models.methods import METHODS, key_prefix, method_class
 from models.vlm import VersatileLM
 
@@ -82,7 +81,10 @@ def method_case(spec):
 
 METHOD_CASES = {"adapter": (["--adapter_bottleneck", "8"], {"adapter": {"bottleneck": 8}}),
                 "ten_methods": method_case(EVERY_METHOD_SPECS[0]),
-                "ptuning+unipelt": method_case(EVERY_METHOD_SPECS[1])}
+                "ptuning+unipelt": method_case(EVERY_METHOD_SPECS[1]),
+                # pruned (--sparsity): every process fixes the same masks and keeps them
+                "sparse_houlsby": (["--method", "houlsby", "--houlsby_bottleneck", "4", "--sparsity", "0.5",
+                                    "--prune", "magnitude"], {"houlsby": {"bottleneck": 4}})}
 
 
 def test_the_cases_hold_every_method():
@@ -135,8 +137,8 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no
         assert one["val_nll"] == pytest.approx(ddp["val_nll"], rel=1e-5)
     assert single_records[-1]["val_nll"] < single_records[0]["val_nll"]  # and training did something
     # ... and the same trained adapters and task rows.
-    ddp_weights = load_file(os.path.join(tmp_path / "ddp", ADAPTER_WEIGHTS))
-    single_weights = load_file(os.path.join(single.output_dir, ADAPTER_WEIGHTS))
+    ddp_weights = load_tensors(os.path.join(tmp_path / "ddp", ADAPTER_WEIGHTS))  # pruned ones made dense
+    single_weights = load_tensors(os.path.join(single.output_dir, ADAPTER_WEIGHTS))
     assert sorted(ddp_weights) == sorted(single_weights)
     options = {name: method_class(name).resolve(o) for name, o in METHOD_CASES[method][1].items()}
     initial = task_state_dict(VersatileLM.from_pretrained(no_dropout_base, [builtin_spec("nlg", options)]),
@@ -144,6 +146,10 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, no
     assert sorted(single_weights) == sorted(initial)
     for name, tensor in single_weights.items():
         torch.testing.assert_close(ddp_weights[name], tensor, rtol=0, atol=1e-5, msg=name)
+    if "--sparsity" in METHOD_CASES[method][0]:  # half of each weight matrix pruned and still exactly 0
+        weights = [name for name in ddp_weights if name.endswith(".weight")]
+        assert len(weights) == 2 * 2 * 2
+        assert all(int((ddp_weights[name] == 0).sum()) == ddp_weights[name].numel() // 2 for name in weights)
     # the comparison is between trained weights, not two copies of the initial ones: every method
     # of the case, and the task's own rows, trained
     moved = {name for name, tensor in single_weights.items() if not torch.equal(tensor, initial[name])}

@@ -84,6 +84,18 @@ def test_parameter_counts_equal_the_formulas_on_gpt2_small(name, options, formul
     assert counted(name, options) == method_class(name).parameter_count(SMALL, resolved) == formula
 
 
+@pytest.mark.parametrize("d, phm_dim, bottleneck", [(768, 4, 24), (1024, 4, 32), (1280, 4, 40), (1600, 4, 48),
+                                                     (64, 4, 4), (64, 2, 2), (128, 4, 4)])
+def test_compacters_default_bottleneck_is_d_over_32_rounded_to_a_multiple_of_phm_dim(d, phm_dim, bottleneck):
+    from models.methods.compacter import bottleneck_size
+    shape = BackboneShape(n_layer=1, d_model=d, n_head=4, d_inner=4 * d)
+    options = method_class("compacter").resolve({"phm_dim": phm_dim})
+    assert bottleneck_size(shape, options) == bottleneck
+    with torch.device("meta"):  # and it builds
+        module = method_class("compacter")(shape, options)
+    assert module.adapters["0_attn"].down.right.shape[-1] == bottleneck // phm_dim
+
+
 def test_compacters_slow_weights_are_one_tensor_for_the_whole_task():
     with torch.device("meta"):
         module = method_class("compacter")(SMALL, {})
@@ -474,7 +486,7 @@ def test_bad_options_are_errors_naming_the_option(name, options, message):
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("compacter", {}, "phm_dim 4 must divide the bottleneck 2"),       # d = 64: d/32 = 2
+    ("compacter", {"bottleneck": 2}, "phm_dim 4 must divide the bottleneck 2"),  # the default is 4 at d = 64
     ("compacter", {"bottleneck": 6}, "phm_dim 4 must divide the bottleneck 6"),
     ("compacter", {"phm_dim": 3, "bottleneck": 6}, "phm_dim 3 must divide the model width 64"),
     ("krona", {"a1": 7}, "a1=7 must divide the output width 64 of target q"),

@@ -28,6 +28,7 @@ class AdapterBiasMethod(Method):
     title = "token-dependent shift of each MLP's output: a vector times a linear score"
     reference = "Fu et al. 2022"
     points = frozenset({"linear"})  # per instance: {"linear"} (score_input inner) or {"mlp_output"}
+    dense_tensors = ("vectors",)  # a shift vector per layer; L_alpha are (1, width) rows: nothing to prune
     defaults = {"score_input": "inner", "share_alpha": False}
     help = {"score_input": "what L_alpha reads: inner (the MLP's hidden activation, the authors' code) "
                            "or output (the MLP's output)",

@@ -70,6 +70,10 @@ class Method(nn.Module):
     defaults = {}        # option -> the paper's default
     help = {}            # option -> what it means
     batched_linear = False  # True: apply_batched_linear() handles all tasks' rows of a projection at once
+    # Name prefixes of tensors --sparsity never prunes although they have two long sides: virtual
+    # tokens, prefixes, per-layer vectors, and training-only encoders the saved form drops
+    # (models/sparsity.py prunes every other weight tensor with two sides longer than 1).
+    dense_tensors = ()
 
     def __init__(self, shape, options=None, backbone=None):
         """shape: BackboneShape; options: this method's options (missing ones take the defaults);

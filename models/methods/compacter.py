@@ -9,7 +9,8 @@ PHM layer of the task (all layers, both places, down and up); B_i ((in/n) x (out
 layer's "fast" weights, rank-r products s_i t_i^T (rank 1 by default). This is AdapterHub's
 PHMLayer with CompacterConfig (shared_phm_rule, factorized_phm_W, not shared_W_phm, phm_bias):
 W (in, out) is applied as x @ W, with (x) the Kronecker product (torch.kron's index order).
-Defaults: CompacterConfig's: n = 4, reduction factor 32 (b = d / 32, 24 on GPT-2 small), GELU
+Defaults: CompacterConfig's: n = 4, reduction factor 32 (b = d / 32 rounded to a multiple of n,
+24 on GPT-2 small; 4, not 2, on a 64-wide model), GELU
 (the exact one, transformers' "gelu"), rank 1, a PHM bias. Init as AdapterHub's: A ~ N(0, 1e-4)
 (phm_init_range), each s_i and t_i Glorot-normal (AdapterHub's init_W takes that branch for its
 default "glorot-uniform", a quirk we keep), biases zero: the adapters start near the identity.
@@ -66,7 +67,10 @@ class CompacterAdapter(nn.Module):
 
 
 def bottleneck_size(shape, options):
-    return options["bottleneck"] or max(1, shape.d_model // REDUCTION)
+    """The bottleneck option, or d / 32 rounded to a multiple of phm_dim (at least phm_dim), so the
+    default fits any width: 24 on GPT-2 small, 4 on a 64-wide model (where d / 32 is 2)."""
+    n = options["phm_dim"]
+    return options["bottleneck"] or n * max(1, round(shape.d_model / REDUCTION / n))
 
 
 class CompacterMethod(Method):
@@ -75,7 +79,8 @@ class CompacterMethod(Method):
     reference = "Karimi Mahabadi et al. 2021"
     points = frozenset({"attn_output", "mlp_output"})
     defaults = {"bottleneck": 0, "phm_dim": 4, "phm_rank": 1, "phm_bias": True}
-    help = {"bottleneck": f"bottleneck size b (0: d / {REDUCTION}); a multiple of phm_dim",
+    help = {"bottleneck": f"bottleneck size b (0: d / {REDUCTION} rounded to a multiple of phm_dim); "
+                          "a multiple of phm_dim",
             "phm_dim": "n: number of Kronecker terms and size of the shared A_i",
             "phm_rank": "rank of each fast weight B_i", "phm_bias": "a bias in every PHM layer"}
 

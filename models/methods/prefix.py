@@ -19,6 +19,7 @@ class PrefixMethod(Method):
     title = "key/value prefixes in every attention layer"
     reference = "Li & Liang 2021"
     points = frozenset({"prefix"})
+    dense_tensors = ("embedding.", "transform.", "prefixes")  # the saved form is the prefixes alone
     defaults = {"length": 10, "hidden": 512, "reparameterize": True}
     help = {"length": "prefix length P", "hidden": "hidden size of the reparameterization MLP",
             "reparameterize": "train through the MLP (the saved form is always the plain prefix)"}

@@ -19,6 +19,7 @@ class PromptMethod(Method):
     title = "soft prompt embeddings"
     reference = "Lester et al. 2021"
     points = frozenset({"virtual"})
+    dense_tensors = ("embeddings",)  # virtual tokens, not weights
     defaults = {"length": 100, "init_seed": 0}
     help = {"length": "virtual tokens", "init_seed": "seed of the vocabulary tokens the prompt starts from"}
 

@@ -41,6 +41,7 @@ class PTuningMethod(Method):
     title = "virtual tokens from a prompt encoder, kept as a frozen prompt-table row"
     reference = "Liu et al. 2021; NeMo"
     points = frozenset({"virtual"})
+    dense_tensors = ("encoder.", "table")  # the saved form is the virtual tokens alone
     defaults = {"length": 10, "encoder": "lstm", "hidden": 0, "encoder_layers": 2, "reparameterize": True}
     help = {"length": "virtual tokens", "encoder": "lstm (the paper's) or mlp",
             "hidden": "encoder hidden size (0: the model width)", "encoder_layers": "LSTM layers",

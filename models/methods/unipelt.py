@@ -59,6 +59,7 @@ class UniPELTMethod(Method):
     title = "gated LoRA + gated prefix + gated adapter"
     reference = "Mao et al. 2022"
     points = frozenset({"linear", "prefix", "prefix_gate", "mlp_output"})
+    dense_tensors = ("prefix.",)  # its prefix as `prefix`'s; LoRA and adapter weights are pruned
     defaults = {"lora_r": 8, "lora_targets": ["q", "v"], "lora_dropout": 0.0, "prefix_length": 10,
                 "prefix_hidden": 512, "reparameterize": True, "bottleneck": 0}
     help = {"lora_r": "LoRA rank", "lora_targets": f"projections LoRA adapts: {', '.join(TARGETS)}",
