@@ -460,7 +460,7 @@ def _run(args, device):
     if resume is not None:
         done = resume[0]["engine"]["iteration"]
         trainer.load_state_dict({"iteration": done, "epoch_length": epoch_length,
-                                 "max_epochs": math.ceil(total_iterations / epoch_length)})
+                                 "max_iters": total_iterations})
         restore_random_states(resume[0]["random"], resume[1])
         if main:
             logger.info("resuming %s at step %d", args.output_dir, done // accumulation)
@@ -471,8 +471,9 @@ def _run(args, device):
 
     try:
         if resume is None or resume[0]["engine"]["iteration"] < total_iterations:
-            trainer.run(batches(), max_epochs=math.ceil(total_iterations / epoch_length),
-                        epoch_length=epoch_length)
+            # max_iters, not whole epochs: a --max_steps that --eval_interval does not divide ends
+            # there (validated and saved on COMPLETED), not at the next multiple of the interval
+            trainer.run(batches(), max_iters=total_iterations, epoch_length=epoch_length)
     finally:
         if writer is not None:
             writer.close()

@@ -302,3 +302,15 @@ def test_the_toolkit_tokenizer_keeps_gpt2_ids_on_the_pretrained_vocabulary(gpt2_
     assert len(gpt2_tokenizer) == 50257
     text = "Der Wald ist groß."
     assert load_tokenizer()(text)["input_ids"] == gpt2_tokenizer(text)["input_ids"]
+
+
+def test_max_steps_not_a_multiple_of_the_eval_interval_ends_at_max_steps(tmp_path):
+    # 5 steps validated every 2: validations at 2 and 4, then the run stops at 5 (it used to run
+    # on to 6, the end of the interval, past its own schedule)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, *pretrain_argv(out, steps=5, interval=2)], cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [r["step"] for r in metrics] == [2, 4, 5]
+    assert metrics[-1]["tokens"] == 5 * 4 * 63
