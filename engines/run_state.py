@@ -31,19 +31,20 @@ class CheckpointKeeper:
     then the training state by `save_state`, its JSON file last), flushed to disk and only then
     renamed to its final name, so a checkpoint_epoch<N>/ folder is always complete."""
 
-    def __init__(self, output_dir, save, keep=KEEP_CHECKPOINTS, save_state=None):
+    def __init__(self, output_dir, save, keep=KEEP_CHECKPOINTS, save_state=None, prefix=CHECKPOINT_PREFIX):
         self.output_dir, self.save, self.keep, self.save_state = output_dir, save, keep, save_state
+        self.prefix = prefix  # federated.py keeps checkpoint_round<N>/ folders
 
     def existing(self):
         found = []
         for name in os.listdir(self.output_dir) if os.path.isdir(self.output_dir) else []:
-            match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", name)
+            match = re.fullmatch(re.escape(self.prefix) + r"(\d+)", name)
             if match and os.path.isdir(os.path.join(self.output_dir, name)):
                 found.append((int(match.group(1)), os.path.join(self.output_dir, name)))
         return [path for _, path in sorted(found)]
 
     def __call__(self, epoch):
-        name = f"{CHECKPOINT_PREFIX}{epoch}"
+        name = f"{self.prefix}{epoch}"
         path = os.path.join(self.output_dir, name)
         partial = os.path.join(self.output_dir, f".{name}.partial")
         if os.path.isdir(partial):  # left by a killed run

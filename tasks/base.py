@@ -211,6 +211,13 @@ class TaskKind:
         """Extra entries a checkpoint records for this task (a user task: its template)."""
         return {}
 
+    # --- federated learning -----------------------------------------------------------------------
+    def partition_key(self, record):
+        """The label a non-IID split skews by (federated.py --partition dirichlet): a string per
+        record of load_data's training split. Kinds without a natural one refuse."""
+        raise VLMError(f"--partition dirichlet: task {self.name} has no key to skew its clients' data by; "
+                       "use --partition iid")
+
 
 @dataclass(frozen=True)
 class BuiltinTask(TaskKind):

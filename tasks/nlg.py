@@ -40,6 +40,11 @@ class NLGTask(SourceTargetTask):
         for record in records:
             yield list(record["src"].items()), record[target_key or "tgt"], record, None
 
+    def partition_key(self, record):
+        """The restaurant's name (its token ids; an MR without one: `no name`)."""
+        name = record["src"].get("name")
+        return "no name" if name is None else "name " + " ".join(map(str, name))
+
     def build_inputs(self, context, reply, with_eos=True):
         """context: [(slot, value ids)] in the MR's order."""
         bos, eos = special_token_id(self.special_tokens[0]), special_token_id(self.special_tokens[1])

@@ -16,6 +16,8 @@ from utils.vocab import special_token_id
 
 logger = logging.getLogger(__name__)
 
+PARTITION_BUCKET = 8  # tokens per source-length bucket, the key a non-IID split of mt skews by
+
 
 def check_str(value, key, fail):
     if not isinstance(value, str):
@@ -75,6 +77,11 @@ class Seq2SeqTask(SourceTargetTask):
         token_types = [bos] + [src] * len(sequence[1]) + [tgt] * len(sequence[2])
         input_ids, labels = labelled(sequence)
         return {"input_ids": input_ids, "token_type_ids": token_types, "labels": labels}
+
+    def partition_key(self, record):
+        """The source's length bucket: `src 8-15` for 8 to 15 tokens."""
+        low = len(record["src"]) // PARTITION_BUCKET * PARTITION_BUCKET
+        return f"src {low}-{low + PARTITION_BUCKET - 1}"
 
     def input_context(self, item, encode, get, max_history, where):
         """{"src": text} (or the text itself): the source, cut as evaluation cuts it."""

@@ -381,6 +381,10 @@ class TemplateTask(TaskKind):
             raise VLMError(f"{where}: no usable examples")
         return examples
 
+    def partition_key(self, item):
+        """The answer's first line: a sentiment's label, an assistant request's `Intent: ...`."""
+        return (item["answer"] or "").split("\n", 1)[0].strip()
+
     # --- decoding ---------------------------------------------------------------------------------
     def stop_ids(self):
         """Token ids that end decoding: GPT-2's <|endoftext|>, for every template task."""
