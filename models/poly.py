@@ -189,19 +189,8 @@ class PolyTask(LoRAMethod):
         """This task's LoRA pair for `key` with its eval-mode routing: (A (r, in), B (out, r))."""
         return self.inventory.mixture(key, routing_weights(self.router[self.pair_index[key]]))
 
-    def _keys(self, layer, name, width):
-        """[(pair key, lo, hi)] of this layer's parts of projection `name` (output columns lo:hi)."""
-        found = []
-        for target in self.options["targets"]:
-            projection, part = TARGETS[target]
-            if projection == name:
-                d = self.shape.d_model
-                lo, hi = (part * d, (part + 1) * d) if part is not None else (0, width)
-                found.append((f"{layer}_{target}", lo, hi))
-        return found
-
     def slices(self, layer, name, width):
-        return [(_Pair(*self.pair(key)), lo, hi) for key, lo, hi in self._keys(layer, name, width)]
+        return [(_Pair(*self.pair(key)), lo, hi) for key, lo, hi in self.slice_keys(layer, name, width)]
 
     def linear(self, layer, name, x, out):
         if self.training:
@@ -252,7 +241,7 @@ def _sampled_update(layer, name, x, out, entries):
         order = index.argsort()
         index, which = index[order], which[order]
         xs = x.index_select(0, index)
-    for key, lo, hi in sorted(first._keys(layer, name, out.shape[-1]), key=lambda k: k[1]):
+    for key, lo, hi in sorted(first.slice_keys(layer, name, out.shape[-1]), key=lambda k: k[1]):
         logits = torch.stack([task.router[task.pair_index[key]] for task, _ in entries])[which]  # (n, S, K)
         a, b = first.inventory.row_mixtures(key, sampled_weights(logits))
         delta = xs.bmm(a.to(x.dtype)).bmm(b.to(x.dtype)) * first.scale                        # (n, T, hi-lo)

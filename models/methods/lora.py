@@ -84,16 +84,20 @@ class LoRAMethod(Method):
         return {(layer, TARGETS[t][0]) for layer in range(self.shape.n_layer)
                 for t in self.options["targets"]}
 
-    def slices(self, layer, name, width):
-        """[(pair, lo, hi)] of this layer's updates to projection `name` (output columns lo:hi)."""
+    def slice_keys(self, layer, name, width):
+        """[(pair key, lo, hi)] of this layer's parts of projection `name` (output columns lo:hi)."""
         found = []
         for target in self.options["targets"]:
             projection, part = TARGETS[target]
             if projection == name:
                 d = self.shape.d_model
                 lo, hi = (part * d, (part + 1) * d) if part is not None else (0, width)
-                found.append((self.pairs[f"{layer}_{target}"], lo, hi))
+                found.append((f"{layer}_{target}", lo, hi))
         return found
+
+    def slices(self, layer, name, width):
+        """[(pair, lo, hi)] of this layer's updates to projection `name` (output columns lo:hi)."""
+        return [(self.pairs[key], lo, hi) for key, lo, hi in self.slice_keys(layer, name, width)]
 
     def linear(self, layer, name, x, out):  # x: (n, T, in), out: (n, T, out)
         for pair, lo, hi in self.slices(layer, name, out.shape[-1]):
