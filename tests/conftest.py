@@ -5,8 +5,10 @@ scripts run_script starts through its check of their stderr."""
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -80,6 +82,21 @@ def popen_script(script, argv, log):
                OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, script, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(log, "w"))
+
+
+def sigkill_after_first_checkpoint(victim, run_folder, log, timeout):
+    """Wait (at most `timeout` s, the victim alive) until run_folder/checkpoint_epoch1/ exists,
+    then SIGKILL the victim; a victim still running after a failed wait is killed anyway."""
+    try:
+        deadline = time.time() + timeout
+        while not (run_folder / "checkpoint_epoch1").is_dir():
+            assert victim.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(30) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
 
 
 def run_script(*args, stdin=None, cwd=REPO, timeout=600, env=None):

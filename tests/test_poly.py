@@ -8,15 +8,13 @@ import copy
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
 import torch
-from conftest import REPO, popen_script
+from conftest import REPO, popen_script, sigkill_after_first_checkpoint
 from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -503,17 +501,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny
     reference = popen_script("train_vlm.py", argv("full"), tmp_path / "full.log")
     victim = popen_script("train_vlm.py", argv("killed"), tmp_path / "killed.log")
     killed = tmp_path / "killed"
-    try:
-        deadline = time.time() + 200
-        while not (killed / "checkpoint_epoch1").is_dir():
-            assert victim.poll() is None and time.time() < deadline, \
-                (tmp_path / "killed.log").read_text()[-2000:]
-            time.sleep(0.02)
-        victim.send_signal(signal.SIGKILL)
-        assert victim.wait(30) == -signal.SIGKILL
-    finally:
-        if victim.poll() is None:
-            victim.kill()
+    sigkill_after_first_checkpoint(victim, killed, tmp_path / "killed.log", timeout=200)
     assert reference.wait(300) == 0, (tmp_path / "full.log").read_text()[-3000:]
     assert not (killed / "vlm_config.json").exists()
     resumed = popen_script("train_vlm.py", argv("killed") + ["--resume"], tmp_path / "resumed.log")

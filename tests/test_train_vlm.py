@@ -4,16 +4,21 @@ trained, per-task validation), --no_adapter full fine-tuning, user errors and to
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from datetime import datetime
 
 import pytest
 import torch
-from conftest import EVERY_METHOD_SPECS, REPO, TINY_METHOD_OPTIONS, option_flags, popen_script
+from conftest import (
+    EVERY_METHOD_SPECS,
+    REPO,
+    TINY_METHOD_OPTIONS,
+    option_flags,
+    popen_script,
+    sigkill_after_first_checkpoint,
+)
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -338,17 +343,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_runs_weights(tmp_path, tiny
     reference = vlm_popen(argv("full"), tmp_path / "full.log")
     victim = vlm_popen(argv("killed"), tmp_path / "killed.log")
     killed = tmp_path / "killed"
-    try:
-        deadline = time.time() + 120
-        while not (killed / "checkpoint_epoch1").is_dir():
-            assert victim.poll() is None and time.time() < deadline, \
-                (tmp_path / "killed.log").read_text()[-2000:]
-            time.sleep(0.02)
-        victim.send_signal(signal.SIGKILL)
-        assert victim.wait(30) == -signal.SIGKILL
-    finally:
-        if victim.poll() is None:
-            victim.kill()
+    sigkill_after_first_checkpoint(victim, killed, tmp_path / "killed.log", timeout=120)
     assert reference.wait(300) == 0, (tmp_path / "full.log").read_text()[-3000:]
     assert not (killed / "vlm_config.json").exists()  # no final model: it was killed
     state = json.loads((killed / "checkpoint_epoch1" / "training_state.json").read_text())
